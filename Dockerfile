@@ -1,0 +1,29 @@
+# k5serve on an official PyTorch CUDA runtime image. Weights live in the Hugging Face cache volume:
+#   docker build -t k5serve .
+#   docker run --gpus all -p 8080:8080 -v hf-cache:/home/k5/.cache/huggingface k5serve weights download
+#   docker run --gpus all -p 8080:8080 -v hf-cache:/home/k5/.cache/huggingface -e K5SERVE_API_KEYS=... k5serve
+ARG BASE=pytorch/pytorch:2.14.1-cuda12.8-cudnn9-runtime
+FROM ${BASE}
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HOME=/home/k5/.cache/huggingface \
+    K5SERVE_DATA_DIR=/home/k5/data
+
+RUN useradd --create-home --uid 1000 k5
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY server ./server
+COPY pipelines ./pipelines
+COPY accel ./accel
+COPY weights ./weights
+RUN pip install --no-cache-dir .
+
+USER k5
+RUN mkdir -p /home/k5/.cache/huggingface /home/k5/data
+VOLUME ["/home/k5/.cache/huggingface", "/home/k5/data"]
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=4).status == 200 else 1)"
+ENTRYPOINT ["k5serve"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8080"]

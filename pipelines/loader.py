@@ -1,0 +1,63 @@
+"""Loading the Kandinsky 5 pipeline onto a device: the same `from_pretrained` for real and tiny weights."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .k5 import K5T2IPipeline
+
+log = logging.getLogger("k5serve.loader")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    path: Path
+    device: str = "auto"  # "auto" = cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
+    dtype: str = "auto"  # "auto" = bfloat16 on cuda, float32 on cpu
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} requested but CUDA is not available")
+    return dev
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def load_t2i(config: LoadConfig) -> tuple[K5T2IPipeline, dict]:
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    started = time.perf_counter()
+    pipe = K5T2IPipeline.from_pretrained(config.path, torch_dtype=dtype)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    params = sum(p.numel() for p in pipe.transformer.parameters())
+    info = {
+        "model_path": str(config.path),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "transformer_parameters": params,
+        "load_seconds": round(time.perf_counter() - started, 2),
+    }
+    if device.type == "cuda":
+        info["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(device)
+    log.info("loaded %s", info)
+    return pipe, info

@@ -1,0 +1,133 @@
+"""The generation worker interface and the in-process implementation.
+
+The server only sees `Worker`: `submit(spec, on_progress)` returns a `concurrent.futures.Future` of a
+`GenerationOutput`. `LocalWorker` owns one pipeline and one thread fed by a bounded queue, so the event
+loop never blocks on the accelerator. Several GPUs (one LocalWorker each) or remote workers (Ray Serve
+replicas) fit behind the same interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from .spec import GenerationSpec, ProgressCallback
+
+log = logging.getLogger("k5serve.worker")
+
+
+class QueueFull(Exception):
+    """The worker's queue is at its limit; retry later."""
+
+
+class GenerationError(Exception):
+    """A generation failed; the message says why. Only its own task fails."""
+
+
+class Worker(ABC):
+    #: optional request features this worker serves (validation refuses the others clearly)
+    features: frozenset[str] = frozenset()
+
+    @abstractmethod
+    def submit(self, spec: GenerationSpec, on_progress: ProgressCallback | None = None) -> Future:
+        """Queue a job; raises QueueFull when no more can be taken."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def queue_depth(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def alive(self) -> bool: ...
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class _Job:
+    spec: GenerationSpec
+    on_progress: ProgressCallback | None
+    future: Future
+
+
+_STOP = object()
+
+
+class LocalWorker(Worker):
+    """One pipeline, one thread, a bounded FIFO queue."""
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        max_queue: int = 64,
+        info: dict[str, Any] | None = None,
+    ):
+        self._pipeline = pipeline
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._info = info or {}
+        self._busy = 0
+        self._thread = threading.Thread(target=self._loop, name="k5serve-generation", daemon=True)
+        self._thread.start()
+
+    def submit(self, spec: GenerationSpec, on_progress: ProgressCallback | None = None) -> Future:
+        future: Future = Future()
+        try:
+            self._queue.put_nowait(_Job(spec, on_progress, future))
+        except queue.Full:
+            raise QueueFull(f"generation queue is full ({self._queue.maxsize} tasks waiting)") from None
+        return future
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + self._busy
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Finish the queued jobs, then stop the thread."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            self._busy = 1
+            try:
+                output = self._pipeline.generate(job.spec, on_step=job.on_progress)
+            except Exception as exc:  # noqa: BLE001 - any failure fails this job only
+                log.exception("generation failed for task %s", job.spec.task_id)
+                _release_accelerator_memory()
+                job.future.set_exception(GenerationError(f"{type(exc).__name__}: {exc}"))
+            else:
+                job.future.set_result(output)
+            finally:
+                self._busy = 0
+
+
+def _release_accelerator_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort after a failure
+        pass

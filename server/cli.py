@@ -1,0 +1,254 @@
+"""`k5serve`: serve the Runware API, generate offline, build or fetch weights."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("k5serve")
+
+BANNER = """
+==============================================================================
+  CPU TEST MODE: serving GENERATED TINY WEIGHTS ({reason}).
+  Images are noise from a randomly initialised model. The API, validation and
+  pipeline code are the real ones. For real images on a GPU run:
+      k5serve weights download && k5serve serve
+==============================================================================
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="k5serve", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("K5SERVE_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the Runware-compatible HTTP server")
+    _model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable); none = open")
+    serve.add_argument("--public-url", help="base URL for image links (default: the request's own host)")
+    serve.add_argument("--model-alias", action="append", default=[], help="extra model id accepted (repeatable)")
+    serve.add_argument("--max-queue", type=int, default=64, help="tasks waiting for the GPU before 429s")
+    serve.add_argument("--image-ttl", type=int, default=86400, help="seconds images are kept without a ttl")
+    serve.add_argument("--price-per-gpu-hour", type=float, default=2.0, help="USD, for includeCost")
+    serve.add_argument(
+        "--fallback-tiny", action="store_true",
+        help="with no GPU or no downloaded weights, serve generated tiny weights on the CPU instead of failing",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="generate images offline from Runware tasks or flags")
+    _model_args(gen)
+    gen.add_argument("tasks", nargs="*", type=Path, help="JSON file (one task or an array) or JSONL file")
+    gen.add_argument("--out", type=Path, default=Path("out"), help="folder for images and results.json")
+    gen.add_argument("--prompt")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--width", type=int, default=1024)
+    gen.add_argument("--height", type=int, default=1024)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--cfg-scale", type=float)
+    gen.add_argument("--scheduler")
+    gen.add_argument("--number-results", type=int)
+    gen.add_argument("--output-format", default="PNG")
+    gen.set_defaults(func=cmd_generate)
+
+    weights = sub.add_parser("weights", help="build tiny weights or download the real ones")
+    wsub = weights.add_subparsers(dest="weights_command", required=True)
+    tiny = wsub.add_parser("tiny", help="build the tiny test checkpoint(s) into DIR")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--kind", choices=["t2i", "i2i", "all"], default="all")
+    tiny.set_defaults(func=cmd_weights_tiny)
+    dl = wsub.add_parser("download", help="fetch the real weights into the Hugging Face cache")
+    dl.add_argument("--model", help="one repo id (default: the T2I and I2I Lite sft repos)")
+    dl.add_argument("--cache-dir", type=Path)
+    dl.set_defaults(func=cmd_weights_download)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args) or 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from weights.hub import T2I_REPO
+
+    p.add_argument("--model", default=T2I_REPO, help="Hugging Face repo id (in the cache) or local diffusers folder")
+    p.add_argument("--tiny", action="store_true", help="use generated tiny weights (CPU test mode)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("K5SERVE_DATA_DIR", ".k5serve")))
+
+
+def _resolve_model(args: argparse.Namespace, fallback: bool) -> tuple[Path, str, bool]:
+    """-> (checkpoint folder, device, tiny?)."""
+    import torch
+
+    from weights.hub import WeightsNotFound, resolve
+    from weights.tiny import ensure_tiny
+
+    reason = "--tiny"
+    if not args.tiny:
+        try:
+            path = resolve(args.model)
+            if torch.cuda.is_available() or args.device != "auto" or not fallback:
+                return path, args.device, False
+            reason = "no CUDA GPU found"
+        except WeightsNotFound as exc:
+            if not fallback:
+                raise SystemExit(f"error: {exc}") from None
+            reason = f"no downloaded weights for {args.model}"
+    path = ensure_tiny(args.data_dir / "tiny", "t2i")
+    print(BANNER.format(reason=reason), file=sys.stderr, flush=True)
+    log.warning("CPU test mode: tiny generated weights from %s (%s)", path, reason)
+    return path, ("cpu" if args.device == "auto" else args.device), True
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pipelines.loader import LoadConfig, load_t2i
+    from pipelines.worker import LocalWorker
+
+    from .app import create_app
+    from .config import ServerConfig
+
+    path, device, tiny = _resolve_model(args, fallback=args.fallback_tiny)
+    keys = tuple(args.api_key) + tuple(k for k in os.environ.get("K5SERVE_API_KEYS", "").split(",") if k)
+    if not keys and not _is_loopback(args.host):
+        log.warning("no --api-key given and bound to %s: anyone who can reach this port can use the GPU", args.host)
+    config = ServerConfig(
+        data_dir=args.data_dir,
+        api_keys=keys,
+        public_url=args.public_url,
+        model_aliases=tuple(args.model_alias),
+        image_ttl=args.image_ttl,
+        price_per_gpu_hour=args.price_per_gpu_hour,
+    )
+
+    def load_worker() -> LocalWorker:
+        pipe, info = load_t2i(LoadConfig(path, device, args.dtype))
+        return LocalWorker(pipe, max_queue=args.max_queue, info=info | {"tiny_weights": tiny})
+
+    uvicorn.run(create_app(config, load_worker), host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_tasks(args: argparse.Namespace) -> list[Any]:
+    from .protocol import MODEL_ID
+
+    tasks: list[Any] = []
+    for path in args.tasks:
+        text = path.read_text()
+        try:
+            loaded = json.loads(text)
+            tasks.extend(loaded if isinstance(loaded, list) else [loaded])
+        except json.JSONDecodeError:
+            tasks.extend(json.loads(line) for line in text.splitlines() if line.strip())
+    if args.prompt:
+        flags = {
+            "positivePrompt": args.prompt,
+            "negativePrompt": args.negative_prompt,
+            "width": args.width,
+            "height": args.height,
+            "seed": args.seed,
+            "steps": args.steps,
+            "CFGScale": args.cfg_scale,
+            "scheduler": args.scheduler,
+            "numberResults": args.number_results,
+            "outputFormat": args.output_format,
+        }
+        tasks.append({k: v for k, v in flags.items() if v is not None})
+    for task in tasks:
+        if isinstance(task, dict):
+            task.setdefault("taskType", "imageInference")
+            task.setdefault("taskUUID", str(uuid.uuid4()))
+            task.setdefault("model", MODEL_ID)
+    return tasks
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Offline generation: the same validation and pipeline code as the server, no HTTP."""
+    from tqdm import tqdm
+
+    from pipelines.loader import LoadConfig, load_t2i
+
+    from .config import ServerConfig
+    from .dispatcher import result_item, to_spec
+    from .encoding import encode
+    from .protocol import TaskError
+    from .validation import parse_image_inference
+
+    tasks = _read_tasks(args)
+    if not tasks:
+        raise SystemExit("error: give a tasks file or --prompt")
+    parsed, errors = [], []
+    for raw in tasks:
+        try:
+            if not isinstance(raw, dict):
+                raise SystemExit("error: every task must be a JSON object")
+            parsed.append(parse_image_inference(raw))
+        except TaskError as err:
+            errors.append(err.item.wire())
+            log.error("invalid task: %s", err.item.message)
+
+    data: list[dict] = []
+    if parsed:
+        path, device, _ = _resolve_model(args, fallback=False)
+        pipe, info = load_t2i(LoadConfig(path, device, args.dtype))
+        args.out.mkdir(parents=True, exist_ok=True)
+        for task in tqdm(parsed, desc="tasks", unit="task"):
+            spec = to_spec(task)
+            with tqdm(total=spec.steps, desc=f"steps {task.taskUUID[:8]}", unit="step", leave=False) as bar:
+                output = pipe.generate(spec, on_step=lambda done, total: bar.update(1))
+            for image, seed in zip(output.images, output.seeds):
+                blob, ext, mime = encode(image, task.outputFormat, task.outputQuality)
+                image_uuid = str(uuid.uuid4())
+                file = (args.out / f"{image_uuid}.{ext}").resolve()
+                file.write_bytes(blob)
+                cost = output.seconds * ServerConfig.price_per_gpu_hour / 3600 / len(output.images)
+                item = result_item(task, image_uuid, blob, mime, file.as_uri(), seed, cost)
+                item["imagePath"] = str(file)
+                item["seconds"] = round(output.seconds, 3)
+                data.append(item)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"data": data, **({"errors": errors} if errors else {})}
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    print(f"{len(data)} image(s), {len(errors)} error(s) -> {args.out / 'results.json'}")
+    return 1 if errors else 0
+
+
+def cmd_weights_tiny(args: argparse.Namespace) -> int:
+    from weights.tiny import build_tiny
+
+    for kind in (["t2i", "i2i"] if args.kind == "all" else [args.kind]):
+        print(build_tiny(args.dir / kind, kind))
+    return 0
+
+
+def cmd_weights_download(args: argparse.Namespace) -> int:
+    from weights.hub import I2I_REPO, T2I_REPO, download
+
+    for repo in [args.model] if args.model else [T2I_REPO, I2I_REPO]:
+        print(f"{repo}: {download(repo, args.cache_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

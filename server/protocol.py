@@ -1,0 +1,240 @@
+"""The Runware wire protocol as pydantic models: tasks, result items and error items.
+
+Everything here is plain data: no torch, no transport. The contract is the public Runware page of
+`runware:kandinsky-5.0-image-lite@1` (ranges, defaults and allowed values below are copied from it) and
+the protocol notes on how the official SDKs read the answers.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+MODEL_ID = "runware:kandinsky-5.0-image-lite@1"
+DOCS_URL = "https://runware.ai/docs/models/kandinsky-5-0-image-lite"
+
+# (width, height) pairs the model page allows; width and height must be given together.
+ALLOWED_SIZES: tuple[tuple[int, int], ...] = (
+    (1024, 1024),
+    (640, 1408),
+    (1408, 640),
+    (768, 1280),
+    (1280, 768),
+    (896, 1152),
+    (1152, 896),
+)
+
+# Runware's scheduler names for this model; pipelines.schedulers maps each onto a flow-matching sampler.
+SCHEDULER_NAMES: tuple[str, ...] = (
+    "DPM++ 2M Karras",
+    "DPM++ SDE Karras",
+    "DPM++ 2M SDE Exponential",
+    "DPM++ 2M SDE Karras",
+    "Euler",
+    "Euler a",
+    "Euler Trailing",
+    "LCM",
+    "DDIM",
+    "DDPM",
+    "PNDM",
+    "UniPC",
+)
+
+OUTPUT_TYPES = ("URL", "base64Data", "dataURI")
+OUTPUT_FORMATS = ("JPG", "PNG", "WEBP")
+MAX_SEED = 9223372036854775807
+MAX_RANDOM_SEED = 2**32 - 1  # random seeds are drawn in the unsigned 32-bit range, as on Runware
+
+
+class ErrorItem(BaseModel):
+    """One entry of an `errors` array. `taskUUID` is on every task error and absent on auth errors."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str
+    parameter: str | None = None
+    type: str | None = None
+    taskType: str | None = None
+    taskUUID: str | None = None
+    documentation: str | None = None
+    allowedValues: list[Any] | None = None
+    min: float | int | None = None
+    max: float | int | None = None
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class TaskError(Exception):
+    """Raised anywhere a single task fails; carries the Runware-shaped error item."""
+
+    def __init__(self, item: ErrorItem, http_status: int = 400):
+        super().__init__(item.message)
+        self.item = item
+        self.http_status = http_status
+
+
+def task_error(
+    code: str,
+    message: str,
+    *,
+    parameter: str | None = None,
+    task_type: str | None = None,
+    task_uuid: str | None = None,
+    http_status: int = 400,
+    **extra: Any,
+) -> TaskError:
+    doc = f"{DOCS_URL}#request-{parameter.split('.')[0].split('[')[0].lower()}" if parameter else None
+    item = ErrorItem(
+        code=code,
+        message=message,
+        parameter=parameter,
+        taskType=task_type,
+        taskUUID=task_uuid,
+        documentation=doc,
+        **extra,
+    )
+    return TaskError(item, http_status)
+
+
+def _case_insensitive(allowed: tuple[str, ...], aliases: dict[str, str] | None = None):
+    """Before-validator: map any casing (and aliases) onto the canonical spelling; leave others for the Literal."""
+    table = {a.lower(): a for a in allowed} | {k.lower(): v for k, v in (aliases or {}).items()}
+
+    def convert(value: Any) -> Any:
+        return table.get(value.lower(), value) if isinstance(value, str) else value
+
+    return BeforeValidator(convert)
+
+
+def _one_or_many(value: Any) -> Any:
+    """`outputType` may be a string or a list of strings (the Python SDK sends `["URL"]`)."""
+    return [value] if isinstance(value, str) else value
+
+
+_Strict = ConfigDict(strict=True, extra="ignore")
+
+OutputType = Annotated[Literal["URL", "base64Data", "dataURI"], _case_insensitive(OUTPUT_TYPES)]
+OutputFormat = Annotated[
+    Literal["JPG", "PNG", "WEBP"], _case_insensitive(OUTPUT_FORMATS, {"jpeg": "JPG"})
+]
+
+
+class LoraItem(BaseModel):
+    model_config = _Strict
+
+    model: str = Field(min_length=1)
+    weight: float = Field(1.0, ge=-4, le=4)
+    transformer: Literal["both", "high", "low"] = "both"
+
+
+class AcceleratorOptions(BaseModel):
+    model_config = _Strict
+
+    teaCache: bool = False
+    teaCacheDistance: float = Field(0.5, ge=0, le=1)
+    fbCache: bool = False
+    fbCacheThreshold: float = Field(0.25, ge=0, le=1)
+    dbCache: bool = False
+    dbCacheThreshold: float = Field(0.25, ge=0, le=1)
+    dbCacheSkipInterval: int = Field(5, ge=1)
+    cacheStartStep: int | None = Field(None, ge=0)
+    cacheEndStep: int | None = Field(None, ge=1)
+    cacheStartStepPercentage: int | None = Field(None, ge=0, le=99)
+    cacheEndStepPercentage: int | None = Field(None, ge=1, le=100)
+    cacheMaxConsecutiveSteps: int = Field(3, ge=1, le=5)
+
+    @property
+    def any_method(self) -> bool:
+        return self.teaCache or self.fbCache or self.dbCache
+
+
+class Safety(BaseModel):
+    model_config = _Strict
+
+    checkContent: bool = False
+    mode: Literal["none", "fast"] | None = None
+    checkInputs: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        # `mode` wins over `checkContent`; checkContent alone means "fast".
+        return self.mode == "fast" if self.mode is not None else self.checkContent
+
+
+ImageRef = Annotated[str, Field(min_length=1)]
+
+
+class Inputs(BaseModel):
+    model_config = _Strict
+
+    referenceImages: list[ImageRef] | None = None
+    image: ImageRef | None = None
+    seedImage: ImageRef | None = None
+    mask: ImageRef | None = None
+
+
+class ImageInferenceTask(BaseModel):
+    """An `imageInference` task as the model page defines it. Unknown fields are ignored."""
+
+    model_config = _Strict
+
+    taskType: Literal["imageInference"]
+    taskUUID: str
+    model: str
+    positivePrompt: str = Field(min_length=2, max_length=32000)
+    negativePrompt: str | None = Field(None, min_length=2, max_length=3000)
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int = Field(20, ge=10, le=50)
+    scheduler: str | None = None
+    CFGScale: float = Field(7.0, ge=2, le=10)
+    numberResults: int = Field(1, ge=1, le=20)
+    outputType: Annotated[list[OutputType], BeforeValidator(_one_or_many), Field(min_length=1)] = ["URL"]
+    outputFormat: OutputFormat = "JPG"
+    outputQuality: int = Field(95, ge=20, le=99)
+    includeCost: bool = False
+    ttl: int | None = Field(None, ge=60)
+    deliveryMethod: Literal["sync", "async"] = "sync"
+    webhookURL: str | None = Field(None, min_length=1)
+    uploadEndpoint: str | None = Field(None, min_length=1)
+    lora: list[LoraItem] = []
+    acceleratorOptions: AcceleratorOptions | None = None
+    safety: Safety | None = None
+    checkNSFW: bool = False  # legacy synonym of safety.checkContent
+    # Image inputs (image-to-image and editing); served by a later issue, validated now.
+    seedImage: ImageRef | None = None
+    strength: float = Field(0.8, ge=0, le=1)
+    referenceImages: list[ImageRef] | None = None
+    maskImage: ImageRef | None = None
+    inputs: Inputs | None = None
+
+    @property
+    def safety_check(self) -> bool:
+        return self.checkNSFW or (self.safety is not None and self.safety.enabled)
+
+    @property
+    def has_image_input(self) -> bool:
+        i = self.inputs
+        return bool(
+            self.seedImage
+            or self.referenceImages
+            or self.maskImage
+            or (i and (i.referenceImages or i.image or i.seedImage or i.mask))
+        )
+
+
+# Allowed values reported with `invalid...` errors, keyed by parameter path.
+ALLOWED_VALUES: dict[str, list[Any]] = {
+    "outputType": list(OUTPUT_TYPES),
+    "outputFormat": list(OUTPUT_FORMATS),
+    "scheduler": list(SCHEDULER_NAMES),
+    "deliveryMethod": ["sync", "async"],
+    "safety.mode": ["none", "fast"],
+    "lora.transformer": ["both", "high", "low"],
+    "width": sorted({w for w, _ in ALLOWED_SIZES}),
+    "height": sorted({h for _, h in ALLOWED_SIZES}),
+}

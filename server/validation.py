@@ -1,0 +1,279 @@
+"""Validation at the edge: a raw JSON task becomes a typed `ImageInferenceTask`, or a `TaskError`.
+
+pydantic checks types and ranges; this module turns its first complaint into Runware's error shape
+(`invalidWidth`, `missingPositivePrompt`, ... naming the parameter), then applies the rules pydantic
+cannot express (allowed size pairs, model ids, the cache window against `steps`, features this server
+does not serve yet). Nothing reaches the worker without passing through here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Iterable
+
+from pydantic import ValidationError
+
+from .protocol import (
+    ALLOWED_SIZES,
+    ALLOWED_VALUES,
+    MODEL_ID,
+    SCHEDULER_NAMES,
+    ImageInferenceTask,
+    TaskError,
+    task_error,
+)
+
+# Nested objects whose leaf names are well known on their own (`invalidTeaCacheDistance`).
+_FLAT_PARENTS = {"acceleratorOptions", "inputs"}
+
+_TYPE_NAMES = {
+    "string": "string",
+    "int": "integer",
+    "float": "float",
+    "bool": "boolean",
+    "list": "array",
+    "model": "object",
+    "dict": "object",
+}
+
+
+def strip_nulls(value: Any) -> Any:
+    """`null` counts as absent, at every level."""
+    if isinstance(value, dict):
+        return {k: strip_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [strip_nulls(v) for v in value]
+    return value
+
+
+def _param_path(loc: Iterable[Any]) -> tuple[str, list[str]]:
+    """('lora', 0, 'weight') -> ("lora[0].weight", ["lora", "weight"])."""
+    text, names = "", []
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+            names.append(str(part))
+    return text, names
+
+
+def _code(prefix: str, names: list[str]) -> str:
+    if len(names) > 1 and names[0] in _FLAT_PARENTS:
+        names = names[-1:]
+    return prefix + "".join(n[0].upper() + n[1:] for n in names)
+
+
+def _from_pydantic(err: dict[str, Any], task_uuid: str) -> TaskError:
+    parameter, names = _param_path(err["loc"])
+    if names == ["outputType"]:
+        parameter = "outputType"  # a string or a list of them; name the field, not the list slot
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    extra: dict[str, Any] = {}
+    if kind == "missing":
+        return task_error(
+            _code("missing", names),
+            f"Missing required parameter: {parameter}.",
+            parameter=parameter,
+            task_type="imageInference",
+            task_uuid=task_uuid,
+        )
+    type_name = _TYPE_NAMES.get(kind.split("_")[0])
+    if kind.endswith("_type") and type_name:
+        extra["type"] = type_name
+        reason = f"must be a{'n' if type_name[0] in 'aeiou' else ''} {type_name}"
+    elif kind in ("greater_than_equal", "greater_than"):
+        extra["min"] = ctx.get("ge", ctx.get("gt"))
+        reason = f"must be at least {extra['min']}"
+    elif kind in ("less_than_equal", "less_than"):
+        extra["max"] = ctx.get("le", ctx.get("lt"))
+        reason = f"must be at most {extra['max']}"
+    elif kind in ("string_too_short", "too_short"):
+        extra["min"] = ctx.get("min_length")
+        unit = "characters" if kind.startswith("string") else "items"
+        reason = f"must have at least {extra['min']} {unit}"
+    elif kind in ("string_too_long", "too_long"):
+        extra["max"] = ctx.get("max_length")
+        unit = "characters" if kind.startswith("string") else "items"
+        reason = f"must have at most {extra['max']} {unit}"
+    elif kind == "literal_error":
+        key = ".".join(names)
+        allowed = ALLOWED_VALUES.get(key)
+        if allowed is None:
+            allowed = [e.strip(" '") for e in str(ctx.get("expected", "")).replace(" or ", ",").split(",")]
+        extra["allowedValues"] = allowed
+        reason = "must be one of: " + ", ".join(map(str, allowed))
+    else:
+        reason = err.get("msg", "is invalid")
+    return task_error(
+        _code("invalid", names),
+        f"Invalid value for {parameter} parameter: {reason}.",
+        parameter=parameter,
+        task_type="imageInference",
+        task_uuid=task_uuid,
+        **extra,
+    )
+
+
+def check_task_uuid(raw: dict[str, Any], task_type: str | None) -> str:
+    """Every task but authentication and ping carries a client-chosen UUID; errors must echo it."""
+    value = raw.get("taskUUID")
+    if value is None:
+        raise task_error(
+            "missingTaskUUID",
+            "Missing required parameter: taskUUID (a UUID v4 string).",
+            parameter="taskUUID",
+            task_type=task_type,
+        )
+    if not isinstance(value, str):
+        raise task_error(
+            "invalidTaskUUID",
+            "Invalid value for taskUUID parameter: must be a UUID v4 string.",
+            parameter="taskUUID",
+            task_type=task_type,
+            type="string",
+        )
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        raise task_error(
+            "invalidTaskUUID",
+            "Invalid value for taskUUID parameter: must be a UUID v4 string.",
+            parameter="taskUUID",
+            task_type=task_type,
+            task_uuid=value,
+        ) from None
+    return value
+
+
+def parse_image_inference(
+    raw: dict[str, Any],
+    *,
+    model_aliases: Iterable[str] = (),
+    features: frozenset[str] = frozenset(),
+) -> ImageInferenceTask:
+    """Validate one raw `imageInference` task. `features` names the optional features this server serves."""
+    raw = strip_nulls(raw)
+    task_uuid = check_task_uuid(raw, "imageInference")
+    try:
+        task = ImageInferenceTask.model_validate(raw)
+    except ValidationError as exc:
+        raise _from_pydantic(exc.errors()[0], task_uuid) from None
+
+    def fail(code: str, message: str, parameter: str, **extra: Any) -> TaskError:
+        return task_error(
+            code, message, parameter=parameter, task_type="imageInference", task_uuid=task_uuid, **extra
+        )
+
+    accepted_models = {MODEL_ID, *model_aliases}
+    if task.model not in accepted_models:
+        raise fail(
+            "unknownModel",
+            f"Unknown model '{task.model}'. This server serves {MODEL_ID}.",
+            "model",
+            allowedValues=sorted(accepted_models),
+        )
+    _check_size(task, fail)
+    if task.scheduler is not None and task.scheduler not in SCHEDULER_NAMES:
+        raise fail(
+            "invalidScheduler",
+            f"Invalid value for scheduler parameter: '{task.scheduler}' is not a scheduler of this model.",
+            "scheduler",
+            allowedValues=list(SCHEDULER_NAMES),
+        )
+    if task.acceleratorOptions is not None:
+        _check_cache_window(task, fail)
+    _check_features(task, features, fail)
+    return task
+
+
+def _check_size(task: ImageInferenceTask, fail) -> None:
+    if task.width is None and task.height is None:
+        if task.has_image_input:
+            return  # size follows the input image (image-to-image)
+        raise fail("missingWidth", "Missing required parameters: width and height.", "width")
+    if task.width is None or task.height is None:
+        missing = "width" if task.width is None else "height"
+        raise fail(
+            f"missing{missing.capitalize()}",
+            "Parameters width and height must be used together.",
+            missing,
+        )
+    if (task.width, task.height) in ALLOWED_SIZES:
+        return
+    sizes = [f"{w}x{h}" for w, h in ALLOWED_SIZES]
+    param = "width" if task.width not in ALLOWED_VALUES["width"] else "height"
+    raise fail(
+        f"invalid{param.capitalize()}",
+        f"Unsupported dimensions {task.width}x{task.height}. Allowed width x height: {', '.join(sizes)}.",
+        param,
+        allowedValues=sizes,
+    )
+
+
+def _check_cache_window(task: ImageInferenceTask, fail) -> None:
+    acc = task.acceleratorOptions
+    assert acc is not None
+    if acc.cacheStartStep is not None and acc.cacheStartStepPercentage is not None:
+        raise fail(
+            "conflictCacheStartStep",
+            "Use either cacheStartStep or cacheStartStepPercentage, not both.",
+            "acceleratorOptions.cacheStartStep",
+        )
+    if acc.cacheEndStep is not None and acc.cacheEndStepPercentage is not None:
+        raise fail(
+            "conflictCacheEndStep",
+            "Use either cacheEndStep or cacheEndStepPercentage, not both.",
+            "acceleratorOptions.cacheEndStep",
+        )
+    if acc.cacheEndStep is not None and acc.cacheEndStep > task.steps:
+        raise fail(
+            "invalidCacheEndStep",
+            f"cacheEndStep ({acc.cacheEndStep}) must be less than or equal to steps ({task.steps}).",
+            "acceleratorOptions.cacheEndStep",
+            max=task.steps,
+        )
+    start = acc.cacheStartStep if acc.cacheStartStep is not None else None
+    end = acc.cacheEndStep if acc.cacheEndStep is not None else None
+    if start is not None and start >= (end if end is not None else task.steps):
+        raise fail(
+            "invalidCacheStartStep",
+            f"cacheStartStep ({start}) must be less than cacheEndStep ({end if end is not None else task.steps}).",
+            "acceleratorOptions.cacheStartStep",
+        )
+    pstart, pend = acc.cacheStartStepPercentage, acc.cacheEndStepPercentage
+    if pstart is not None and pstart >= (pend if pend is not None else 100):
+        raise fail(
+            "invalidCacheStartStepPercentage",
+            f"cacheStartStepPercentage ({pstart}) must be less than cacheEndStepPercentage "
+            f"({pend if pend is not None else 100}).",
+            "acceleratorOptions.cacheStartStepPercentage",
+        )
+
+
+# Requested features and the name under which the server announces it serves them.
+def _check_features(task: ImageInferenceTask, features: frozenset[str], fail) -> None:
+    wanted: list[tuple[str, str, bool]] = [
+        ("lora", "lora", bool(task.lora)),
+        ("acceleration", "acceleratorOptions", bool(task.acceleratorOptions and task.acceleratorOptions.any_method)),
+        ("safety", "safety", task.safety_check),
+        ("webhook", "webhookURL", task.webhookURL is not None),
+        ("async", "deliveryMethod", task.deliveryMethod == "async"),
+        ("upload", "uploadEndpoint", task.uploadEndpoint is not None),
+        ("image_input", _image_param(task), task.has_image_input),
+    ]
+    for feature, parameter, requested in wanted:
+        if requested and feature not in features:
+            raise fail(
+                f"unsupported{parameter.split('.')[0][0].upper()}{parameter.split('.')[0][1:]}",
+                f"The {parameter} feature is not available on this server yet; the request was not run.",
+                parameter,
+            )
+
+
+def _image_param(task: ImageInferenceTask) -> str:
+    for name in ("seedImage", "referenceImages", "maskImage"):
+        if getattr(task, name):
+            return name
+    return "inputs"

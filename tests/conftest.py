@@ -1,0 +1,110 @@
+"""Fixtures that run the real server: `k5serve serve --tiny` under uvicorn on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+MODEL = "runware:kandinsky-5.0-image-lite@1"
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "k5-test-key-0123456789abcdefXYZ"  # > 24 chars, as ComfyUI's client insists
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, data_dir: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = data_dir / f"server-{self.port}.log"
+        cmd = [
+            sys.executable, "-m", "server.cli", "serve", "--tiny",
+            "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(data_dir), *extra,
+        ]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def post(self, tasks, **kw) -> httpx.Response:
+        return httpx.post(self.url + "/v1", json=tasks, timeout=kw.pop("timeout", 300), **kw)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("k5serve-data")
+
+
+@pytest.fixture(scope="session")
+def start_server(data_dir):
+    """Factory: start a server with extra CLI options; all are stopped at the end of the session."""
+    started: list[RunningServer] = []
+
+    def start(*extra: str) -> RunningServer:
+        server = RunningServer(data_dir, *extra)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> RunningServer:
+    """The default open-access server, shared by most tests."""
+    return start_server("--image-ttl", "3600")
+
+
+def task(**fields) -> dict:
+    """A valid, fast imageInference task (10 steps), with fields overridden."""
+    base = {
+        "taskType": "imageInference",
+        "taskUUID": str(uuid.uuid4()),
+        "model": MODEL,
+        "positivePrompt": "a red fox in the snow",
+        "width": 1024,
+        "height": 1024,
+        "steps": 10,
+        "seed": 42,
+    }
+    base.update(fields)
+    return {k: v for k, v in base.items() if v is not ...}

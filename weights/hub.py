@@ -1,0 +1,44 @@
+"""Finding and fetching the real Kandinsky 5 weights (diffusers format) with huggingface_hub.
+
+Serving never downloads: it resolves a local folder or a repo already in the Hugging Face cache.
+`k5serve weights download` is the one place that fetches, and it is a no-op once the repo is cached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+T2I_REPO = "kandinskylab/Kandinsky-5.0-T2I-Lite-sft-Diffusers"
+I2I_REPO = "kandinskylab/Kandinsky-5.0-I2I-Lite-sft-Diffusers"
+
+
+class WeightsNotFound(Exception):
+    pass
+
+
+def resolve(model: str, cache_dir: str | Path | None = None) -> Path:
+    """A local diffusers folder, or a repo id already in the Hugging Face cache, as a folder path."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise WeightsNotFound(f"{path} is not a diffusers checkpoint (no model_index.json)")
+        return path
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
+        raise WeightsNotFound(f"no such model folder: {model}")
+    try:
+        return Path(snapshot_download(model, cache_dir=cache_dir, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise WeightsNotFound(
+            f"weights for {model} are not downloaded; run `k5serve weights download --model {model}` first"
+        ) from None
+
+
+def download(repo_id: str, cache_dir: str | Path | None = None) -> Path:
+    """Fetch a repo into the Hugging Face cache (with progress bars); offline it returns the cached copy."""
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
+    except LocalEntryNotFoundError:
+        return Path(snapshot_download(repo_id, cache_dir=cache_dir))
