@@ -70,7 +70,7 @@ def main() -> None:
     rows: list[tuple[str, list[float], int]] = []
 
     # 1. stock diffusers, loaded in this process
-    stock = Kandinsky5T2IPipeline.from_pretrained(path, torch_dtype=dtype).to(device)
+    stock = Kandinsky5T2IPipeline.from_pretrained(path, dtype=dtype).to(device)
     stock.set_progress_bar_config(disable=True)
 
     def run_stock(n=1):

@@ -56,6 +56,8 @@ class K5T2IPipeline(Kandinsky5T2IPipeline):
         ]
 
         step_seconds: list[float] = []
+        if on_step is not None:
+            on_step(0, spec.steps)
         for i, t in enumerate(scheduler.timesteps):
             step_start = time.perf_counter()
             timestep = t.to(torch.float32).expand(n)

@@ -46,7 +46,7 @@ def load_t2i(config: LoadConfig) -> tuple[K5T2IPipeline, dict]:
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     started = time.perf_counter()
-    pipe = K5T2IPipeline.from_pretrained(config.path, torch_dtype=dtype)
+    pipe = K5T2IPipeline.from_pretrained(config.path, dtype=dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     params = sum(p.numel() for p in pipe.transformer.parameters())

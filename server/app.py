@@ -1,7 +1,8 @@
-"""The ASGI application: wires config, auth, image store, dispatcher and worker; health endpoint.
+"""The ASGI application: wires config, auth, stores, outbox, dispatcher and worker; health endpoint.
 
-The model loads in a background thread after start-up, so `/health` can say "loading" (503) until the
-worker is ready and 200 afterwards.
+The model loads in a background thread after start-up, so `/health` says "loading" (503) until the
+worker is ready and 200 afterwards. On shutdown (SIGTERM) the server stops taking tasks, lets the ones in
+flight finish (up to `shutdown_timeout`), records the rest as failed, flushes the outbox and exits.
 """
 
 from __future__ import annotations
@@ -18,19 +19,24 @@ from fastapi.responses import JSONResponse
 
 from pipelines.worker import Worker
 
-from . import http
+from . import http, ws
 from .auth import Authenticator
 from .config import ServerConfig
 from .dispatcher import Dispatcher
+from .outbound import Outbox
 from .protocol import ErrorItem
 from .store import ImageStore
+from .tasks import SQLiteTaskStore
 
 log = logging.getLogger("k5serve.app")
 
 
 def create_app(config: ServerConfig, load_worker: Callable[[], Worker]) -> FastAPI:
-    store = ImageStore(config.image_dir)
-    dispatcher = Dispatcher(config, None, store)
+    images = ImageStore(config.image_dir)
+    tasks = SQLiteTaskStore(config.task_db)
+    outbox = Outbox(config.outbox_db, allow_private=config.allow_private_urls)
+    dispatcher = Dispatcher(config, None, images, tasks, outbox)
+    sessions = ws.Sessions(config.ws_resume_window, config.ws_resume_buffer)
     load_state: dict = {"error": None}
 
     def load() -> None:
@@ -43,28 +49,41 @@ def create_app(config: ServerConfig, load_worker: Callable[[], Worker]) -> FastA
     async def sweep_forever() -> None:
         while True:
             await asyncio.sleep(config.sweep_interval)
-            removed = await asyncio.to_thread(store.sweep)
+            removed = await asyncio.to_thread(images.sweep) + await asyncio.to_thread(tasks.sweep)
+            sessions.sweep()
             if removed:
-                log.info("removed %d expired image(s)", removed)
+                log.info("removed %d expired image(s)/task record(s)", removed)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        lost = tasks.recover("The server restarted before this task finished; run it again.")
+        if lost:
+            log.warning("%d task(s) were in flight when the server last stopped; marked as failed", lost)
         loader = threading.Thread(target=load, name="k5serve-load", daemon=True)
         loader.start()
+        await outbox.start()
         sweeper = asyncio.create_task(sweep_forever())
         try:
             yield
         finally:
             sweeper.cancel()
+            unfinished = await dispatcher.drain(config.shutdown_timeout)
+            if unfinished:
+                log.warning("%d task(s) did not finish before shutdown; recorded as failed", unfinished)
+            await outbox.flush(timeout=10)
+            await outbox.close()
             if dispatcher.worker is not None:
                 await asyncio.to_thread(dispatcher.worker.close)
+            tasks.close()
 
     app = FastAPI(title="k5serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
     app.state.auth = Authenticator(config.api_keys)
-    app.state.store = store
+    app.state.store = images
     app.state.dispatcher = dispatcher
+    app.state.sessions = sessions
     app.include_router(http.router)
+    app.include_router(ws.router)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-queue", type=int, default=64, help="tasks waiting for the GPU before 429s")
     serve.add_argument("--image-ttl", type=int, default=86400, help="seconds images are kept without a ttl")
     serve.add_argument("--price-per-gpu-hour", type=float, default=2.0, help="USD, for includeCost")
+    serve.add_argument("--allow-private-urls", action="store_true",
+                       help="let webhooks, uploads and image URLs reach loopback/private/link-local addresses")
+    serve.add_argument("--poll-wait", type=float, default=10.0,
+                       help="seconds a getResponse waits for an unfinished task before answering")
+    serve.add_argument("--shutdown-timeout", type=float, default=60.0,
+                       help="seconds SIGTERM waits for tasks in flight")
     serve.add_argument(
         "--fallback-tiny", action="store_true",
         help="with no GPU or no downloaded weights, serve generated tiny weights on the CPU instead of failing",
@@ -131,13 +137,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_aliases=tuple(args.model_alias),
         image_ttl=args.image_ttl,
         price_per_gpu_hour=args.price_per_gpu_hour,
+        allow_private_urls=args.allow_private_urls,
+        poll_wait=args.poll_wait,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
     def load_worker() -> LocalWorker:
         pipe, info = load_t2i(LoadConfig(path, device, args.dtype))
         return LocalWorker(pipe, max_queue=args.max_queue, info=info | {"tiny_weights": tiny})
 
-    uvicorn.run(create_app(config, load_worker), host=args.host, port=args.port, log_level=args.log_level.lower())
+    uvicorn.run(
+        create_app(config, load_worker),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        ws_max_size=config.ws_max_message_bytes,
+        timeout_graceful_shutdown=int(config.shutdown_timeout) + 5,
+    )
     return 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -17,8 +17,24 @@ class ServerConfig:
     price_per_gpu_hour: float = 2.0  # USD; cost = busy seconds x price / 3600
     sweep_interval: float = 30.0  # seconds between expired-image sweeps
     retry_after: int = 5  # seconds suggested to clients when the queue is full
-    extra: dict = field(default_factory=dict)
+    upload_ttl: int = 7 * 86400  # seconds an imageUpload is kept
+    max_image_bytes: int = 32 * 1024 * 1024  # per image input, before decoding
+    max_image_pixels: int = 4096 * 4096  # per image input, read from the header before decoding
+    allow_private_urls: bool = False  # outbound URLs to loopback/private/link-local addresses
+    poll_wait: float = 10.0  # seconds a getResponse waits for an unfinished task before answering
+    ws_max_message_bytes: int = 64 * 1024 * 1024  # inbound WebSocket frames (base64 images travel inline)
+    ws_resume_window: float = 120.0  # seconds undelivered WebSocket results wait for a reconnect
+    ws_resume_buffer: int = 256  # frames kept per disconnected session
+    shutdown_timeout: float = 60.0  # seconds SIGTERM waits for tasks in flight
 
     @property
     def image_dir(self) -> Path:
         return self.data_dir / "images"
+
+    @property
+    def task_db(self) -> Path:
+        return self.data_dir / "tasks.sqlite3"
+
+    @property
+    def outbox_db(self) -> Path:
+        return self.data_dir / "outbox.sqlite3"

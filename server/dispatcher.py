@@ -1,16 +1,20 @@
-"""The serving logic behind every transport: one JSON array of tasks in, Runware items out.
+"""The serving logic behind every transport: Runware tasks in, Runware items out.
 
-Transports (HTTP now, WebSocket next) parse frames, authenticate and hand the task list here. Each task
-is validated once, at this edge, into a typed object; generation goes through the `Worker` interface;
-results are encoded, stored by imageUUID and turned into result items. A failing task fails alone.
+Transports (HTTP, WebSocket) parse frames, authenticate and hand tasks here. Each task is validated once,
+at this edge, into a typed object. An imageInference gets one durable record (`TaskStore`) and runs as
+its own asyncio job that outlives the request that started it: sync callers await the job, async
+callers get an acknowledgement and poll `getResponse`, webhooks and uploads go to the outbox. Generation
+goes through the `Worker` interface. A failing task fails alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import secrets
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,11 +24,18 @@ from pipelines.worker import GenerationError, QueueFull, Worker
 
 from .config import ServerConfig
 from .encoding import encode
-from .protocol import MAX_RANDOM_SEED, ImageInferenceTask, TaskError, task_error
+from .images import ImageInputError, Limits, decode, load_image_bytes
+from .outbound import OutboundURLError, Outbox, check_url
+from .protocol import MAX_RANDOM_SEED, MODEL_ID, ErrorItem, ImageInferenceTask, TaskError, task_error
 from .store import ImageStore
+from .tasks import ERROR, RUNNING, SUCCESS, TaskRecord, TaskStore
 from .validation import check_task_uuid, parse_image_inference
 
 log = logging.getLogger("k5serve.dispatcher")
+
+SUPPORTED_TASK_TYPES = ["imageInference", "getResponse", "imageUpload", "modelSearch", "authentication", "ping"]
+SERVER_FEATURES = frozenset({"async", "webhook", "upload"})  # served here; the worker adds its own
+RUNNING_FOREVER = 365 * 86400  # a record in flight does not expire before it finishes
 
 
 @dataclass
@@ -53,15 +64,32 @@ class Reply:
 
 
 class Dispatcher:
-    def __init__(self, config: ServerConfig, worker: Worker | None, store: ImageStore):
+    def __init__(
+        self,
+        config: ServerConfig,
+        worker: Worker | None,
+        images: ImageStore,
+        tasks: TaskStore,
+        outbox: Outbox | None = None,
+    ):
         self.config = config
         self.worker = worker  # None while the model is still loading
-        self.store = store
-        self._active: set[str] = set()  # taskUUIDs in flight
+        self.images = images
+        self.tasks = tasks
+        self.outbox = outbox
+        self.accepting = True  # False while shutting down
+        self._jobs: set[asyncio.Task] = set()
+        self._limits = Limits(
+            max_bytes=config.max_image_bytes,
+            max_pixels=config.max_image_pixels,
+            allow_private_urls=config.allow_private_urls,
+        )
+
+    # -- entry points ---------------------------------------------------------------------------------------
 
     async def run(self, tasks: list[Any], *, base_url: str) -> Reply:
         """Run every task of one request concurrently; items come back in task order."""
-        results = await asyncio.gather(*(self._run_one(t, base_url) for t in tasks))
+        results = await asyncio.gather(*(self.run_one(t, base_url=base_url) for t in tasks))
         reply = Reply()
         for items, error in results:
             reply.data.extend(items)
@@ -69,11 +97,35 @@ class Dispatcher:
                 reply.add_error(error)
         return reply
 
-    async def _run_one(self, raw: Any, base_url: str) -> tuple[list[dict], TaskError | None]:
+    async def run_one(self, raw: Any, *, base_url: str) -> tuple[list[dict], TaskError | None]:
         try:
             return await self._task(raw, base_url), None
         except TaskError as err:
             return [], err
+        except Exception:  # noqa: BLE001 - a bug must fail its task, not the connection
+            log.exception("task failed unexpectedly")
+            task_uuid = raw.get("taskUUID") if isinstance(raw, dict) else None
+            task_type = raw.get("taskType") if isinstance(raw, dict) else None
+            return [], task_error(
+                "internalServerError", "Internal server error while handling this task.",
+                task_type=task_type if isinstance(task_type, str) else None,
+                task_uuid=task_uuid if isinstance(task_uuid, str) else None, http_status=500,
+            )
+
+    async def drain(self, timeout: float) -> int:
+        """Stop taking tasks and wait for jobs in flight; returns how many were still running."""
+        self.accepting = False
+        pending = set(self._jobs)
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=timeout)
+            for job in still:
+                job.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5)
+            return len(still)
+        return 0
+
+    # -- task types -----------------------------------------------------------------------------------------
 
     async def _task(self, raw: Any, base_url: str) -> list[dict]:
         if not isinstance(raw, dict):
@@ -94,80 +146,185 @@ class Dispatcher:
         if task_type == "imageInference":
             return await self._image_inference(raw, base_url)
         task_uuid = check_task_uuid(raw, task_type)
+        if task_type == "getResponse":
+            return await self._get_response(task_uuid)
+        if task_type == "imageUpload":
+            return await self._image_upload(raw, task_uuid, base_url)
+        if task_type == "modelSearch":
+            return [_model_search(raw, task_uuid)]
         raise task_error(
             "unsupportedTaskType",
-            f"Task type '{task_type}' is not supported by this server; it serves imageInference.",
+            f"Task type '{task_type}' is not supported by this server; it serves "
+            + ", ".join(SUPPORTED_TASK_TYPES[:4]) + ".",
             parameter="taskType",
             task_type=task_type,
             task_uuid=task_uuid,
-            allowedValues=["imageInference", "authentication", "ping"],
+            allowedValues=SUPPORTED_TASK_TYPES,
         )
 
     async def _image_inference(self, raw: dict, base_url: str) -> list[dict]:
         worker = self.worker
-        features = worker.features if worker is not None else frozenset()
+        features = SERVER_FEATURES | (worker.features if worker is not None else frozenset())
         task = parse_image_inference(raw, model_aliases=self.config.model_aliases, features=features)
+
+        def fail(code: str, message: str, status: int, **extra: Any) -> TaskError:
+            return task_error(code, message, task_type=task.taskType, task_uuid=task.taskUUID,
+                              http_status=status, **extra)
+
+        if not self.accepting:
+            raise fail("serviceUnavailable", "The server is shutting down; retry on another instance.", 503)
         if worker is None:
-            raise task_error(
-                "modelNotReady",
-                "The model is still loading; retry shortly.",
-                task_type=task.taskType,
-                task_uuid=task.taskUUID,
-                http_status=503,
-            )
-        if task.taskUUID in self._active:
-            raise task_error(
+            raise fail("modelNotReady", "The model is still loading; retry shortly.", 503)
+        for parameter in ("webhookURL", "uploadEndpoint"):
+            url = getattr(task, parameter)
+            if url is not None:
+                try:
+                    await check_url(url, allow_private=self.config.allow_private_urls, purpose=parameter)
+                except OutboundURLError as exc:
+                    raise fail(f"invalid{parameter[0].upper()}{parameter[1:]}", str(exc), 400,
+                               parameter=parameter) from None
+
+        now = time.time()
+        record = TaskRecord(task.taskUUID, task.taskType, expected_items=task.numberResults,
+                            created_at=now, expires_at=now + RUNNING_FOREVER)
+        if not self.tasks.create(record):
+            raise fail(
                 "conflictTaskUUID",
-                f"A task with taskUUID {task.taskUUID} is already running; taskUUIDs must be unique.",
+                f"taskUUID {task.taskUUID} was already used; use getResponse to read its results.",
+                409,
                 parameter="taskUUID",
-                task_type=task.taskType,
-                task_uuid=task.taskUUID,
-                http_status=409,
             )
         spec = to_spec(task)
-        self._active.add(task.taskUUID)
+        loop = asyncio.get_running_loop()
+
+        def on_progress(step: int, total: int) -> None:  # called from the worker thread
+            update = functools.partial(self.tasks.update, task.taskUUID, status=RUNNING, step=step,
+                                       total_steps=total)
+            loop.call_soon_threadsafe(update)
+
         try:
-            try:
-                future = worker.submit(spec)
-            except QueueFull as exc:
-                raise task_error(
-                    "rateLimitExceeded",
-                    f"The server is busy ({exc}); retry after {self.config.retry_after} s.",
-                    task_type=task.taskType,
-                    task_uuid=task.taskUUID,
-                    http_status=429,
-                ) from None
+            future = worker.submit(spec, on_progress)
+        except QueueFull as exc:
+            self.tasks.delete(task.taskUUID)  # never ran: the client may retry with the same taskUUID
+            raise fail("rateLimitExceeded", f"The server is busy ({exc}); retry after "
+                       f"{self.config.retry_after} s.", 429) from None
+        job = asyncio.ensure_future(self._finish(task, spec, future, base_url))
+        self._jobs.add(job)
+        job.add_done_callback(self._job_done)
+        if task.deliveryMethod == "async":
+            return [{"taskType": task.taskType, "taskUUID": task.taskUUID}]
+        return await asyncio.shield(job)
+
+    def _job_done(self, job: asyncio.Task) -> None:
+        self._jobs.discard(job)
+        if not job.cancelled():
+            job.exception()  # async tasks have no awaiter; their errors live in the record
+
+    async def _finish(self, task: ImageInferenceTask, spec: GenerationSpec, future, base_url: str) -> list[dict]:
+        """Await the generation, deliver, record. Runs to the end even if the requester went away."""
+        try:
             try:
                 output = await asyncio.wrap_future(future)
             except GenerationError as exc:
-                raise task_error(
-                    "inferenceError",
-                    f"Image generation failed: {exc}",
-                    task_type=task.taskType,
-                    task_uuid=task.taskUUID,
-                    http_status=500,
-                ) from None
-            items = await asyncio.to_thread(self._deliver, task, output, base_url)
-        finally:
-            self._active.discard(task.taskUUID)
-        log.info(
-            "task %s done: %d image(s) %dx%d, %d steps, %.2f s",
-            task.taskUUID, len(items), output.width, output.height, spec.steps, output.seconds,
-        )
+                raise task_error("inferenceError", f"Image generation failed: {exc}", task_type=task.taskType,
+                                 task_uuid=task.taskUUID, http_status=500) from None
+            items, files = await asyncio.to_thread(self._deliver, task, output, base_url)
+        except asyncio.CancelledError:
+            future.cancel()
+            self._record_error(task, task_error(
+                "inferenceError", "The server shut down before this task finished; run it again.",
+                task_type=task.taskType, task_uuid=task.taskUUID, http_status=503))
+            raise
+        except TaskError as err:
+            self._record_error(task, err)
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. disk full while storing: fail this task only
+            log.exception("delivering task %s failed", task.taskUUID)
+            err = task_error("internalServerError", f"Storing the result failed: {type(exc).__name__}",
+                             task_type=task.taskType, task_uuid=task.taskUUID, http_status=500)
+            self._record_error(task, err)
+            raise err from None
+        ttl = task.ttl if task.ttl is not None else self.config.image_ttl
+        self.tasks.update(task.taskUUID, status=SUCCESS, step=spec.steps, total_steps=spec.steps,
+                          items=items, expires_at=time.time() + ttl)
+        if self.outbox is not None:
+            for item, (data, mime) in zip(items, files):
+                if task.webhookURL:
+                    self.outbox.enqueue_webhook(task.webhookURL, {"data": [item]})
+                if task.uploadEndpoint:
+                    self.outbox.enqueue_upload(task.uploadEndpoint, data, mime)
+        log.info("task %s done: %d image(s) %dx%d, %d steps, %.2f s", task.taskUUID, len(items),
+                 output.width, output.height, spec.steps, output.seconds)
         return items
 
-    def _deliver(self, task: ImageInferenceTask, output: GenerationOutput, base_url: str) -> list[dict]:
+    def _record_error(self, task: ImageInferenceTask, err: TaskError) -> None:
+        ttl = task.ttl if task.ttl is not None else self.config.image_ttl
+        self.tasks.update(task.taskUUID, status=ERROR, errors=[err.item.wire() | {"status": "error"}],
+                          expires_at=time.time() + ttl)
+        if task.webhookURL and self.outbox is not None:
+            self.outbox.enqueue_webhook(task.webhookURL, {"errors": [err.item.wire()]})
+        log.warning("task %s failed: %s", task.taskUUID, err.item.message)
+
+    def _deliver(self, task: ImageInferenceTask, output: GenerationOutput, base_url: str):
         """Encode, store and describe each image (runs in a thread: encoding is CPU work)."""
         ttl = task.ttl if task.ttl is not None else self.config.image_ttl
         cost = output.seconds * self.config.price_per_gpu_hour / 3600 / len(output.images)
         url_base = (self.config.public_url or base_url).rstrip("/")
-        items = []
+        items, files = [], []
         for image, seed in zip(output.images, output.seeds):
             data, ext, mime = encode(image, task.outputFormat, task.outputQuality)
-            stored = self.store.put(data, ext, ttl)
+            stored = self.images.put(data, ext, ttl)
             url = f"{url_base}/image/{stored.name}"
             items.append(result_item(task, stored.image_uuid, data, mime, url, seed, cost))
+            files.append((data, mime))
+        return items, files
+
+    async def _get_response(self, task_uuid: str) -> list[dict]:
+        """Cumulative state of an earlier task; waits up to `poll_wait` seconds for it to finish."""
+        record = self.tasks.get(task_uuid)
+        deadline = time.monotonic() + self.config.poll_wait
+        while record is not None and not record.done and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            record = self.tasks.get(task_uuid)
+        if record is None:
+            raise task_error("taskFailedOrNotFound", f"No task with taskUUID {task_uuid} (unknown or expired).",
+                             parameter="taskUUID", task_type="getResponse", task_uuid=task_uuid, http_status=404)
+        if record.status == ERROR:
+            err = record.errors[0]
+            raise TaskError(ErrorItem(**err), http_status=500)
+        items = [item | {"status": "success"} for item in record.items]
+        if not record.done:
+            items.append({"taskType": record.task_type, "taskUUID": task_uuid, "status": "processing",
+                          "progress": record.progress})
         return items
+
+    async def _image_upload(self, raw: dict, task_uuid: str, base_url: str) -> list[dict]:
+        image = raw.get("image")
+        if not isinstance(image, str) or not image.strip():
+            code = "missingImage" if image is None else "invalidImage"
+            raise task_error(code, "imageUpload needs `image`: a data URI, base64 data or an http(s) URL.",
+                             parameter="image", task_type="imageUpload", task_uuid=task_uuid)
+        try:
+            data = await load_image_bytes(image, self.images, self._limits)
+            decoded = await asyncio.to_thread(decode, data, self._limits)
+        except ImageInputError as exc:
+            raise task_error("invalidImage", f"Invalid value for image parameter: {exc}.", parameter="image",
+                             task_type="imageUpload", task_uuid=task_uuid) from None
+        stored = await asyncio.to_thread(self.images.put, decoded.data, decoded.ext, self.config.upload_ttl)
+        url_base = (self.config.public_url or base_url).rstrip("/")
+        return [{"taskType": "imageUpload", "taskUUID": task_uuid, "imageUUID": stored.image_uuid,
+                 "imageURL": f"{url_base}/image/{stored.name}"}]
+
+
+def _model_search(raw: dict, task_uuid: str) -> dict:
+    """This server hosts one model; a search finds it when the terms match (or are absent)."""
+    terms = str(raw.get("search") or "").lower().split()
+    name = "Kandinsky 5.0 Image Lite"
+    hit = all(t in f"{MODEL_ID} {name}".lower() for t in terms)
+    model = {"air": MODEL_ID, "name": name, "version": "1", "category": "checkpoint",
+             "architecture": "kandinsky5", "tags": ["text-to-image"], "private": False}
+    return {"taskType": "modelSearch", "taskUUID": task_uuid, "results": [model] if hit else [],
+            "totalResults": 1 if hit else 0}
 
 
 def result_item(

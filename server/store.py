@@ -61,6 +61,14 @@ class ImageStore:
             return None
         return path, expires_at
 
+    def find(self, image_uuid: str) -> Path | None:
+        """The live file of an imageUUID, whatever its extension."""
+        for ext in EXTENSIONS:
+            found = self.lookup(f"{image_uuid}.{ext}")
+            if found is not None:
+                return found[0]
+        return None
+
     def sweep(self) -> int:
         """Delete expired images (and leftovers of interrupted writes); returns how many went."""
         now, removed = time.time(), 0

@@ -1,0 +1,152 @@
+"""Durable task records: one per taskUUID, behind every delivery mode (sync, async, webhook, WebSocket).
+
+A record moves queued -> running (step k of N) -> success | error and keeps its result items and error
+items until it expires. `TaskStore` is the interface; `SQLiteTaskStore` is the single-machine
+implementation (a server database can take its place later). A process that dies mid-task leaves
+`queued`/`running` records behind; `recover()` at the next start turns them into errors, so a client
+polling `getResponse` learns the task failed instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+QUEUED, RUNNING, SUCCESS, ERROR = "queued", "running", "success", "error"
+
+
+@dataclass
+class TaskRecord:
+    task_uuid: str
+    task_type: str
+    status: str = QUEUED
+    step: int = 0
+    total_steps: int = 0
+    expected_items: int = 1
+    items: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    created_at: float = 0.0
+    expires_at: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.status in (SUCCESS, ERROR)
+
+    @property
+    def progress(self) -> int:
+        """Percent done: steps for running tasks, 100 once finished."""
+        if self.done:
+            return 100
+        return int(100 * self.step / self.total_steps) if self.total_steps else 0
+
+
+class TaskStore(ABC):
+    @abstractmethod
+    def create(self, record: TaskRecord) -> bool:
+        """Insert a new record; False when the taskUUID is already known (a conflict)."""
+
+    @abstractmethod
+    def get(self, task_uuid: str) -> TaskRecord | None: ...
+
+    @abstractmethod
+    def update(self, task_uuid: str, **fields: Any) -> None:
+        """Set status/step/total_steps/items/errors/expires_at."""
+
+    @abstractmethod
+    def delete(self, task_uuid: str) -> None: ...
+
+    @abstractmethod
+    def recover(self, message: str) -> int:
+        """Mark records left queued/running by a dead process as failed; returns how many."""
+
+    @abstractmethod
+    def sweep(self) -> int:
+        """Delete expired records; returns how many."""
+
+    def close(self) -> None:
+        pass
+
+
+_COLUMNS = ("task_uuid", "task_type", "status", "step", "total_steps", "expected_items", "items", "errors",
+            "created_at", "expires_at")
+_JSON = {"items", "errors"}
+
+
+class SQLiteTaskStore(TaskStore):
+    """One SQLite file (WAL). Calls are short and serialised by a lock; safe from any thread."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS tasks (task_uuid TEXT PRIMARY KEY, task_type TEXT NOT NULL, "
+                "status TEXT NOT NULL, step INTEGER NOT NULL, total_steps INTEGER NOT NULL, "
+                "expected_items INTEGER NOT NULL, items TEXT NOT NULL, errors TEXT NOT NULL, "
+                "created_at REAL NOT NULL, expires_at REAL NOT NULL)"
+            )
+            self._db.execute("CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at)")
+
+    def create(self, record: TaskRecord) -> bool:
+        row = [getattr(record, c) for c in _COLUMNS]
+        row = [json.dumps(v) if c in _JSON else v for c, v in zip(_COLUMNS, row)]
+        with self._lock:
+            cur = self._db.execute(
+                f"INSERT OR IGNORE INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", row
+            )
+        return cur.rowcount == 1
+
+    def get(self, task_uuid: str) -> TaskRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_uuid = ? AND expires_at > ?",
+                (task_uuid, time.time()),
+            ).fetchone()
+        if row is None:
+            return None
+        values = {c: (json.loads(v) if c in _JSON else v) for c, v in zip(_COLUMNS, row)}
+        return TaskRecord(**values)
+
+    def update(self, task_uuid: str, **fields: Any) -> None:
+        unknown = set(fields) - set(_COLUMNS[2:])
+        if unknown:
+            raise ValueError(f"unknown task fields {unknown}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        values = [json.dumps(v) if k in _JSON else v for k, v in fields.items()]
+        with self._lock:
+            self._db.execute(f"UPDATE tasks SET {sets} WHERE task_uuid = ?", (*values, task_uuid))
+
+    def delete(self, task_uuid: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM tasks WHERE task_uuid = ?", (task_uuid,))
+
+    def recover(self, message: str) -> int:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT task_uuid, task_type FROM tasks WHERE status IN (?, ?)", (QUEUED, RUNNING)
+            ).fetchall()
+            for task_uuid, task_type in rows:
+                error = {"code": "inferenceError", "message": message, "status": ERROR,
+                         "taskType": task_type, "taskUUID": task_uuid}
+                self._db.execute(
+                    "UPDATE tasks SET status = ?, errors = ? WHERE task_uuid = ?",
+                    (ERROR, json.dumps([error]), task_uuid),
+                )
+        return len(rows)
+
+    def sweep(self) -> int:
+        with self._lock:
+            return self._db.execute("DELETE FROM tasks WHERE expires_at <= ?", (time.time(),)).rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,175 @@
+"""The WebSocket transport at `/v1`, as the official Runware SDKs speak it.
+
+Frames in: a JSON array of tasks. The first task must be `authentication`; its reply carries a
+`connectionSessionUUID`. `ping` is answered at once with its own pong frame. Every other task runs as
+its own asyncio task, so a slow generation never holds up pings or other tasks; its items are sent
+when ready, each exactly once. Results that finish while the client is away wait in the session's
+bounded buffer and are re-delivered when the client authenticates again with the same
+connectionSessionUUID within `ws_resume_window` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from .http import AUTH_ERROR_MESSAGE
+from .protocol import ErrorItem
+
+log = logging.getLogger("k5serve.ws")
+router = APIRouter()
+
+SEND_TIMEOUT = 30.0  # a client that takes longer to accept a frame is treated as gone
+
+
+class Session:
+    def __init__(self, session_uuid: str, max_frames: int):
+        self.uuid = session_uuid
+        self.ws: WebSocket | None = None
+        self.buffer: deque[tuple[float, str]] = deque(maxlen=max_frames)
+        self.detached_at: float | None = None
+        self.lock = asyncio.Lock()
+
+    async def send(self, payload: dict[str, Any]) -> None:
+        """Send now, or keep for a reconnect when the socket is gone or too slow."""
+        text = json.dumps(payload)
+        async with self.lock:
+            ws = self.ws
+            if ws is not None:
+                try:
+                    await asyncio.wait_for(ws.send_text(text), SEND_TIMEOUT)
+                    return
+                except Exception:  # noqa: BLE001 - closed, reset or stuck: all mean "not delivered"
+                    log.info("session %s: send failed, keeping the frame for a reconnect", self.uuid)
+                    self.detach(ws)
+            self.buffer.append((time.monotonic(), text))
+
+    def attach(self, ws: WebSocket) -> None:
+        self.ws, self.detached_at = ws, None
+
+    def detach(self, ws: WebSocket) -> None:
+        if self.ws is ws:
+            self.ws, self.detached_at = None, time.monotonic()
+
+    async def flush(self, window: float) -> None:
+        """Re-deliver what finished while the client was away (frames older than the window are dropped)."""
+        async with self.lock:
+            pending = [text for at, text in self.buffer if time.monotonic() - at <= window]
+            self.buffer.clear()
+        for text in pending:
+            await self.send(json.loads(text))
+
+
+class Sessions:
+    def __init__(self, window: float, max_frames: int):
+        self.window = window
+        self.max_frames = max_frames
+        self._by_uuid: dict[str, Session] = {}
+
+    def open(self, ws: WebSocket, resume: Any) -> tuple[Session, bool]:
+        session = self._by_uuid.get(resume) if isinstance(resume, str) else None
+        resumed = session is not None and (session.ws is None or session.ws is ws)
+        if not resumed:
+            session = Session(str(uuid.uuid4()), self.max_frames)
+            self._by_uuid[session.uuid] = session
+        session.attach(ws)
+        return session, resumed
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        for key, s in list(self._by_uuid.items()):
+            if s.ws is None and s.detached_at is not None and now - s.detached_at > self.window:
+                del self._by_uuid[key]
+
+    @property
+    def connected(self) -> int:
+        return sum(1 for s in self._by_uuid.values() if s.ws is not None)
+
+
+def _http_base(ws: WebSocket) -> str:
+    base = str(ws.base_url)
+    return "https" + base[3:] if base.startswith("wss") else "http" + base[2:] if base.startswith("ws") else base
+
+
+async def _send_direct(ws: WebSocket, payload: dict) -> None:
+    await ws.send_text(json.dumps(payload))
+
+
+@router.websocket("/v1")
+@router.websocket("/v1/")
+async def websocket_endpoint(ws: WebSocket) -> None:
+    state = ws.app.state
+    await ws.accept()
+    session: Session | None = None
+    running: set[asyncio.Task] = set()
+    base_url = _http_base(ws)
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            text = message.get("text")
+            if text is None and message.get("bytes") is not None:
+                text = message["bytes"].decode("utf-8", "replace")
+            try:
+                tasks = json.loads(text or "")
+            except json.JSONDecodeError as exc:
+                await _send_direct(ws, {"errors": [ErrorItem(code="invalidJSON", message=f"Frame is not valid JSON: {exc}.").wire()]})
+                continue
+            if isinstance(tasks, dict):
+                tasks = [tasks]
+            if not isinstance(tasks, list):
+                await _send_direct(ws, {"errors": [ErrorItem(code="invalidRequestBody", message="A frame must be a JSON array of task objects.", type="array").wire()]})
+                continue
+            for raw in tasks:
+                task_type = raw.get("taskType") if isinstance(raw, dict) else None
+                if task_type == "ping":
+                    await (session.send if session else lambda p: _send_direct(ws, p))(
+                        {"data": [{"taskType": "ping", "pong": True}]}
+                    )
+                elif task_type == "authentication":
+                    if not state.auth.check(raw.get("apiKey")):
+                        error = ErrorItem(code="invalidApiKey", message=AUTH_ERROR_MESSAGE, parameter="apiKey",
+                                          taskType="authentication")
+                        await _send_direct(ws, {"errors": [error.wire()]})
+                        continue
+                    if session is not None:
+                        session.detach(ws)
+                    session, resumed = state.sessions.open(ws, raw.get("connectionSessionUUID"))
+                    await session.send({"data": [{"taskType": "authentication", "connectionSessionUUID": session.uuid}]})
+                    if resumed:
+                        await session.flush(state.sessions.window)
+                elif session is None:
+                    error = ErrorItem(
+                        code="missingApiKey",
+                        message="Authenticate first: send an authentication task with your apiKey.",
+                        parameter="apiKey",
+                        taskType=task_type if isinstance(task_type, str) else None,
+                        taskUUID=raw.get("taskUUID") if isinstance(raw, dict) and isinstance(raw.get("taskUUID"), str) else None,
+                    )
+                    await _send_direct(ws, {"errors": [error.wire()]})
+                else:
+                    job = asyncio.create_task(_run(state.dispatcher, session, raw, base_url))
+                    running.add(job)
+                    job.add_done_callback(running.discard)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        if session is not None:
+            session.detach(ws)
+
+
+async def _run(dispatcher, session: Session, raw: Any, base_url: str) -> None:
+    """One task: results go to the session, which buffers them if the client is away."""
+    items, error = await dispatcher.run_one(raw, base_url=base_url)
+    if items:
+        await session.send({"data": items})
+    if error is not None:
+        await session.send({"errors": [error.item.wire()]})

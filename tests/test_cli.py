@@ -1,0 +1,94 @@
+"""The `k5serve` command line: offline generation, tiny weights, model resolution."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import MODEL, ROOT
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1")
+
+
+def k5serve(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args], cwd=cwd, env=env or ENV, capture_output=True, text=True,
+        timeout=600,
+    )
+
+
+def test_generate_from_flags(tmp_path, data_dir):
+    out = tmp_path / "out"
+    res = k5serve("generate", "--tiny", "--data-dir", str(data_dir), "--prompt", "a lighthouse at dusk",
+                  "--steps", "10", "--seed", "3", "--number-results", "2", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    result = json.loads((out / "results.json").read_text())
+    assert "errors" not in result
+    assert [i["seed"] for i in result["data"]] == [3, 4]
+    for item in result["data"]:
+        assert item["taskType"] == "imageInference" and item["imageURL"].startswith("file://")
+        assert Image.open(item["imagePath"]).size == (1024, 1024)
+    assert "steps" in res.stderr and "tasks" in res.stderr  # progress bars
+
+
+def test_generate_from_task_files_with_an_invalid_task(tmp_path, data_dir):
+    good = {"taskType": "imageInference", "taskUUID": str(uuid.uuid4()), "model": MODEL,
+            "positivePrompt": "a cat", "width": 640, "height": 1408, "steps": 10, "outputFormat": "WEBP"}
+    bad = dict(good, taskUUID=str(uuid.uuid4()), steps=5)
+    (tmp_path / "tasks.json").write_text(json.dumps([good, bad]))
+    (tmp_path / "more.jsonl").write_text(json.dumps({"positivePrompt": "a dog", "width": 1024, "height": 1024,
+                                                     "steps": 10, "seed": 9}) + "\n")
+    out = tmp_path / "out"
+    res = k5serve("generate", "--tiny", "--data-dir", str(data_dir), str(tmp_path / "tasks.json"),
+                  str(tmp_path / "more.jsonl"), "--out", str(out))
+    assert res.returncode == 1  # one task was invalid
+    result = json.loads((out / "results.json").read_text())
+    [err] = result["errors"]
+    assert err["code"] == "invalidSteps" and err["taskUUID"] == bad["taskUUID"]
+    first, second = result["data"]
+    assert first["taskUUID"] == good["taskUUID"] and first["imagePath"].endswith(".webp")
+    assert Image.open(first["imagePath"]).size == (640, 1408)
+    assert second["seed"] == 9
+
+
+def test_generate_is_deterministic(tmp_path, data_dir):
+    paths = []
+    for name in ("a", "b"):
+        res = k5serve("generate", "--tiny", "--data-dir", str(data_dir), "--prompt", "same prompt",
+                      "--steps", "10", "--seed", "11", "--out", str(tmp_path / name))
+        assert res.returncode == 0, res.stderr
+        paths.append(json.loads((tmp_path / name / "results.json").read_text())["data"][0]["imagePath"])
+    assert Path(paths[0]).read_bytes() == Path(paths[1]).read_bytes()
+
+
+def test_weights_tiny_builds_both_checkpoints(tmp_path):
+    res = k5serve("weights", "tiny", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    for kind in ("t2i", "i2i"):
+        assert json.loads((tmp_path / kind / "model_index.json").read_text())["transformer"]
+
+
+def test_serve_without_weights_fails_clearly(tmp_path):
+    env = dict(ENV, HF_HOME=str(tmp_path / "hf"))
+    res = k5serve("serve", "--data-dir", str(tmp_path), "--port", "1", env=env)
+    assert res.returncode != 0
+    assert "k5serve weights download" in res.stderr
+
+
+def test_generate_needs_input(tmp_path):
+    res = k5serve("generate", "--tiny", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert res.returncode != 0 and "--prompt" in res.stderr
+
+
+@pytest.mark.parametrize("model", ["/no/such/folder", "not-a-repo-id"])
+def test_bad_model_argument(tmp_path, model):
+    res = k5serve("generate", "--model", model, "--prompt", "hello there", "--data-dir", str(tmp_path),
+                  "--out", str(tmp_path / "o"))
+    assert res.returncode != 0 and "no such model folder" in res.stderr
