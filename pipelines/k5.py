@@ -1,8 +1,9 @@
-"""Kandinsky 5 text-to-image generation: the stock diffusers pipeline with a serving-grade denoising loop.
+"""Kandinsky 5 generation: the stock diffusers pipelines with a serving-grade denoising loop.
 
-`K5T2IPipeline` subclasses diffusers' `Kandinsky5T2IPipeline`, so it loads the very same checkpoints
-through the very same `from_pretrained` and reuses its prompt encoding, latent preparation and VAE
-decoding. Only the loop is ours, because the stock `__call__` cannot do what a server needs:
+`K5T2IPipeline` and `K5I2IPipeline` subclass diffusers' `Kandinsky5T2IPipeline` / `Kandinsky5I2IPipeline`,
+so they load the very same checkpoints through the very same `from_pretrained` and reuse their prompt
+encoding (Qwen2.5-VL + CLIP) and VAE. Only the loop is ours, because the stock `__call__` cannot do what
+a server needs:
 
 * a fresh scheduler per request (schedulers are stateful), chosen by Runware name;
 * the request's generators passed to `scheduler.step`, so stochastic samplers reproduce from a seed;
@@ -10,6 +11,8 @@ decoding. Only the loop is ours, because the stock `__call__` cannot do what a s
   asked for alone or inside a batch of `numberResults`;
 * the timestep fed in float32 (stock casts it to bf16 first, which quantises t by up to 2/1000);
 * latents kept in float32 between steps, cast to the transformer dtype only for the forward pass;
+* input images encoded with the VAE's mean (deterministic, the same for every image of a batch);
+* image-to-image on the T2I model (`init_image` + `strength`), which the stock pipeline lacks;
 * a per-step callback for progress and timing.
 """
 
@@ -18,70 +21,70 @@ from __future__ import annotations
 import time
 
 import torch
-from diffusers import Kandinsky5T2IPipeline
+from diffusers import Kandinsky5I2IPipeline, Kandinsky5T2IPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from .schedulers import make_scheduler, scheduler_step
 from .spec import GenerationOutput, GenerationSpec, ProgressCallback
 
 
-class K5T2IPipeline(Kandinsky5T2IPipeline):
-    @torch.no_grad()
-    def generate(self, spec: GenerationSpec, on_step: ProgressCallback | None = None) -> GenerationOutput:
+class _K5Loop:
+    """The denoising loop and helpers shared by the T2I and I2I pipelines (a mixin over the stock classes)."""
+
+    def _run(
+        self,
+        spec: GenerationSpec,
+        cond,
+        uncond,
+        on_step: ProgressCallback | None,
+        init_latents: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
+    ) -> GenerationOutput:
         started = time.perf_counter()
         device = self._execution_device
-        dtype = self.transformer.dtype
         n = spec.num_images
         generators = [torch.Generator("cpu").manual_seed(s) for s in spec.seeds]
-
-        cond = self.encode_prompt(spec.prompt, num_images_per_prompt=n, device=device, dtype=dtype)
-        uncond = None
-        if spec.guidance_scale > 1.0:
-            uncond = self.encode_prompt(spec.negative_prompt, num_images_per_prompt=n, device=device, dtype=dtype)
+        h, w = spec.height // self.vae_scale_factor_spatial, spec.width // self.vae_scale_factor_spatial
+        noise = randn_tensor((n, 1, h, w, 16), generator=generators, device=device, dtype=torch.float32)
 
         scheduler = make_scheduler(spec.scheduler)
         scheduler.set_timesteps(spec.steps, device=device)
-        latents = self.prepare_latents(
-            batch_size=n,
-            num_channels_latents=self.transformer.config.in_visual_dim,
-            height=spec.height,
-            width=spec.width,
-            dtype=torch.float32,
-            device=device,
-            generator=generators,
-        )
-        visual_rope_pos = [
-            torch.arange(1, device=device),
-            torch.arange(spec.height // self.vae_scale_factor_spatial // 2, device=device),
-            torch.arange(spec.width // self.vae_scale_factor_spatial // 2, device=device),
-        ]
+        timesteps = scheduler.timesteps
+        latents = noise
+        if init_latents is not None:
+            # Image-to-image: start `strength` of the way into the schedule from the noised image.
+            start = spec.steps - min(spec.steps, int(round(spec.steps * spec.strength)))
+            timesteps = timesteps[start:]
+            if start:
+                scheduler.set_begin_index(start)
+            sigma = float(scheduler.sigmas[start]) if len(timesteps) else 0.0
+            latents = (1.0 - sigma) * init_latents + sigma * noise
 
+        visual_rope_pos = [torch.arange(1, device=device), torch.arange(h // 2, device=device),
+                           torch.arange(w // 2, device=device)]
         step_seconds: list[float] = []
         if on_step is not None:
-            on_step(0, spec.steps)
-        for i, t in enumerate(scheduler.timesteps):
+            on_step(0, len(timesteps))
+        for i, t in enumerate(timesteps):
             step_start = time.perf_counter()
             timestep = t.to(torch.float32).expand(n)
-            velocity = self._velocity(latents, timestep, cond, visual_rope_pos)
+            model_in = latents if condition is None else torch.cat([latents, condition], dim=-1)
+            velocity = self._velocity(model_in, timestep, cond, visual_rope_pos)
             if uncond is not None:
-                uncond_velocity = self._velocity(latents, timestep, uncond, visual_rope_pos)
+                uncond_velocity = self._velocity(model_in, timestep, uncond, visual_rope_pos)
                 velocity = uncond_velocity + spec.guidance_scale * (velocity - uncond_velocity)
             latents = scheduler_step(scheduler, velocity.float(), t, latents, generators)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_seconds.append(time.perf_counter() - step_start)
             if on_step is not None:
-                on_step(i + 1, spec.steps)
+                on_step(i + 1, len(timesteps))
 
-        images = self._decode(latents, spec.height, spec.width)
+        images = self._decode(latents)
         self.maybe_free_model_hooks()
-        return GenerationOutput(
-            images=images,
-            seeds=spec.seeds,
-            width=spec.width,
-            height=spec.height,
-            seconds=time.perf_counter() - started,
-            step_seconds=step_seconds,
-        )
+        return GenerationOutput(images=images, seeds=spec.seeds, width=spec.width, height=spec.height,
+                                seconds=time.perf_counter() - started, step_seconds=step_seconds)
 
     def _velocity(self, latents, timestep, text, visual_rope_pos) -> torch.Tensor:
         """One transformer pass for one CFG branch; `text` is what `encode_prompt` returned."""
@@ -99,10 +102,48 @@ class K5T2IPipeline(Kandinsky5T2IPipeline):
             return_dict=True,
         ).sample  # (with return_dict=False this transformer returns the bare tensor, not a tuple)
 
-    def _decode(self, latents: torch.Tensor, height: int, width: int):
+    def _encode_image(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image already at the output size -> (1, 1, h, w, 16) scaled latents (the VAE mean)."""
+        device = self._execution_device
+        pixels = self.image_processor.preprocess(image, height=image.height, width=image.width)
+        latent = self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist.mode()
+        return (latent.float() * self.vae.config.scaling_factor).permute(0, 2, 3, 1).unsqueeze(1)
+
+    def _decode(self, latents: torch.Tensor):
         # (B, 1, h, w, C) channels-last latents -> (B, C, h, w) for the VAE.
-        channels = self.transformer.config.in_visual_dim
-        latents = latents[..., :channels].squeeze(1).permute(0, 3, 1, 2)
+        latents = latents.squeeze(1).permute(0, 3, 1, 2)
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        image = self.vae.decode(latents).sample
-        return self.image_processor.postprocess(image, output_type="pil")
+        return self.image_processor.postprocess(self.vae.decode(latents).sample, output_type="pil")
+
+
+class K5T2IPipeline(_K5Loop, Kandinsky5T2IPipeline):
+    @torch.no_grad()
+    def generate(self, spec: GenerationSpec, on_step: ProgressCallback | None = None) -> GenerationOutput:
+        device, dtype, n = self._execution_device, self.transformer.dtype, spec.num_images
+        cond = self.encode_prompt(spec.prompt, num_images_per_prompt=n, device=device, dtype=dtype)
+        uncond = None
+        if spec.guidance_scale > 1.0:
+            uncond = self.encode_prompt(spec.negative_prompt, num_images_per_prompt=n, device=device, dtype=dtype)
+        init = None
+        if spec.init_image is not None:
+            init = self._encode_image(spec.init_image).expand(n, -1, -1, -1, -1)
+        return self._run(spec, cond, uncond, on_step, init_latents=init)
+
+
+class K5I2IPipeline(_K5Loop, Kandinsky5I2IPipeline):
+    """Instruction editing: the reference image conditions both Qwen-VL and the transformer's input."""
+
+    @torch.no_grad()
+    def generate(self, spec: GenerationSpec, on_step: ProgressCallback | None = None) -> GenerationOutput:
+        assert spec.reference_image is not None, "the I2I pipeline needs a reference image"
+        device, dtype, n = self._execution_device, self.transformer.dtype, spec.num_images
+        image = [spec.reference_image]
+        cond = self.encode_prompt(spec.prompt, image=image, num_images_per_prompt=n, device=device, dtype=dtype)
+        uncond = None
+        if spec.guidance_scale > 1.0:
+            uncond = self.encode_prompt(spec.negative_prompt, image=image, num_images_per_prompt=n,
+                                        device=device, dtype=dtype)
+        image_latents = self._encode_image(spec.reference_image).expand(n, -1, -1, -1, -1)
+        # The transformer sees noise (16), the image latents (16) and a ones-mask (1): 33 channels.
+        condition = torch.cat([image_latents, torch.ones_like(image_latents[..., :1])], dim=-1)
+        return self._run(spec, cond, uncond, on_step, condition=condition)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .engine import EngineConfig, K5Engine
 from .k5 import K5T2IPipeline
 
 log = logging.getLogger("k5serve.loader")
@@ -61,3 +62,9 @@ def load_t2i(config: LoadConfig) -> tuple[K5T2IPipeline, dict]:
         info["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(device)
     log.info("loaded %s", info)
     return pipe, info
+
+
+def load_engine(config: LoadConfig, engine: EngineConfig = EngineConfig()) -> tuple[K5Engine, dict]:
+    """The T2I pipeline plus the (shared-encoder) I2I editing pipeline and LoRA support."""
+    pipe, info = load_t2i(config)
+    return K5Engine(pipe, engine), info

@@ -122,20 +122,6 @@ __all__ = [
     "scheduler_step",
 ]
 
-SCHEDULER_NAMES: tuple[str, ...] = (
-    "DPM++ 2M Karras",
-    "DPM++ SDE Karras",
-    "DPM++ 2M SDE Exponential",
-    "DPM++ 2M SDE Karras",
-    "Euler",
-    "Euler a",
-    "Euler Trailing",
-    "LCM",
-    "DDIM",
-    "DDPM",
-    "PNDM",
-    "UniPC",
-)
 
 # The pipeline's own default (FlowMatch Euler, shift 3), used when a request names no scheduler.
 DEFAULT_SCHEDULER = "Euler"
@@ -272,7 +258,8 @@ _RECIPES: dict[str, _Recipe] = {
     "PNDM": _Recipe(_DPM, dict(algorithm_type="dpmsolver++", solver_order=3), "trailing"),
     "UniPC": _Recipe(FlowUniPCMultistepScheduler, dict(solver_order=2, solver_type="bh2"), "trailing"),
 }
-assert tuple(_RECIPES) == SCHEDULER_NAMES
+# Runware's names in the order of the model page (server.protocol holds the contract; a test ties the two).
+SCHEDULER_NAMES: tuple[str, ...] = tuple(_RECIPES)
 
 
 def _recipe(name: str | None) -> _Recipe:

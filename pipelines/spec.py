@@ -24,6 +24,10 @@ class GenerationSpec:
     guidance_scale: float = 7.0
     scheduler: str | None = None  # a Runware scheduler name; None = the model's default (FlowMatch Euler)
     num_images: int = 1
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA model id, weight), applied together
+    init_image: Image.Image | None = None  # image-to-image on the T2I model, already at width x height
+    strength: float = 0.8  # how far into the schedule init_image is noised (1 = all the way)
+    reference_image: Image.Image | None = None  # instruction editing on the I2I model, at width x height
     task_id: str = ""  # for logs only
 
     @property
@@ -39,6 +43,15 @@ class GenerationOutput:
     height: int
     seconds: float  # wall time the accelerator was busy with this job (queue wait excluded)
     step_seconds: list[float] = field(default_factory=list)
+
+
+class InvalidInput(Exception):
+    """A request the worker cannot serve as asked (e.g. an unknown LoRA); fails its task with `code`."""
+
+    def __init__(self, message: str, *, code: str, parameter: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.parameter = parameter
 
 
 # Called from the worker as steps finish: (step_done, total_steps).

@@ -16,7 +16,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from .spec import GenerationSpec, ProgressCallback
+from .engine import K5Engine
+from .spec import GenerationSpec, InvalidInput, ProgressCallback
 
 log = logging.getLogger("k5serve.worker")
 
@@ -35,7 +36,7 @@ class Worker(ABC):
 
     @abstractmethod
     def submit(self, spec: GenerationSpec, on_progress: ProgressCallback | None = None) -> Future:
-        """Queue a job; raises QueueFull when no more can be taken."""
+        """Queue a job; raises InvalidInput for a request it cannot serve, QueueFull when it is full."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -63,16 +64,17 @@ _STOP = object()
 
 
 class LocalWorker(Worker):
-    """One pipeline, one thread, a bounded FIFO queue."""
+    """One engine (pipelines on one device), one thread, a bounded FIFO queue."""
 
     def __init__(
         self,
-        pipeline: Any,
+        engine: K5Engine,
         *,
         max_queue: int = 64,
         info: dict[str, Any] | None = None,
     ):
-        self._pipeline = pipeline
+        self._engine = engine
+        self.features = engine.features
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._info = info or {}
         self._busy = 0
@@ -80,6 +82,7 @@ class LocalWorker(Worker):
         self._thread.start()
 
     def submit(self, spec: GenerationSpec, on_progress: ProgressCallback | None = None) -> Future:
+        self._engine.check(spec)  # raises InvalidInput before the job takes a queue slot
         future: Future = Future()
         try:
             self._queue.put_nowait(_Job(spec, on_progress, future))
@@ -96,7 +99,7 @@ class LocalWorker(Worker):
         return self._thread.is_alive()
 
     def describe(self) -> dict[str, Any]:
-        return dict(self._info)
+        return {**self._info, **self._engine.describe()}
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Finish the queued jobs, then stop the thread."""
@@ -112,7 +115,9 @@ class LocalWorker(Worker):
                 continue
             self._busy = 1
             try:
-                output = self._pipeline.generate(job.spec, on_step=job.on_progress)
+                output = self._engine.generate(job.spec, on_step=job.on_progress)
+            except InvalidInput as exc:
+                job.future.set_exception(exc)
             except Exception as exc:  # noqa: BLE001 - any failure fails this job only
                 log.exception("generation failed for task %s", job.spec.task_id)
                 _release_accelerator_memory()

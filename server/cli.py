@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--price-per-gpu-hour", type=float, default=2.0, help="USD, for includeCost")
     serve.add_argument("--allow-private-urls", action="store_true",
                        help="let webhooks, uploads and image URLs reach loopback/private/link-local addresses")
+    serve.add_argument("--max-image-bytes", type=int, default=32 * 1024 * 1024,
+                       help="largest accepted input image (bytes, checked before decoding)")
+    serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                       help="largest accepted input image (pixels, read from the header before decoding)")
     serve.add_argument("--poll-wait", type=float, default=10.0,
                        help="seconds a getResponse waits for an unfinished task before answering")
     serve.add_argument("--shutdown-timeout", type=float, default=60.0,
@@ -91,10 +95,40 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("K5SERVE_DATA_DIR", ".k5serve")))
+    p.add_argument("--i2i-model", help="editing model: repo id (in the cache) or folder; default: the I2I Lite "
+                   "repo when it is downloaded; 'none' to disable")
+    p.add_argument("--i2i-load", choices=["lazy", "eager"], default="lazy",
+                   help="load the editing transformer on the first editing request (lazy) or at start-up")
+    p.add_argument("--lora-dir", type=Path, help="folder of LoRA files: lora[].model X loads X.safetensors")
+    p.add_argument("--max-loras", type=int, default=8, help="LoRA adapters kept loaded (LRU)")
 
 
-def _resolve_model(args: argparse.Namespace, fallback: bool) -> tuple[Path, str, bool]:
-    """-> (checkpoint folder, device, tiny?)."""
+def _resolve_model(args: argparse.Namespace, fallback: bool) -> tuple[Path, Path | None, str, bool]:
+    """-> (T2I checkpoint folder, I2I folder or None, device, tiny?)."""
+    path, device, tiny = _resolve_t2i(args, fallback)
+    if tiny:
+        from weights.tiny import ensure_tiny
+
+        i2i = None if args.i2i_model == "none" else ensure_tiny(args.data_dir / "tiny", "i2i")
+        return path, i2i, device, tiny
+    return path, _resolve_i2i(args), device, tiny
+
+
+def _resolve_i2i(args: argparse.Namespace) -> Path | None:
+    from weights.hub import I2I_REPO, WeightsNotFound, resolve
+
+    if args.i2i_model == "none":
+        return None
+    try:
+        return resolve(args.i2i_model or I2I_REPO)
+    except WeightsNotFound as exc:
+        if args.i2i_model:
+            raise SystemExit(f"error: {exc}") from None
+        log.warning("no editing model (%s); reference-image requests will be refused", exc)
+        return None
+
+
+def _resolve_t2i(args: argparse.Namespace, fallback: bool) -> tuple[Path, str, bool]:
     import torch
 
     from weights.hub import WeightsNotFound, resolve
@@ -120,13 +154,12 @@ def _resolve_model(args: argparse.Namespace, fallback: bool) -> tuple[Path, str,
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from pipelines.loader import LoadConfig, load_t2i
     from pipelines.worker import LocalWorker
 
     from .app import create_app
     from .config import ServerConfig
 
-    path, device, tiny = _resolve_model(args, fallback=args.fallback_tiny)
+    path, i2i, device, tiny = _resolve_model(args, fallback=args.fallback_tiny)
     keys = tuple(args.api_key) + tuple(k for k in os.environ.get("K5SERVE_API_KEYS", "").split(",") if k)
     if not keys and not _is_loopback(args.host):
         log.warning("no --api-key given and bound to %s: anyone who can reach this port can use the GPU", args.host)
@@ -138,13 +171,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         image_ttl=args.image_ttl,
         price_per_gpu_hour=args.price_per_gpu_hour,
         allow_private_urls=args.allow_private_urls,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
         poll_wait=args.poll_wait,
         shutdown_timeout=args.shutdown_timeout,
     )
 
     def load_worker() -> LocalWorker:
-        pipe, info = load_t2i(LoadConfig(path, device, args.dtype))
-        return LocalWorker(pipe, max_queue=args.max_queue, info=info | {"tiny_weights": tiny})
+        engine, info = _load_engine(args, path, i2i, device)
+        return LocalWorker(engine, max_queue=args.max_queue, info=info | {"tiny_weights": tiny})
 
     uvicorn.run(
         create_app(config, load_worker),
@@ -155,6 +190,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(config.shutdown_timeout) + 5,
     )
     return 0
+
+
+def _load_engine(args: argparse.Namespace, path: Path, i2i: Path | None, device: str):
+    from pipelines.engine import EngineConfig
+    from pipelines.loader import LoadConfig, load_engine
+
+    engine = EngineConfig(i2i_path=i2i, i2i_load=args.i2i_load, lora_dir=args.lora_dir, max_loras=args.max_loras)
+    return load_engine(LoadConfig(path, device, args.dtype), engine)
 
 
 def _is_loopback(host: str) -> bool:
@@ -203,8 +246,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Offline generation: the same validation and pipeline code as the server, no HTTP."""
     from tqdm import tqdm
 
-    from pipelines.loader import LoadConfig, load_t2i
-
     from .config import ServerConfig
     from .dispatcher import result_item, to_spec
     from .encoding import encode
@@ -226,13 +267,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     data: list[dict] = []
     if parsed:
-        path, device, _ = _resolve_model(args, fallback=False)
-        pipe, info = load_t2i(LoadConfig(path, device, args.dtype))
+        path, i2i, device, _ = _resolve_model(args, fallback=False)
+        engine, _ = _load_engine(args, path, i2i, device)
         args.out.mkdir(parents=True, exist_ok=True)
         for task in tqdm(parsed, desc="tasks", unit="task"):
             spec = to_spec(task)
             with tqdm(total=spec.steps, desc=f"steps {task.taskUUID[:8]}", unit="step", leave=False) as bar:
-                output = pipe.generate(spec, on_step=lambda done, total: bar.update(1))
+                output = engine.generate(spec, on_step=lambda done, total: bar.update(done - bar.n))
             for image, seed in zip(output.images, output.seeds):
                 blob, ext, mime = encode(image, task.outputFormat, task.outputQuality)
                 image_uuid = str(uuid.uuid4())

@@ -19,14 +19,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.spec import GenerationOutput, GenerationSpec
+from pipelines.spec import GenerationOutput, GenerationSpec, InvalidInput
 from pipelines.worker import GenerationError, QueueFull, Worker
 
 from .config import ServerConfig
 from .encoding import encode
-from .images import ImageInputError, Limits, decode, load_image_bytes
+from .images import ImageInputError, Limits, decode, load_image_bytes, prepare
 from .outbound import OutboundURLError, Outbox, check_url
-from .protocol import MAX_RANDOM_SEED, MODEL_ID, ErrorItem, ImageInferenceTask, TaskError, task_error
+from .protocol import ALLOWED_SIZES, MAX_RANDOM_SEED, MODEL_ID, ErrorItem, ImageInferenceTask, TaskError, task_error
 from .store import ImageStore
 from .tasks import ERROR, RUNNING, SUCCESS, TaskRecord, TaskStore
 from .validation import check_task_uuid, parse_image_inference
@@ -184,6 +184,7 @@ class Dispatcher:
                     raise fail(f"invalid{parameter[0].upper()}{parameter[1:]}", str(exc), 400,
                                parameter=parameter) from None
 
+        images = await self._image_inputs(task)
         now = time.time()
         record = TaskRecord(task.taskUUID, task.taskType, expected_items=task.numberResults,
                             created_at=now, expires_at=now + RUNNING_FOREVER)
@@ -194,7 +195,7 @@ class Dispatcher:
                 409,
                 parameter="taskUUID",
             )
-        spec = to_spec(task)
+        spec = to_spec(task, **images)
         loop = asyncio.get_running_loop()
 
         def on_progress(step: int, total: int) -> None:  # called from the worker thread
@@ -204,6 +205,9 @@ class Dispatcher:
 
         try:
             future = worker.submit(spec, on_progress)
+        except InvalidInput as exc:
+            self.tasks.delete(task.taskUUID)
+            raise fail(exc.code, str(exc), 400, parameter=exc.parameter) from None
         except QueueFull as exc:
             self.tasks.delete(task.taskUUID)  # never ran: the client may retry with the same taskUUID
             raise fail("rateLimitExceeded", f"The server is busy ({exc}); retry after "
@@ -215,6 +219,38 @@ class Dispatcher:
             return [{"taskType": task.taskType, "taskUUID": task.taskUUID}]
         return await asyncio.shield(job)
 
+    async def _image_inputs(self, task: ImageInferenceTask) -> dict[str, Any]:
+        """Fetch, check and size the request's input image: an editing reference or an img2img seed."""
+        inputs = task.inputs
+        edit = [(f"inputs.referenceImages[{i}]", ref) for i, ref in enumerate(inputs.referenceImages or [])] if inputs else []
+        edit += [("inputs.image", inputs.image)] if inputs and inputs.image else []
+        edit += [(f"referenceImages[{i}]", ref) for i, ref in enumerate(task.referenceImages or [])]
+        seed = [(p, v) for p, v in (("inputs.seedImage", inputs and inputs.seedImage), ("seedImage", task.seedImage)) if v]
+        mask = "maskImage" if task.maskImage else "inputs.mask" if inputs and inputs.mask else None
+
+        def fail(code: str, message: str, parameter: str) -> TaskError:
+            return task_error(code, message, parameter=parameter, task_type=task.taskType, task_uuid=task.taskUUID)
+
+        if mask:
+            raise fail("unsupportedMaskImage", "Inpainting (a mask image) is not supported by this model.", mask)
+        if len(edit) > 1:
+            raise fail("invalidReferenceImages", "This model edits one reference image per task.", edit[1][0])
+        if len(seed) > 1 or (edit and seed):
+            raise fail("conflictImageInputs", "Give one input image: a reference image (editing) or a seedImage "
+                       "(image-to-image), not both.", (seed[1] if len(seed) > 1 else seed[0])[0])
+        if not edit and not seed:
+            return {}
+        parameter, ref = (edit or seed)[0]
+        name = parameter.split("[")[0].split(".")[-1]
+        code = {"seedImage": "invalidSeedImage", "referenceImages": "invalidReferenceImages"}.get(name, "invalidImage")
+        size = (task.width, task.height) if task.width is not None and task.height is not None else None
+        try:
+            data = await load_image_bytes(ref, self.images, self._limits)
+            image = await asyncio.to_thread(prepare, data, self._limits, size, ALLOWED_SIZES)
+        except ImageInputError as exc:
+            raise fail(code, f"Invalid value for {parameter} parameter: {exc}.", parameter) from None
+        return {"reference_image" if edit else "init_image": image}
+
     def _job_done(self, job: asyncio.Task) -> None:
         self._jobs.discard(job)
         if not job.cancelled():
@@ -225,6 +261,9 @@ class Dispatcher:
         try:
             try:
                 output = await asyncio.wrap_future(future)
+            except InvalidInput as exc:
+                raise task_error(exc.code, str(exc), parameter=exc.parameter, task_type=task.taskType,
+                                 task_uuid=task.taskUUID) from None
             except GenerationError as exc:
                 raise task_error("inferenceError", f"Image generation failed: {exc}", task_type=task.taskType,
                                  task_uuid=task.taskUUID, http_status=500) from None
@@ -275,7 +314,10 @@ class Dispatcher:
             data, ext, mime = encode(image, task.outputFormat, task.outputQuality)
             stored = self.images.put(data, ext, ttl)
             url = f"{url_base}/image/{stored.name}"
-            items.append(result_item(task, stored.image_uuid, data, mime, url, seed, cost))
+            item = result_item(task, stored.image_uuid, data, mime, url, seed, cost)
+            if task.width is None:  # the size came from the input image: say what was produced
+                item.update(width=output.width, height=output.height)
+            items.append(item)
             files.append((data, mime))
         return items, files
 
@@ -345,19 +387,25 @@ def result_item(
     return item
 
 
-def to_spec(task: ImageInferenceTask) -> GenerationSpec:
-    """The validated request, as the worker's input. A missing seed is drawn here and reported back."""
-    assert task.width is not None and task.height is not None
+def to_spec(task: ImageInferenceTask, *, init_image=None, reference_image=None) -> GenerationSpec:
+    """The validated request, as the worker's input. A missing seed is drawn here and reported back;
+    without width/height the (already sized) input image decides the size."""
     seed = task.seed if task.seed is not None else secrets.randbelow(MAX_RANDOM_SEED + 1)
+    sized = init_image or reference_image
+    width, height = (task.width, task.height) if sized is None else sized.size
     return GenerationSpec(
         prompt=task.positivePrompt,
         negative_prompt=task.negativePrompt or "",
-        width=task.width,
-        height=task.height,
+        width=width,
+        height=height,
         seed=seed,
         steps=task.steps,
         guidance_scale=task.CFGScale,
         scheduler=task.scheduler,
         num_images=task.numberResults,
+        loras=tuple((lora.model, lora.weight) for lora in task.lora),
+        init_image=init_image,
+        strength=task.strength,
+        reference_image=reference_image,
         task_id=task.taskUUID,
     )

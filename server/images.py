@@ -6,6 +6,7 @@ count read from the header (so a small file that would expand into a huge bitmap
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -14,7 +15,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .outbound import DownloadError, OutboundURLError, fetch_bytes
 from .store import ImageStore
@@ -49,7 +50,7 @@ async def load_image_bytes(ref: str, store: ImageStore, limits: Limits) -> bytes
         path = store.find(ref)
         if path is None:
             raise ImageInputError(f"no stored image with imageUUID {ref} (unknown or expired)")
-        return path.read_bytes()
+        return await asyncio.to_thread(path.read_bytes)
     if ref.startswith(("http://", "https://")):
         try:
             data, _ = await fetch_bytes(ref, allow_private=limits.allow_private_urls, max_bytes=limits.max_bytes)
@@ -67,8 +68,8 @@ async def load_image_bytes(ref: str, store: ImageStore, limits: Limits) -> bytes
         raise ImageInputError(f"{what} is not valid base64; expected a data URI, base64, a URL or an imageUUID") from None
 
 
-def decode(data: bytes, limits: Limits) -> DecodedImage:
-    """Check format and pixel count from the header, then decode fully (CPU work: run in a thread)."""
+def _open_checked(data: bytes, limits: Limits) -> Image.Image:
+    """Check size, format and pixel count (from the header), then decode fully."""
     if len(data) > limits.max_bytes:
         raise ImageInputError(f"image is larger than {limits.max_bytes} bytes")
     try:
@@ -85,12 +86,18 @@ def decode(data: bytes, limits: Limits) -> DecodedImage:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Warning) as exc:
         raise ImageInputError(f"not a readable image ({type(exc).__name__})") from None
+    return image
+
+
+def decode(data: bytes, limits: Limits) -> DecodedImage:
+    """An upload as it will be stored (CPU work: run in a thread)."""
+    image = _open_checked(data, limits)
     ext = ACCEPTED_FORMATS[image.format]
     if image.format in ("BMP", "GIF"):
         buf = io.BytesIO()
         image.convert("RGBA" if "A" in image.getbands() else "RGB").save(buf, format="PNG")
         data = buf.getvalue()
-    return DecodedImage(data, ext, width, height)
+    return DecodedImage(data, ext, image.width, image.height)
 
 
 def _is_uuid(value: str) -> bool:
@@ -100,3 +107,18 @@ def _is_uuid(value: str) -> bool:
         return str(uuid.UUID(value)) == value.lower()
     except ValueError:
         return False
+
+
+def nearest_size(width: int, height: int, sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The allowed (width, height) whose aspect ratio is closest to the input's (as the pipelines snap)."""
+    return min(sizes, key=lambda s: abs(s[0] / s[1] - width / height))
+
+
+def prepare(data: bytes, limits: Limits, size: tuple[int, int] | None,
+            sizes: tuple[tuple[int, int], ...]) -> Image.Image:
+    """Decode an input image for the model: EXIF orientation applied, RGB, centre-cropped to the target
+    aspect ratio and resized to the target size (the request's, else the allowed size nearest in aspect).
+    Centre-crop rather than stretch, as the official Kandinsky code does. CPU work: run in a thread."""
+    image = ImageOps.exif_transpose(_open_checked(data, limits)).convert("RGB")
+    width, height = size or nearest_size(image.width, image.height, sizes)
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))

@@ -74,9 +74,10 @@ class Sessions:
         self._by_uuid: dict[str, Session] = {}
 
     def open(self, ws: WebSocket, resume: Any) -> tuple[Session, bool]:
+        """A new session, or the known one named by `resume` (taken over from any older socket)."""
         session = self._by_uuid.get(resume) if isinstance(resume, str) else None
-        resumed = session is not None and (session.ws is None or session.ws is ws)
-        if not resumed:
+        resumed = session is not None
+        if session is None:
             session = Session(str(uuid.uuid4()), self.max_frames)
             self._by_uuid[session.uuid] = session
         session.attach(ws)
@@ -131,9 +132,8 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             for raw in tasks:
                 task_type = raw.get("taskType") if isinstance(raw, dict) else None
                 if task_type == "ping":
-                    await (session.send if session else lambda p: _send_direct(ws, p))(
-                        {"data": [{"taskType": "ping", "pong": True}]}
-                    )
+                    pong = {"data": [{"taskType": "ping", "pong": True}]}
+                    await (session.send(pong) if session else _send_direct(ws, pong))
                 elif task_type == "authentication":
                     if not state.auth.check(raw.get("apiKey")):
                         error = ErrorItem(code="invalidApiKey", message=AUTH_ERROR_MESSAGE, parameter="apiKey",

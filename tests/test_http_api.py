@@ -258,8 +258,6 @@ def test_range_errors_report_bounds_and_allowed_values(server):
         ({"acceleratorOptions": {"teaCache": True}}, "unsupportedAcceleratorOptions"),
         ({"safety": {"checkContent": True}}, "unsupportedSafety"),
         ({"checkNSFW": True}, "unsupportedSafety"),
-        ({"seedImage": "data:image/png;base64,AAAA"}, "unsupportedSeedImage"),
-        ({"inputs": {"referenceImages": ["https://example.com/a.png"]}}, "unsupportedInputs"),
     ],
 )
 def test_features_not_served_yet_are_refused_not_ignored(server, change, code):

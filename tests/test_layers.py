@@ -46,13 +46,14 @@ def test_contract_scheduler_names_are_all_mapped():
 
 
 def test_failed_generation_fails_its_job_only(data_dir):
+    from pipelines.engine import K5Engine
     from pipelines.loader import LoadConfig, load_t2i
     from pipelines.spec import GenerationSpec
     from pipelines.worker import GenerationError, LocalWorker
     from weights.tiny import ensure_tiny
 
     pipe, info = load_t2i(LoadConfig(ensure_tiny(data_dir / "tiny"), "cpu"))
-    worker = LocalWorker(pipe, max_queue=4, info=info)
+    worker = LocalWorker(K5Engine(pipe), max_queue=4, info=info)
     try:
         # The worker trusts its input; a size the model cannot patchify fails inside the real pipeline.
         broken = worker.submit(GenerationSpec("a cat", "", width=1000, height=1000, seed=1, steps=10))

@@ -42,3 +42,27 @@ def download(repo_id: str, cache_dir: str | Path | None = None) -> Path:
         return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
     except LocalEntryNotFoundError:
         return Path(snapshot_download(repo_id, cache_dir=cache_dir))
+
+
+def same_component(a: Path, b: Path) -> bool:
+    """Whether two checkpoint component folders (e.g. `text_encoder`) hold the same weights.
+
+    In the Hugging Face cache every file is a link to a blob named by its content hash, so comparing
+    link targets is exact and free; for plain folders, compare file names, sizes and the small files'
+    bytes (a full hash of 16 GB would cost minutes at every start)."""
+    if not a.is_dir() or not b.is_dir():
+        return False
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    if files_a != files_b:
+        return False
+    for rel in files_a:
+        fa, fb = a / rel, b / rel
+        if fa.is_symlink() and fb.is_symlink():
+            if Path(fa.readlink()).name != Path(fb.readlink()).name:
+                return False
+        elif fa.stat().st_size != fb.stat().st_size:
+            return False
+        elif fa.stat().st_size < 1 << 20 and fa.read_bytes() != fb.read_bytes():
+            return False
+    return True
