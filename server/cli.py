@@ -256,11 +256,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not tasks:
         raise SystemExit("error: give a tasks file or --prompt")
     parsed, errors = [], []
+    features = frozenset({"lora"} if args.lora_dir else set())  # image inputs need the server's image store
     for raw in tasks:
         try:
             if not isinstance(raw, dict):
                 raise SystemExit("error: every task must be a JSON object")
-            parsed.append(parse_image_inference(raw))
+            parsed.append(parse_image_inference(raw, features=features))
         except TaskError as err:
             errors.append(err.item.wire())
             log.error("invalid task: %s", err.item.message)
