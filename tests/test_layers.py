@@ -68,3 +68,17 @@ def test_failed_generation_fails_its_job_only(data_dir):
     finally:
         worker.close()
     assert not worker.alive
+
+
+def test_editing_pipeline_shares_encoders_and_vae_with_t2i(data_dir):
+    from pipelines.engine import EngineConfig, K5Engine
+    from pipelines.loader import LoadConfig, load_t2i
+    from weights.tiny import ensure_tiny
+
+    pipe, _ = load_t2i(LoadConfig(ensure_tiny(data_dir / "tiny", "t2i"), "cpu"))
+    engine = K5Engine(pipe, EngineConfig(i2i_path=ensure_tiny(data_dir / "tiny", "i2i"), i2i_load="eager"))
+    i2i = engine.i2i()
+    for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"):
+        assert getattr(i2i, name) is getattr(pipe, name), name
+    assert i2i.transformer is not pipe.transformer and i2i.transformer.config.visual_cond
+    assert engine.describe()["i2i_loaded"] is True
