@@ -10,7 +10,6 @@ weights. Not a test: numbers depend on the machine.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -23,8 +22,9 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import common  # noqa: E402  (puts the project root on sys.path)
+
+ROOT = common.ROOT
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import free_port  # noqa: E402
@@ -43,15 +43,8 @@ def timed(fn, runs: int) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--model", help="local diffusers folder or cached repo id")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--size", default="1024x1024")
-    args = ap.parse_args()
-    width, height = map(int, args.size.split("x"))
+    args = common.parser(__doc__).parse_args()
+    width, height = common.size(args)
 
     import torch
     from diffusers import Kandinsky5T2IPipeline
@@ -80,7 +73,7 @@ def main() -> None:
 
     rows.append(("stock diffusers `__call__`, 1 image", timed(run_stock, args.runs), 1))
     rows.append(("stock diffusers `__call__`, 4 images", timed(lambda: run_stock(4), args.runs), 4))
-    del stock
+    stock = None  # release this copy before the next one loads
 
     # 2. our pipeline, called directly
     pipe, _ = load_t2i(LoadConfig(path, str(device), "auto"))
@@ -90,7 +83,7 @@ def main() -> None:
                                      steps=args.steps, guidance_scale=cfg, num_images=n))
 
     rows.append(("k5serve pipeline `generate`, 1 image", timed(run_direct, args.runs), 1))
-    del pipe
+    pipe = None  # release this copy before the server loads its own
 
     # 3. the server, over HTTP on loopback (separate process, same weights)
     port = free_port()

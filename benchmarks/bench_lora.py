@@ -21,18 +21,15 @@ for the loaded model (for the real model, about 107 MB each in bf16: a realistic
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import common  # noqa: E402  (puts the project root on sys.path)
 
 VISUAL = re.compile(r"visual_transformer_blocks\.\d+\.(?:(?:self|cross)_attention\.(?:to_query|to_key|to_value|"
                     r"out_layer)|feed_forward\.(?:in_layer|out_layer))$")
@@ -62,18 +59,12 @@ def place(src: Path, dst: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="generated tiny weights (the default without --model)")
-    ap.add_argument("--model", help="local diffusers folder or cached repo id")
+    ap = common.parser(__doc__)
     ap.add_argument("--lora", action="append", type=Path, default=[],
                     help="a LoRA .safetensors file (give twice for two different ones)")
     ap.add_argument("--rank", type=int, default=16, help="rank of the synthetic LoRAs (without --lora)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--size", default="1024x1024")
     args = ap.parse_args()
-    width, height = map(int, args.size.split("x"))
+    width, height = common.size(args)
     tiny = args.tiny or not args.model
 
     import torch

@@ -11,12 +11,15 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from weights.hub import same_component
 
 from .k5 import K5I2IPipeline, K5T2IPipeline
 from .spec import GenerationOutput, GenerationSpec, InvalidInput, ProgressCallback
+
+if TYPE_CHECKING:
+    from .lora import LoraManager
 
 log = logging.getLogger("k5serve.engine")
 

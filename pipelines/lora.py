@@ -269,7 +269,7 @@ def to_diffusers_state_dict(
         if "A" not in slot or "B" not in slot:
             unmatched += [k for k, _ in slot.values()]
             continue
-        (ka, a), (kb, b) = slot["A"], slot["B"]
+        (_, a), (_, b) = slot["A"], slot["B"]
         if a.ndim == 4 and a.shape[2:] == (1, 1) and b.ndim == 4 and b.shape[2:] == (1, 1):
             a, b = a.flatten(1), b.flatten(1)  # 1x1 "conv" LoRA of a Linear
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:

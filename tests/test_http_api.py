@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import API_KEY, MODEL, task
+from conftest import API_KEY, task
 from server.protocol import SCHEDULER_NAMES
 
 

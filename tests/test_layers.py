@@ -82,3 +82,12 @@ def test_editing_pipeline_shares_encoders_and_vae_with_t2i(data_dir):
         assert getattr(i2i, name) is getattr(pipe, name), name
     assert i2i.transformer is not pipe.transformer and i2i.transformer.config.visual_cond
     assert engine.describe()["i2i_loaded"] is True
+
+
+def test_pyflakes_clean():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "server", "pipelines", "accel", "weights",
+                          "benchmarks", "tests"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
