@@ -159,6 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .config import ServerConfig
 
+    _lock_data_dir(args.data_dir)
     path, i2i, device, tiny = _resolve_model(args, fallback=args.fallback_tiny)
     keys = tuple(args.api_key) + tuple(k for k in os.environ.get("K5SERVE_API_KEYS", "").split(",") if k)
     if not keys and not _is_loopback(args.host):
@@ -190,6 +191,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(config.shutdown_timeout) + 5,
     )
     return 0
+
+
+_held_locks: list = []  # open lock files, held for the life of the process
+
+
+def _lock_data_dir(data_dir: Path) -> None:
+    """One server per data directory: two would each mark the other's running tasks as lost at start-up."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"error: another k5serve process is serving from {data_dir}; give each its own --data-dir")
+    _held_locks.append(handle)
 
 
 def _load_engine(args: argparse.Namespace, path: Path, i2i: Path | None, device: str):

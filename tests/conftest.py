@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def free_port() -> int:
 
 class RunningServer:
     def __init__(self, data_dir: Path, *extra: str):
+        self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / f"server-{self.port}.log"
@@ -70,16 +72,27 @@ class RunningServer:
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
+    """The session's tiny weights live here (built once); `generate` runs use it as their data dir."""
     return tmp_path_factory.mktemp("k5serve-data")
 
 
+def own_data_dir(tmp_path_factory, data_dir: Path, name: str = "server") -> Path:
+    """A data dir of its own for one server (one server per data dir), with the tiny weights copied in."""
+    from weights.tiny import ensure_tiny
+
+    own = tmp_path_factory.mktemp(name)
+    for kind in ("t2i", "i2i"):
+        shutil.copytree(ensure_tiny(data_dir / "tiny", kind), own / "tiny" / kind)
+    return own
+
+
 @pytest.fixture(scope="session")
-def start_server(data_dir):
+def start_server(data_dir, tmp_path_factory):
     """Factory: start a server with extra CLI options; all are stopped at the end of the session."""
     started: list[RunningServer] = []
 
     def start(*extra: str) -> RunningServer:
-        server = RunningServer(data_dir, *extra)
+        server = RunningServer(own_data_dir(tmp_path_factory, data_dir), *extra)
         started.append(server)
         return server
 

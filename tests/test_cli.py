@@ -92,3 +92,8 @@ def test_bad_model_argument(tmp_path, model):
     res = k5serve("generate", "--model", model, "--prompt", "hello there", "--data-dir", str(tmp_path),
                   "--out", str(tmp_path / "o"))
     assert res.returncode != 0 and "no such model folder" in res.stderr
+
+
+def test_one_server_per_data_dir(server):
+    res = k5serve("serve", "--tiny", "--data-dir", str(server.data_dir), "--port", "1")
+    assert res.returncode != 0 and "another k5serve process" in res.stderr

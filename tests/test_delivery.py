@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import threading
 import time
@@ -13,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from conftest import RunningServer, free_port, task
+from conftest import RunningServer, free_port, own_data_dir, task
 
 
 class Receiver:
@@ -107,15 +106,6 @@ def test_async_over_http_and_get_response(private_server):
     assert [i["status"] for i in items] == ["success", "success"]  # poll-wait 10 s covers the generation
     resp = private_server.post([{"taskType": "getResponse", "taskUUID": str(uuid.uuid4())}])
     assert resp.status_code == 404 and resp.json()["errors"][0]["code"] == "taskFailedOrNotFound"
-
-
-def own_data_dir(tmp_path_factory, data_dir, name):
-    """A data dir of its own (a fresh task store), with the session's tiny weights copied in."""
-    from weights.tiny import ensure_tiny
-
-    own = tmp_path_factory.mktemp(name)
-    shutil.copytree(ensure_tiny(data_dir / "tiny", "t2i"), own / "tiny" / "t2i")
-    return own
 
 
 def test_results_survive_a_restart_and_a_killed_task_is_an_error_after_restart(tmp_path_factory, data_dir):

@@ -164,7 +164,7 @@ def test_request_ttl_sets_expiry(server):
     assert 50 <= int(got.headers["cache-control"].split("max-age=")[1]) <= 60
 
 
-def test_operator_ttl_expires_images(start_server, data_dir):
+def test_operator_ttl_expires_images(start_server):
     srv = start_server("--image-ttl", "2")
     item = only_item(srv.post([task()]))
     assert httpx.get(item["imageURL"]).status_code == 200
@@ -172,7 +172,7 @@ def test_operator_ttl_expires_images(start_server, data_dir):
 
     time.sleep(3)
     assert httpx.get(item["imageURL"]).status_code == 404
-    assert not (data_dir / "images" / item["imageURL"].rsplit("/", 1)[1]).exists()
+    assert not (srv.data_dir / "images" / item["imageURL"].rsplit("/", 1)[1]).exists()
 
 
 @pytest.mark.parametrize("name", ["..%2F..%2Fetc%2Fpasswd", "nope.png", f"{uuid.uuid4()}.exe", f"{uuid.uuid4()}.png"])
