@@ -184,7 +184,7 @@ class Dispatcher:
                     raise fail(f"invalid{parameter[0].upper()}{parameter[1:]}", str(exc), 400,
                                parameter=parameter) from None
 
-        images = await self._image_inputs(task)
+        inputs = await self._image_inputs(task)
         now = time.time()
         record = TaskRecord(task.taskUUID, task.taskType, expected_items=task.numberResults,
                             created_at=now, expires_at=now + RUNNING_FOREVER)
@@ -195,7 +195,7 @@ class Dispatcher:
                 409,
                 parameter="taskUUID",
             )
-        spec = to_spec(task, **images)
+        spec = to_spec(task, **inputs)
         loop = asyncio.get_running_loop()
 
         def on_progress(step: int, total: int) -> None:  # called from the worker thread
@@ -283,9 +283,8 @@ class Dispatcher:
                              task_type=task.taskType, task_uuid=task.taskUUID, http_status=500)
             self._record_error(task, err)
             raise err from None
-        ttl = task.ttl if task.ttl is not None else self.config.image_ttl
         self.tasks.update(task.taskUUID, status=SUCCESS, step=spec.steps, total_steps=spec.steps,
-                          items=items, expires_at=time.time() + ttl)
+                          items=items, expires_at=time.time() + self._ttl(task))
         if self.outbox is not None:
             for item, (data, mime) in zip(items, files):
                 if task.webhookURL:
@@ -297,16 +296,19 @@ class Dispatcher:
         return items
 
     def _record_error(self, task: ImageInferenceTask, err: TaskError) -> None:
-        ttl = task.ttl if task.ttl is not None else self.config.image_ttl
         self.tasks.update(task.taskUUID, status=ERROR, errors=[err.item.wire() | {"status": "error"}],
-                          expires_at=time.time() + ttl)
+                          expires_at=time.time() + self._ttl(task))
         if task.webhookURL and self.outbox is not None:
             self.outbox.enqueue_webhook(task.webhookURL, {"errors": [err.item.wire()]})
         log.warning("task %s failed: %s", task.taskUUID, err.item.message)
 
+    def _ttl(self, task: ImageInferenceTask) -> int:
+        """Seconds a task's images and record are kept: its own `ttl`, else the operator's default."""
+        return task.ttl if task.ttl is not None else self.config.image_ttl
+
     def _deliver(self, task: ImageInferenceTask, output: GenerationOutput, base_url: str):
         """Encode, store and describe each image (runs in a thread: encoding is CPU work)."""
-        ttl = task.ttl if task.ttl is not None else self.config.image_ttl
+        ttl = self._ttl(task)
         cost = output.seconds * self.config.price_per_gpu_hour / 3600 / len(output.images)
         url_base = (self.config.public_url or base_url).rstrip("/")
         items, files = [], []

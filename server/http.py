@@ -16,21 +16,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from .encoding import MEDIA_TYPES
-from .protocol import ErrorItem
+from .protocol import ErrorItem, invalid_api_key
 
 log = logging.getLogger("k5serve.http")
 router = APIRouter()
 
-AUTH_ERROR_MESSAGE = "Invalid API key. Get one at https://my.runware.ai/signup"
-
-
-def _errors(status: int, *items: ErrorItem, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"errors": [i.wire() for i in items]}, status_code=status, headers=headers)
-
-
-def _auth_error(message: str = AUTH_ERROR_MESSAGE) -> JSONResponse:
-    item = ErrorItem(code="invalidApiKey", message=message, parameter="apiKey", taskType="authentication")
-    return _errors(401, item)
+def _errors(status: int, *items: ErrorItem) -> JSONResponse:
+    return JSONResponse({"errors": [i.wire() for i in items]}, status_code=status)
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
@@ -79,7 +71,8 @@ async def post_tasks(request: Request) -> JSONResponse:
     auth_task = tasks[0] if isinstance(tasks[0], dict) and tasks[0].get("taskType") == "authentication" else None
     key = auth_task.get("apiKey") if auth_task is not None else _bearer(request)
     if not state.auth.check(key):
-        return _auth_error() if key else _auth_error("Missing API key: send Authorization: Bearer <key>.")
+        missing = "Missing API key: send Authorization: Bearer <key>."
+        return _errors(401, invalid_api_key() if key else invalid_api_key(missing))
 
     reply = await state.dispatcher.run(tasks, base_url=str(request.base_url))
     headers = {"Retry-After": str(state.config.retry_after)} if reply.status == 429 else None

@@ -99,6 +99,11 @@ def task_error(
     return TaskError(item, http_status)
 
 
+def invalid_api_key(message: str = "Invalid API key. Get one at https://my.runware.ai/signup") -> ErrorItem:
+    """The auth failure every client recognises: taskType "authentication" and no taskUUID."""
+    return ErrorItem(code="invalidApiKey", message=message, parameter="apiKey", taskType="authentication")
+
+
 def _case_insensitive(allowed: tuple[str, ...], aliases: dict[str, str] | None = None):
     """Before-validator: map any casing (and aliases) onto the canonical spelling; leave others for the Literal."""
     table = {a.lower(): a for a in allowed} | {k.lower(): v for k, v in (aliases or {}).items()}

@@ -20,8 +20,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from .http import AUTH_ERROR_MESSAGE
-from .protocol import ErrorItem
+from .protocol import ErrorItem, invalid_api_key
 
 log = logging.getLogger("k5serve.ws")
 router = APIRouter()
@@ -136,8 +135,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                     await (session.send(pong) if session else _send_direct(ws, pong))
                 elif task_type == "authentication":
                     if not state.auth.check(raw.get("apiKey")):
-                        error = ErrorItem(code="invalidApiKey", message=AUTH_ERROR_MESSAGE, parameter="apiKey",
-                                          taskType="authentication")
+                        error = invalid_api_key()
                         await _send_direct(ws, {"errors": [error.wire()]})
                         continue
                     if session is not None:
