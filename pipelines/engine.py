@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from accel import AccelSettings
 from weights.hub import same_component
 
 from .k5 import K5I2IPipeline, K5T2IPipeline
@@ -32,11 +33,13 @@ class EngineConfig:
     i2i_load: str = "lazy"  # "lazy" (first editing request) or "eager" (at start-up)
     lora_dir: Path | None = None  # None: LoRA requests are refused
     max_loras: int = 8  # adapters kept loaded per pipeline (LRU)
+    accel: AccelSettings = AccelSettings()  # step caching: TeaCache coefficients, DBCache Fn
 
 
 class K5Engine:
     def __init__(self, t2i: K5T2IPipeline, config: EngineConfig = EngineConfig()):
         self.t2i = t2i
+        self.t2i.accel_settings = config.accel
         self.config = config
         self._i2i: K5I2IPipeline | None = None
         self._i2i_lock = threading.Lock()
@@ -46,7 +49,7 @@ class K5Engine:
 
     @property
     def features(self) -> frozenset[str]:
-        return frozenset({"image_input"} | ({"edit"} if self.config.i2i_path else set())
+        return frozenset({"image_input", "acceleration"} | ({"edit"} if self.config.i2i_path else set())
                          | ({"lora"} if self.config.lora_dir else set()))
 
     def i2i(self) -> K5I2IPipeline:
@@ -65,6 +68,7 @@ class K5Engine:
                                                      **shared)
                 pipe.to(self.t2i._execution_device)
                 pipe.set_progress_bar_config(disable=True)
+                pipe.accel_settings = self.config.accel
                 self._i2i = pipe
                 log.info("loaded the I2I editing transformer from %s (shared encoders and VAE)",
                          self.config.i2i_path)

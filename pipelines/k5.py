@@ -13,7 +13,8 @@ a server needs:
 * latents kept in float32 between steps, cast to the transformer dtype only for the forward pass;
 * input images encoded with the VAE's mean (deterministic, the same for every image of a batch);
 * image-to-image on the T2I model (`init_image` + `strength`), which the stock pipeline lacks;
-* a per-step callback for progress and timing.
+* a per-step callback for progress and timing;
+* step caching (TeaCache, First Block Cache, DBCache; `accel/`) with each CFG branch in its own cache context.
 """
 
 from __future__ import annotations
@@ -25,12 +26,18 @@ from diffusers import Kandinsky5I2IPipeline, Kandinsky5T2IPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from accel import AccelSettings
+from accel.session import StepCache
+
 from .schedulers import make_scheduler, scheduler_step
 from .spec import GenerationOutput, GenerationSpec, ProgressCallback
 
 
 class _K5Loop:
     """The denoising loop and helpers shared by the T2I and I2I pipelines (a mixin over the stock classes)."""
+
+    accel_settings: AccelSettings = AccelSettings()  # set by the engine
+    teacache_recorder = None  # set only while `calibrate_teacache` runs (accel.hooks.Recorder)
 
     def _run(
         self,
@@ -52,6 +59,7 @@ class _K5Loop:
         scheduler.set_timesteps(spec.steps, device=device)
         timesteps = scheduler.timesteps
         latents = noise
+        start = 0
         if init_latents is not None:
             # Image-to-image: start `strength` of the way into the schedule from the noised image.
             start = spec.steps - min(spec.steps, int(round(spec.steps * spec.strength)))
@@ -66,25 +74,35 @@ class _K5Loop:
         step_seconds: list[float] = []
         if on_step is not None:
             on_step(0, len(timesteps))
-        for i, t in enumerate(timesteps):
-            step_start = time.perf_counter()
-            timestep = t.to(torch.float32).expand(n)
-            model_in = latents if condition is None else torch.cat([latents, condition], dim=-1)
-            velocity = self._velocity(model_in, timestep, cond, visual_rope_pos)
-            if uncond is not None:
-                uncond_velocity = self._velocity(model_in, timestep, uncond, visual_rope_pos)
-                velocity = uncond_velocity + spec.guidance_scale * (velocity - uncond_velocity)
-            latents = scheduler_step(scheduler, velocity.float(), t, latents, generators)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            step_seconds.append(time.perf_counter() - step_start)
-            if on_step is not None:
-                on_step(i + 1, len(timesteps))
+        cache = StepCache(self.transformer, spec.cache, first_step=start, num_steps=len(timesteps),
+                          branches=("cond", "uncond") if uncond is not None else ("cond",),
+                          teacache_coefficients=self.accel_settings.teacache_coefficients,
+                          dbcache_fn_blocks=self.accel_settings.dbcache_fn_blocks,
+                          recorder=self.teacache_recorder)
+        with cache:
+            for i, t in enumerate(timesteps):
+                step_start = time.perf_counter()
+                step = start + i  # the schedule step: what the cache window counts
+                timestep = t.to(torch.float32).expand(n)
+                model_in = latents if condition is None else torch.cat([latents, condition], dim=-1)
+                with cache.step("cond", step):
+                    velocity = self._velocity(model_in, timestep, cond, visual_rope_pos)
+                if uncond is not None:
+                    with cache.step("uncond", step):
+                        uncond_velocity = self._velocity(model_in, timestep, uncond, visual_rope_pos)
+                    velocity = uncond_velocity + spec.guidance_scale * (velocity - uncond_velocity)
+                latents = scheduler_step(scheduler, velocity.float(), t, latents, generators)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                step_seconds.append(time.perf_counter() - step_start)
+                if on_step is not None:
+                    on_step(i + 1, len(timesteps))
 
         images = self._decode(latents)
         self.maybe_free_model_hooks()
         return GenerationOutput(images=images, seeds=spec.seeds, width=spec.width, height=spec.height,
-                                seconds=time.perf_counter() - started, step_seconds=step_seconds)
+                                seconds=time.perf_counter() - started, step_seconds=step_seconds,
+                                cache_stats=cache.stats.as_dict())
 
     def _velocity(self, latents, timestep, text, visual_rope_pos) -> torch.Tensor:
         """One transformer pass for one CFG branch; `text` is what `encode_prompt` returned."""

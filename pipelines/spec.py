@@ -12,6 +12,8 @@ from typing import Callable
 
 from PIL import Image
 
+from accel import StepCacheConfig
+
 
 @dataclass(frozen=True)
 class GenerationSpec:
@@ -28,6 +30,7 @@ class GenerationSpec:
     init_image: Image.Image | None = None  # image-to-image on the T2I model, already at width x height
     strength: float = 0.8  # how far into the schedule init_image is noised (1 = all the way)
     reference_image: Image.Image | None = None  # instruction editing on the I2I model, at width x height
+    cache: StepCacheConfig | None = None  # step caching (acceleratorOptions); None = every pass computed
     task_id: str = ""  # for logs only
 
     @property
@@ -43,6 +46,7 @@ class GenerationOutput:
     height: int
     seconds: float  # wall time the accelerator was busy with this job (queue wait excluded)
     step_seconds: list[float] = field(default_factory=list)
+    cache_stats: dict | None = None  # transformer passes computed / reused per CFG branch (CacheStats.as_dict)
 
 
 class InvalidInput(Exception):

@@ -1,4 +1,4 @@
-"""The ASGI application: wires config, auth, stores, outbox, dispatcher and worker; health endpoint.
+"""The ASGI application: wires config, auth, stores, outbox, dispatcher and worker; /health and /metrics.
 
 The model loads in a background thread after start-up, so `/health` says "loading" (503) until the
 worker is ready and 200 afterwards. On shutdown (SIGTERM) the server stops taking tasks, lets the ones in
@@ -15,7 +15,7 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from pipelines.worker import Worker
 
@@ -23,6 +23,7 @@ from . import http, ws
 from .auth import Authenticator
 from .config import ServerConfig
 from .dispatcher import Dispatcher
+from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .outbound import Outbox
 from .protocol import ErrorItem
 from .store import ImageStore
@@ -35,7 +36,8 @@ def create_app(config: ServerConfig, load_worker: Callable[[], Worker]) -> FastA
     images = ImageStore(config.image_dir)
     tasks = SQLiteTaskStore(config.task_db)
     outbox = Outbox(config.outbox_db, allow_private=config.allow_private_urls)
-    dispatcher = Dispatcher(config, None, images, tasks, outbox)
+    metrics = Metrics()
+    dispatcher = Dispatcher(config, None, images, tasks, outbox, metrics)
     sessions = ws.Sessions(config.ws_resume_window, config.ws_resume_buffer)
     load_state: dict = {"error": None}
 
@@ -94,6 +96,10 @@ def create_app(config: ServerConfig, load_worker: Callable[[], Worker]) -> FastA
             return JSONResponse({"status": "loading"}, status_code=503)
         body = {"status": "ok" if worker.alive else "worker-dead", "queue": worker.queue_depth, **worker.describe()}
         return JSONResponse(body, status_code=200 if worker.alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -69,7 +69,25 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--scheduler")
     gen.add_argument("--number-results", type=int)
     gen.add_argument("--output-format", default="PNG")
+    gen.add_argument("--accelerator-options", type=json.loads, metavar="JSON",
+                     help='Runware acceleratorOptions for --prompt, e.g. \'{"teaCache": true, "teaCacheDistance": 0.3}\'')
+    gen.add_argument("--stats", action="store_true",
+                     help="add per-task stats to results.json: transformer passes computed/skipped per CFG branch, "
+                          "seconds per step")
     gen.set_defaults(func=cmd_generate)
+
+    calibrate = sub.add_parser("calibrate", help="fit step-cache parameters on the loaded weights")
+    csub = calibrate.add_subparsers(dest="calibrate_command", required=True)
+    tea = csub.add_parser("teacache", help="fit TeaCache's rescaling polynomial (write JSON for --teacache-coefficients)")
+    _model_args(tea)
+    tea.add_argument("--prompts", type=Path, help="text file, one prompt per line (default: a built-in set)")
+    tea.add_argument("--steps", type=int, default=50, help="the step count you serve with (coefficients depend on it)")
+    tea.add_argument("--cfg-scale", type=float, default=3.5)
+    tea.add_argument("--scheduler", help="Runware scheduler name (default: the model's FlowMatch Euler)")
+    tea.add_argument("--size", action="append", default=[], help="WIDTHxHEIGHT, repeatable (default 1024x1024)")
+    tea.add_argument("--seed", type=int, default=0)
+    tea.add_argument("--out", type=Path, default=Path("teacache.json"))
+    tea.set_defaults(func=cmd_calibrate_teacache)
 
     weights = sub.add_parser("weights", help="build tiny weights or download the real ones")
     wsub = weights.add_subparsers(dest="weights_command", required=True)
@@ -101,6 +119,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="load the editing transformer on the first editing request (lazy) or at start-up")
     p.add_argument("--lora-dir", type=Path, help="folder of LoRA files: lora[].model X loads X.safetensors")
     p.add_argument("--max-loras", type=int, default=8, help="LoRA adapters kept loaded (LRU)")
+    p.add_argument("--teacache-coefficients", type=Path,
+                   help="TeaCache polynomial from `k5serve calibrate teacache` (default: identity, uncalibrated)")
+    p.add_argument("--dbcache-fn", type=int, help="DBCache: first blocks always computed (default 8 on the full model)")
 
 
 def _resolve_model(args: argparse.Namespace, fallback: bool) -> tuple[Path, Path | None, str, bool]:
@@ -213,7 +234,13 @@ def _load_engine(args: argparse.Namespace, path: Path, i2i: Path | None, device:
     from pipelines.engine import EngineConfig
     from pipelines.loader import LoadConfig, load_engine
 
-    engine = EngineConfig(i2i_path=i2i, i2i_load=args.i2i_load, lora_dir=args.lora_dir, max_loras=args.max_loras)
+    from accel import AccelSettings
+    from accel.calibration import load_coefficients
+
+    coefficients = load_coefficients(args.teacache_coefficients) if args.teacache_coefficients else None
+    accel = AccelSettings(teacache_coefficients=coefficients, dbcache_fn_blocks=args.dbcache_fn)
+    engine = EngineConfig(i2i_path=i2i, i2i_load=args.i2i_load, lora_dir=args.lora_dir, max_loras=args.max_loras,
+                          accel=accel)
     return load_engine(LoadConfig(path, device, args.dtype), engine)
 
 
@@ -249,6 +276,7 @@ def _read_tasks(args: argparse.Namespace) -> list[Any]:
             "scheduler": args.scheduler,
             "numberResults": args.number_results,
             "outputFormat": args.output_format,
+            "acceleratorOptions": args.accelerator_options,
         }
         tasks.append({k: v for k, v in flags.items() if v is not None})
     for task in tasks:
@@ -273,7 +301,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not tasks:
         raise SystemExit("error: give a tasks file or --prompt")
     parsed, errors = [], []
-    features = frozenset({"lora"} if args.lora_dir else set())  # image inputs need the server's image store
+    # Image inputs need the server's image store; everything the pipeline does itself is served.
+    features = frozenset({"acceleration"} | ({"lora"} if args.lora_dir else set()))
     for raw in tasks:
         try:
             if not isinstance(raw, dict):
@@ -284,6 +313,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             log.error("invalid task: %s", err.item.message)
 
     data: list[dict] = []
+    stats: list[dict] = []
     if parsed:
         path, i2i, device, _ = _resolve_model(args, fallback=False)
         engine, _ = _load_engine(args, path, i2i, device)
@@ -302,11 +332,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 item["imagePath"] = str(file)
                 item["seconds"] = round(output.seconds, 3)
                 data.append(item)
+            stats.append({"taskUUID": task.taskUUID, "seconds": round(output.seconds, 4),
+                          "stepSeconds": [round(s, 4) for s in output.step_seconds],
+                          "transformerPasses": output.cache_stats})
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"data": data, **({"errors": errors} if errors else {})}
+    result = {"data": data, **({"errors": errors} if errors else {}), **({"stats": stats} if args.stats else {})}
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
     print(f"{len(data)} image(s), {len(errors)} error(s) -> {args.out / 'results.json'}")
     return 1 if errors else 0
+
+
+CALIBRATION_PROMPTS = [
+    "a red fox in fresh snow, morning light, telephoto photograph",
+    "a bowl of ramen on a wooden table, steam, close-up food photography",
+    "an old lighthouse on a cliff during a storm, oil painting",
+    "a neon sign that says OPEN in a rainy alley at night",
+    "portrait of an elderly fisherman, weathered face, soft window light",
+    "a futuristic city skyline at dusk, flying cars, concept art",
+    "watercolor illustration of a hedgehog reading a book",
+    "a mountain lake reflecting pine trees, wide-angle landscape",
+    "кот в космическом скафандре на поверхности Луны, цифровая живопись",
+    "a vintage poster with the words KANDINSKY FIVE in bold letters",
+    "isometric 3D render of a tiny cozy bedroom",
+    "macro photograph of a dewdrop on a spider web",
+]
+
+
+def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
+    """Fit TeaCache's polynomial on the weights being served; write JSON for --teacache-coefficients."""
+    from pipelines.calibrate import calibrate_teacache
+    from pipelines.spec import GenerationSpec
+
+    prompts = ([line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+               if args.prompts else CALIBRATION_PROMPTS)
+    sizes = []
+    for size in args.size or ["1024x1024"]:
+        width, _, height = size.lower().partition("x")
+        sizes.append((int(width), int(height)))
+    path, i2i, device, tiny = _resolve_model(args, fallback=False)
+    engine, info = _load_engine(args, path, None, device)
+    specs = [GenerationSpec(prompt, "", width=w, height=h, seed=args.seed + i, steps=args.steps,
+                            guidance_scale=args.cfg_scale, scheduler=args.scheduler)
+             for i, prompt in enumerate(prompts) for w, h in sizes]
+    result = calibrate_teacache(engine.t2i, specs)
+    result.update(model=info["model_path"], tiny_weights=tiny, steps=args.steps, cfg_scale=args.cfg_scale,
+                  scheduler=args.scheduler, sizes=[f"{w}x{h}" for w, h in sizes], prompts=len(prompts))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"{result['samples']} samples from {result['runs']} runs; fit RMSE {result['rmse']:.4g} "
+          f"(identity {result['identity_rmse']:.4g}) -> {args.out}")
+    return 0
 
 
 def cmd_weights_tiny(args: argparse.Namespace) -> int:

@@ -19,12 +19,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from accel import StepCacheConfig, resolve_window
 from pipelines.spec import GenerationOutput, GenerationSpec, InvalidInput
 from pipelines.worker import GenerationError, QueueFull, Worker
 
 from .config import ServerConfig
 from .encoding import encode
 from .images import ImageInputError, Limits, decode, load_image_bytes, prepare
+from .metrics import Metrics
 from .outbound import OutboundURLError, Outbox, check_url
 from .protocol import ALLOWED_SIZES, MAX_RANDOM_SEED, MODEL_ID, ErrorItem, ImageInferenceTask, TaskError, task_error
 from .store import ImageStore
@@ -71,8 +73,10 @@ class Dispatcher:
         images: ImageStore,
         tasks: TaskStore,
         outbox: Outbox | None = None,
+        metrics: Metrics | None = None,
     ):
         self.config = config
+        self.metrics = metrics
         self.worker = worker  # None while the model is still loading
         self.images = images
         self.tasks = tasks
@@ -291,8 +295,10 @@ class Dispatcher:
                     self.outbox.enqueue_webhook(task.webhookURL, {"data": [item]})
                 if task.uploadEndpoint:
                     self.outbox.enqueue_upload(task.uploadEndpoint, data, mime)
-        log.info("task %s done: %d image(s) %dx%d, %d steps, %.2f s", task.taskUUID, len(items),
-                 output.width, output.height, spec.steps, output.seconds)
+        if self.metrics is not None:
+            self.metrics.task_done(output.seconds, output.cache_stats)
+        log.info("task %s done: %d image(s) %dx%d, %d steps, %.2f s, %s", task.taskUUID, len(items),
+                 output.width, output.height, spec.steps, output.seconds, describe_passes(output.cache_stats))
         return items
 
     def _record_error(self, task: ImageInferenceTask, err: TaskError) -> None:
@@ -300,6 +306,8 @@ class Dispatcher:
                           expires_at=time.time() + self._ttl(task))
         if task.webhookURL and self.outbox is not None:
             self.outbox.enqueue_webhook(task.webhookURL, {"errors": [err.item.wire()]})
+        if self.metrics is not None:
+            self.metrics.task_failed()
         log.warning("task %s failed: %s", task.taskUUID, err.item.message)
 
     def _ttl(self, task: ImageInferenceTask) -> int:
@@ -409,5 +417,27 @@ def to_spec(task: ImageInferenceTask, *, init_image=None, reference_image=None) 
         init_image=init_image,
         strength=task.strength,
         reference_image=reference_image,
+        cache=step_cache(task),
         task_id=task.taskUUID,
     )
+
+
+def describe_passes(stats: dict | None) -> str:
+    """For the task log line: 'passes cond 12/20 uncond 12/20 computed (fbcache)'."""
+    if not stats:
+        return "passes unknown"
+    counts = " ".join(f"{name} {b['computed']}/{b['computed'] + b['skipped']}" for name, b in stats["branches"].items())
+    return f"passes {counts} computed ({stats['method'] or 'no step cache'})"
+
+
+def step_cache(task: ImageInferenceTask) -> StepCacheConfig | None:
+    """acceleratorOptions (validated: one method, a non-empty window) as the pipeline's cache config."""
+    acc = task.acceleratorOptions
+    if acc is None or not acc.any_method:
+        return None
+    method, threshold = (("teacache", acc.teaCacheDistance) if acc.teaCache else
+                         ("fbcache", acc.fbCacheThreshold) if acc.fbCache else ("dbcache", acc.dbCacheThreshold))
+    start, end = resolve_window(task.steps, acc.cacheStartStep, acc.cacheEndStep, acc.cacheStartStepPercentage,
+                                acc.cacheEndStepPercentage)
+    return StepCacheConfig(method=method, threshold=threshold, start_step=start, end_step=end,
+                           max_consecutive=acc.cacheMaxConsecutiveSteps, skip_interval=acc.dbCacheSkipInterval)

@@ -135,6 +135,11 @@ class LoraItem(BaseModel):
     transformer: Literal["both", "high", "low"] = "both"
 
 
+# The official Python SDK (IAcceleratorOptions, runware 0.5.24) spells three options differently from the
+# model page; validation renames them before parsing.
+SDK_ACCELERATOR_ALIASES = {"fbcache": "fbCache", "cacheDistance": "fbCacheThreshold", "cacheStopStep": "cacheEndStep"}
+
+
 class AcceleratorOptions(BaseModel):
     model_config = _Strict
 
@@ -150,6 +155,8 @@ class AcceleratorOptions(BaseModel):
     cacheStartStepPercentage: int | None = Field(None, ge=0, le=99)
     cacheEndStepPercentage: int | None = Field(None, ge=1, le=100)
     cacheMaxConsecutiveSteps: int = Field(3, ge=1, le=5)
+    # Sent by the official SDKs for other models; this model has no DeepCache (requests for it are refused).
+    deepCache: bool = False
 
     @property
     def any_method(self) -> bool:

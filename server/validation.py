@@ -13,11 +13,14 @@ from typing import Any, Iterable
 
 from pydantic import ValidationError
 
+from accel import resolve_window
+
 from .protocol import (
     ALLOWED_SIZES,
     ALLOWED_VALUES,
     MODEL_ID,
     SCHEDULER_NAMES,
+    SDK_ACCELERATOR_ALIASES,
     ImageInferenceTask,
     TaskError,
     task_error,
@@ -156,6 +159,7 @@ def parse_image_inference(
     """Validate one raw `imageInference` task. `features` names the optional features this server serves."""
     raw = strip_nulls(raw)
     task_uuid = check_task_uuid(raw, "imageInference")
+    raw = _sdk_aliases(raw, task_uuid)
     try:
         task = ImageInferenceTask.model_validate(raw)
     except ValidationError as exc:
@@ -212,9 +216,37 @@ def _check_size(task: ImageInferenceTask, fail) -> None:
     )
 
 
+def _sdk_aliases(raw: dict[str, Any], task_uuid: str) -> dict[str, Any]:
+    """acceleratorOptions as the Python SDK spells them (`fbcache`, `cacheDistance`, `cacheStopStep`) -> the page's names."""
+    acc = raw.get("acceleratorOptions")
+    if not isinstance(acc, dict) or not SDK_ACCELERATOR_ALIASES.keys() & acc.keys():
+        return raw
+    acc = dict(acc)
+    for alias, name in SDK_ACCELERATOR_ALIASES.items():
+        if alias not in acc:
+            continue
+        if name in acc and acc[name] != acc[alias]:
+            raise task_error(
+                f"conflict{alias[0].upper()}{alias[1:]}",
+                f"acceleratorOptions.{alias} and acceleratorOptions.{name} are the same option with different "
+                "values; send one.",
+                parameter=f"acceleratorOptions.{alias}",
+                task_type="imageInference",
+                task_uuid=task_uuid,
+            )
+        acc[name] = acc.pop(alias)
+    return {**raw, "acceleratorOptions": acc}
+
+
 def _check_cache_window(task: ImageInferenceTask, fail) -> None:
     acc = task.acceleratorOptions
     assert acc is not None
+    if acc.deepCache:
+        raise fail(
+            "unsupportedDeepCache",
+            "DeepCache is not available for this model; use teaCache, fbCache or dbCache.",
+            "acceleratorOptions.deepCache",
+        )
     if acc.cacheStartStep is not None and acc.cacheStartStepPercentage is not None:
         raise fail(
             "conflictCacheStartStep",
@@ -234,21 +266,30 @@ def _check_cache_window(task: ImageInferenceTask, fail) -> None:
             "acceleratorOptions.cacheEndStep",
             max=task.steps,
         )
-    start = acc.cacheStartStep if acc.cacheStartStep is not None else None
-    end = acc.cacheEndStep if acc.cacheEndStep is not None else None
-    if start is not None and start >= (end if end is not None else task.steps):
-        raise fail(
-            "invalidCacheStartStep",
-            f"cacheStartStep ({start}) must be less than cacheEndStep ({end if end is not None else task.steps}).",
-            "acceleratorOptions.cacheStartStep",
-        )
     pstart, pend = acc.cacheStartStepPercentage, acc.cacheEndStepPercentage
-    if pstart is not None and pstart >= (pend if pend is not None else 100):
+    if pstart is not None and pend is not None and pstart >= pend:
         raise fail(
             "invalidCacheStartStepPercentage",
-            f"cacheStartStepPercentage ({pstart}) must be less than cacheEndStepPercentage "
-            f"({pend if pend is not None else 100}).",
+            f"cacheStartStepPercentage ({pstart}) must be less than cacheEndStepPercentage ({pend}).",
             "acceleratorOptions.cacheStartStepPercentage",
+        )
+    # Any mix of the step and percentage forms: the window in steps must not be empty.
+    start, end = resolve_window(task.steps, acc.cacheStartStep, acc.cacheEndStep, pstart, pend)
+    if start >= end:
+        start_name = "cacheStartStep" if acc.cacheStartStep is not None else "cacheStartStepPercentage"
+        end_name = ("cacheEndStep" if acc.cacheEndStep is not None else
+                    "cacheEndStepPercentage" if pend is not None else "steps")
+        raise fail(
+            f"invalid{start_name[0].upper()}{start_name[1:]}",
+            f"{start_name} (step {start} of {task.steps}) must be less than {end_name} (step {end}).",
+            f"acceleratorOptions.{start_name}",
+        )
+    methods = [name for name in ("teaCache", "fbCache", "dbCache") if getattr(acc, name)]
+    if len(methods) > 1:
+        raise fail(
+            "conflictAcceleratorOptions",
+            f"Use one step cache per task; {' and '.join(methods)} were both switched on.",
+            f"acceleratorOptions.{methods[1]}",
         )
 
 

@@ -255,7 +255,6 @@ def test_range_errors_report_bounds_and_allowed_values(server):
     "change,code",
     [
         ({"lora": [{"model": "civitai:1@1", "weight": 0.5}]}, "unsupportedLora"),
-        ({"acceleratorOptions": {"teaCache": True}}, "unsupportedAcceleratorOptions"),
         ({"safety": {"checkContent": True}}, "unsupportedSafety"),
         ({"checkNSFW": True}, "unsupportedSafety"),
     ],

@@ -1,0 +1,39 @@
+"""`k5serve calibrate teacache`: run the unaccelerated pipeline over prompts and fit TeaCache's polynomial."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Iterable
+
+from accel.calibration import fit_teacache
+
+from .k5 import _K5Loop
+from .spec import GenerationSpec
+
+log = logging.getLogger("k5serve.calibrate")
+
+
+def calibrate_teacache(pipe: _K5Loop, specs: Iterable[GenerationSpec]) -> dict:
+    """Every spec runs without caching while TeaCache's hooks observe (x, y) at every step of each branch."""
+    xs: list[float] = []
+    ys: list[float] = []
+    per_branch: dict[str, int] = {}
+
+    def record(branch: str, step: int, x: float, y: float) -> None:
+        xs.append(x)
+        ys.append(y)
+        per_branch[branch] = per_branch.get(branch, 0) + 1
+
+    runs = 0
+    pipe.teacache_recorder = record
+    try:
+        for spec in specs:
+            pipe.generate(replace(spec, cache=None))
+            runs += 1
+            log.info("calibration run %d: %d samples so far", runs, len(xs))
+    finally:
+        pipe.teacache_recorder = None
+    result = fit_teacache(xs, ys)
+    result.update(runs=runs, samples_per_branch=per_branch)
+    return result
