@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     tea.add_argument("--steps", type=int, default=50, help="the step count you serve with (coefficients depend on it)")
     tea.add_argument("--cfg-scale", type=float, default=3.5)
     tea.add_argument("--scheduler", help="Runware scheduler name (default: the model's FlowMatch Euler)")
-    tea.add_argument("--size", action="append", default=[], help="WIDTHxHEIGHT, repeatable (default 1024x1024)")
+    tea.add_argument("--size", action="append", default=[], type=_size,
+                     help="WIDTHxHEIGHT, repeatable (default 1024x1024)")
     tea.add_argument("--seed", type=int, default=0)
     tea.add_argument("--out", type=Path, default=Path("teacache.json"))
     tea.set_defaults(func=cmd_calibrate_teacache)
@@ -119,9 +120,26 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="load the editing transformer on the first editing request (lazy) or at start-up")
     p.add_argument("--lora-dir", type=Path, help="folder of LoRA files: lora[].model X loads X.safetensors")
     p.add_argument("--max-loras", type=int, default=8, help="LoRA adapters kept loaded (LRU)")
-    p.add_argument("--teacache-coefficients", type=Path,
+    p.add_argument("--teacache-coefficients", type=_coefficients, metavar="FILE",
                    help="TeaCache polynomial from `k5serve calibrate teacache` (default: identity, uncalibrated)")
     p.add_argument("--dbcache-fn", type=int, help="DBCache: first blocks always computed (default 8 on the full model)")
+
+
+def _coefficients(path: str) -> tuple[float, ...]:
+    """Read and check the TeaCache file when the command line is parsed, not when the model has loaded."""
+    from accel.calibration import load_coefficients
+
+    try:
+        return load_coefficients(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot use {path}: {exc}") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}")
+    return int(width), int(height)
 
 
 def _resolve_model(args: argparse.Namespace, fallback: bool) -> tuple[Path, Path | None, str, bool]:
@@ -235,10 +253,8 @@ def _load_engine(args: argparse.Namespace, path: Path, i2i: Path | None, device:
     from pipelines.loader import LoadConfig, load_engine
 
     from accel import AccelSettings
-    from accel.calibration import load_coefficients
 
-    coefficients = load_coefficients(args.teacache_coefficients) if args.teacache_coefficients else None
-    accel = AccelSettings(teacache_coefficients=coefficients, dbcache_fn_blocks=args.dbcache_fn)
+    accel = AccelSettings(teacache_coefficients=args.teacache_coefficients, dbcache_fn_blocks=args.dbcache_fn)
     engine = EngineConfig(i2i_path=i2i, i2i_load=args.i2i_load, lora_dir=args.lora_dir, max_loras=args.max_loras,
                           accel=accel)
     return load_engine(LoadConfig(path, device, args.dtype), engine)
@@ -365,10 +381,11 @@ def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
 
     prompts = ([line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
                if args.prompts else CALIBRATION_PROMPTS)
-    sizes = []
-    for size in args.size or ["1024x1024"]:
-        width, _, height = size.lower().partition("x")
-        sizes.append((int(width), int(height)))
+    from pipelines.schedulers import SCHEDULER_NAMES
+
+    if args.scheduler is not None and args.scheduler not in SCHEDULER_NAMES:
+        raise SystemExit(f"error: unknown scheduler {args.scheduler!r}; use one of {', '.join(SCHEDULER_NAMES)}")
+    sizes = args.size or [(1024, 1024)]
     path, i2i, device, tiny = _resolve_model(args, fallback=False)
     engine, info = _load_engine(args, path, None, device)
     specs = [GenerationSpec(prompt, "", width=w, height=h, seed=args.seed + i, steps=args.steps,

@@ -167,3 +167,10 @@ def test_calibrate_command(tmp_path, data_dir):
     assert json.loads((tmp_path / "o" / "results.json").read_text())["stats"][0]["transformerPasses"]["method"] == "teacache"
 
 
+
+
+def test_a_bad_coefficients_file_is_refused_at_start(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"coefficients": []}')
+    res = k5serve("serve", "--tiny", "--data-dir", str(tmp_path), "--teacache-coefficients", str(bad))
+    assert res.returncode == 2 and "--teacache-coefficients" in res.stderr
