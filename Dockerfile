@@ -1,7 +1,8 @@
 # k5serve on an official PyTorch CUDA runtime image. Weights live in the Hugging Face cache volume:
 #   docker build -t k5serve .
-#   docker run --gpus all -p 8080:8080 -v hf-cache:/home/k5/.cache/huggingface k5serve weights download
+#   docker run --gpus all -v hf-cache:/home/k5/.cache/huggingface k5serve weights download
 #   docker run --gpus all -p 8080:8080 -v hf-cache:/home/k5/.cache/huggingface -e K5SERVE_API_KEYS=... k5serve
+# The base image's torch must match pyproject.toml's pin (a test checks it), so pip keeps it.
 ARG BASE=pytorch/pytorch:2.14.1-cuda12.8-cudnn9-runtime
 FROM ${BASE}
 
@@ -19,11 +20,12 @@ COPY accel ./accel
 COPY weights ./weights
 RUN pip install --no-cache-dir .
 
-USER k5
+USER 1000:1000
 RUN mkdir -p /home/k5/.cache/huggingface /home/k5/data
 VOLUME ["/home/k5/.cache/huggingface", "/home/k5/data"]
 EXPOSE 8080
+# Ready = model loaded, worker alive, queue not full. Loading the real weights takes minutes: hence the start period.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
-    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=4).status == 200 else 1)"
+    CMD ["python", "-c", "import urllib.request, sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/ready', timeout=4).status == 200 else 1)"]
 ENTRYPOINT ["k5serve"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8080"]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -13,6 +14,11 @@ from .engine import EngineConfig, K5Engine
 from .k5 import K5T2IPipeline
 
 log = logging.getLogger("k5serve.loader")
+
+if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):  # transformers and huggingface_hub read it themselves
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
            "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
@@ -23,6 +29,7 @@ class LoadConfig:
     path: Path
     device: str = "auto"  # "auto" = cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
     dtype: str = "auto"  # "auto" = bfloat16 on cuda, float32 on cpu
+    offload: str = "none"  # "none", "model" or "sequential": diffusers' CPU offload (CUDA only)
 
 
 def pick_device(device: str) -> torch.device:
@@ -47,24 +54,43 @@ def load_t2i(config: LoadConfig) -> tuple[K5T2IPipeline, dict]:
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     started = time.perf_counter()
+    if config.offload != "none" and device.type != "cuda":
+        raise ValueError(f"--offload {config.offload} needs a CUDA device (got {device})")
     pipe = K5T2IPipeline.from_pretrained(config.path, dtype=dtype)
-    pipe.to(device)
+    place(pipe, device, config.offload)
     pipe.set_progress_bar_config(disable=True)
-    params = sum(p.numel() for p in pipe.transformer.parameters())
+    weights = {name: sum(p.numel() * p.element_size() for p in module.parameters())
+               for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
     info = {
         "model_path": str(config.path),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "transformer_parameters": params,
+        "offload": config.offload,
+        "transformer_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
+        "weights_bytes": sum(weights.values()),
         "load_seconds": round(time.perf_counter() - started, 2),
     }
     if device.type == "cuda":
         info["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(device)
-    log.info("loaded %s", info)
+    log.info("loaded %s on %s (%s, offload %s): %.2f GB of weights%s", config.path, device, info["dtype"],
+             config.offload, info["weights_bytes"] / 1e9,
+             f", {info['gpu_memory_allocated_bytes'] / 1e9:.2f} GB allocated on the GPU" if device.type == "cuda" else "")
     return pipe, info
+
+
+def place(pipe, device: torch.device, offload: str) -> None:
+    """Move a pipeline onto its device, or hand it to diffusers' CPU offload."""
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
 
 
 def load_engine(config: LoadConfig, engine: EngineConfig = EngineConfig()) -> tuple[K5Engine, dict]:
     """The T2I pipeline plus the (shared-encoder) I2I editing pipeline and LoRA support."""
     pipe, info = load_t2i(config)
+    if config.offload != "none":
+        engine = replace(engine, offload=config.offload)
     return K5Engine(pipe, engine), info

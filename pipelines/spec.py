@@ -31,6 +31,7 @@ class GenerationSpec:
     strength: float = 0.8  # how far into the schedule init_image is noised (1 = all the way)
     reference_image: Image.Image | None = None  # instruction editing on the I2I model, at width x height
     cache: StepCacheConfig | None = None  # step caching (acceleratorOptions); None = every pass computed
+    check_content: bool = False  # run the safety classifier on every output image
     task_id: str = ""  # for logs only
 
     @property
@@ -47,6 +48,9 @@ class GenerationOutput:
     seconds: float  # wall time the accelerator was busy with this job (queue wait excluded)
     step_seconds: list[float] = field(default_factory=list)
     cache_stats: dict | None = None  # transformer passes computed / reused per CFG branch (CacheStats.as_dict)
+    nsfw: list[bool] | None = None  # per image, when check_content asked for it
+    nsfw_scores: list[float] | None = None  # the classifier's NSFW probability per image
+    queue_seconds: float = 0.0  # time the job waited in the worker's queue
 
 
 class InvalidInput(Exception):

@@ -1,8 +1,10 @@
-"""The ASGI application: wires config, auth, stores, outbox, dispatcher and worker; /health and /metrics.
+"""The ASGI application: wires config, auth, stores, outbox, dispatcher and worker; /health, /ready, /metrics.
 
-The model loads in a background thread after start-up, so `/health` says "loading" (503) until the
-worker is ready and 200 afterwards. On shutdown (SIGTERM) the server stops taking tasks, lets the ones in
-flight finish (up to `shutdown_timeout`), records the rest as failed, flushes the outbox and exits.
+The model loads in a background thread after start-up. `/health` is liveness (200 while loading or
+loaded, 503 once only a restart helps; the model's state is in the body); `/ready` is readiness: 200 only
+when the model is loaded, the worker thread is alive and the queue is not full, else 503 with the
+reasons. On shutdown (SIGTERM) the server stops taking tasks, lets the ones in flight finish (up to
+`shutdown_timeout`), records the rest as failed, flushes the outbox and exits.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import threading
-from typing import Callable
+import time
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +43,7 @@ def create_app(config: ServerConfig, load_worker: Callable[[], Worker]) -> FastA
     dispatcher = Dispatcher(config, None, images, tasks, outbox, metrics)
     sessions = ws.Sessions(config.ws_resume_window, config.ws_resume_buffer)
     load_state: dict = {"error": None}
+    started = time.time()
 
     def load() -> None:
         try:
@@ -84,18 +88,63 @@ def create_app(config: ServerConfig, load_worker: Callable[[], Worker]) -> FastA
     app.state.store = images
     app.state.dispatcher = dispatcher
     app.state.sessions = sessions
+    app.state.metrics = metrics
     app.include_router(http.router)
     app.include_router(ws.router)
 
+    def readiness() -> dict[str, Any]:
+        worker = dispatcher.worker
+        reasons = []
+        if load_state["error"]:
+            reasons.append(f"model loading failed: {load_state['error']}")
+        elif worker is None:
+            reasons.append("the model is still loading")
+        else:
+            if not worker.alive:
+                reasons.append("the generation worker has stopped")
+            if worker.queue_full:
+                reasons.append(f"the queue is full ({worker.max_queue} waiting besides the running task)")
+        if not dispatcher.accepting:
+            reasons.append("shutting down")
+        model = "error" if load_state["error"] else "loading" if worker is None else "loaded"
+        body: dict[str, Any] = {"ready": not reasons, "model": model, "uptimeSeconds": round(time.time() - started, 1)}
+        if reasons:
+            body["reasons"] = reasons
+        if worker is not None:
+            body |= {"workerAlive": worker.alive, "queue": worker.queue_depth, "queueLimit": worker.max_queue,
+                     **worker.describe()}
+            memory = worker.memory()
+            if memory:
+                body["gpuMemoryBytes"] = memory
+        return body
+
     @app.get("/health")
     async def health() -> JSONResponse:
+        """Liveness: 200 while the process can still become or stay useful (loading counts); 503 when only a
+        restart helps (the model failed to load, the worker thread died). /ready says whether to send work."""
+        body = readiness()
+        broken = body["model"] == "error" or body.get("workerAlive") is False
+        return JSONResponse({"status": "error" if broken else "ok", **body}, status_code=503 if broken else 200)
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        body = readiness()
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    def metric_state() -> dict[str, Any]:
         worker = dispatcher.worker
-        if load_state["error"]:
-            return JSONResponse({"status": "error", "error": load_state["error"]}, status_code=503)
-        if worker is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        body = {"status": "ok" if worker.alive else "worker-dead", "queue": worker.queue_depth, **worker.describe()}
-        return JSONResponse(body, status_code=200 if worker.alive else 503)
+        return {"ready": readiness()["ready"], "queue_depth": worker.queue_depth if worker else 0,
+                "queue_limit": worker.max_queue if worker else 0, "memory": worker.memory() if worker else {},
+                "outbox": outbox.stats, "websockets": ws.open_connections(app)}
+
+    metrics.watch(metric_state)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

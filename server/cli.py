@@ -27,6 +27,8 @@ BANNER = """
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="k5serve", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("K5SERVE_LOG_LEVEL", "info"))
+    parser.add_argument("--log-format", choices=["json", "text"], default=os.environ.get("K5SERVE_LOG_FORMAT"),
+                        help="json (one object per line, with taskUUID; the default for serve) or text")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the Runware-compatible HTTP server")
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="seconds a getResponse waits for an unfinished task before answering")
     serve.add_argument("--shutdown-timeout", type=float, default=60.0,
                        help="seconds SIGTERM waits for tasks in flight")
+    serve.add_argument("--safety-action", choices=["flag", "block"], default="flag",
+                       help="for safety-checked tasks: flag images (NSFWContent) or fail the task with "
+                            "nsfwContentDetected when any image is flagged")
+    serve.add_argument("--inject-oom-prompt", help=argparse.SUPPRESS)  # testing aid: see LocalWorker
     serve.add_argument(
         "--fallback-tiny", action="store_true",
         help="with no GPU or no downloaded weights, serve generated tiny weights on the CPU instead of failing",
@@ -97,12 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--kind", choices=["t2i", "i2i", "all"], default="all")
     tiny.set_defaults(func=cmd_weights_tiny)
     dl = wsub.add_parser("download", help="fetch the real weights into the Hugging Face cache")
-    dl.add_argument("--model", help="one repo id (default: the T2I and I2I Lite sft repos)")
+    dl.add_argument("--model", help="one repo id (default: the T2I and I2I Lite sft repos and the safety classifier)")
     dl.add_argument("--cache-dir", type=Path)
     dl.set_defaults(func=cmd_weights_download)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import logs
+
+    args.api_keys = tuple(getattr(args, "api_key", None) or ()) + tuple(
+        k for k in os.environ.get("K5SERVE_API_KEYS", "").split(",") if k)
+    args.log_format = args.log_format or ("json" if args.command == "serve" else "text")
+    logs.configure(args.log_level, args.log_format, secrets=args.api_keys)
     return args.func(args) or 0
 
 
@@ -123,6 +134,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacache-coefficients", type=_coefficients, metavar="FILE",
                    help="TeaCache polynomial from `k5serve calibrate teacache` (default: identity, uncalibrated)")
     p.add_argument("--dbcache-fn", type=int, help="DBCache: first blocks always computed (default 8 on the full model)")
+    p.add_argument("--offload", choices=["none", "model", "sequential"], default="none",
+                   help="diffusers CPU offload (CUDA only): model = whole components move to the GPU when used "
+                        "(fits a 24 GB card), sequential = layer by layer (least memory, slowest)")
+    p.add_argument("--safety-model", help="NSFW image classifier for safety checks: repo id (in the cache) or "
+                   "folder; default: the Falconsai/nsfw_image_detection repo when downloaded; 'none' to disable")
+    p.add_argument("--safety-threshold", type=float, default=0.5,
+                   help="flag an image when the classifier's unsafe probability is at least this")
 
 
 def _coefficients(path: str) -> tuple[float, ...]:
@@ -145,6 +163,12 @@ def _size(text: str) -> tuple[int, int]:
 def _resolve_model(args: argparse.Namespace, fallback: bool) -> tuple[Path, Path | None, str, bool]:
     """-> (T2I checkpoint folder, I2I folder or None, device, tiny?)."""
     path, device, tiny = _resolve_t2i(args, fallback)
+    if args.offload != "none":
+        import torch
+
+        if device == "cpu" or not torch.cuda.is_available():
+            raise SystemExit(f"error: --offload {args.offload} needs a CUDA device (this run uses "
+                             f"{'the CPU' if device in ('cpu', 'auto') else device}{'' if torch.cuda.is_available() else ', and no CUDA GPU is visible'})")
     if tiny:
         from weights.tiny import ensure_tiny
 
@@ -185,8 +209,10 @@ def _resolve_t2i(args: argparse.Namespace, fallback: bool) -> tuple[Path, str, b
                 raise SystemExit(f"error: {exc}") from None
             reason = f"no downloaded weights for {args.model}"
     path = ensure_tiny(args.data_dir / "tiny", "t2i")
-    print(BANNER.format(reason=reason), file=sys.stderr, flush=True)
-    log.warning("CPU test mode: tiny generated weights from %s (%s)", path, reason)
+    if args.log_format == "text":  # JSON logs stay one object per line; the warning below says the same
+        print(BANNER.format(reason=reason), file=sys.stderr, flush=True)
+    log.warning("CPU TEST MODE: serving generated tiny weights from %s (%s); images are noise from a random model",
+                path, reason)
     return path, ("cpu" if args.device == "auto" else args.device), True
 
 
@@ -199,8 +225,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .config import ServerConfig
 
     _lock_data_dir(args.data_dir)
+    if args.log_format == "json":  # progress bars would break one-JSON-object-per-line (building tiny weights)
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     path, i2i, device, tiny = _resolve_model(args, fallback=args.fallback_tiny)
-    keys = tuple(args.api_key) + tuple(k for k in os.environ.get("K5SERVE_API_KEYS", "").split(",") if k)
+    keys = args.api_keys
     if not keys and not _is_loopback(args.host):
         log.warning("no --api-key given and bound to %s: anyone who can reach this port can use the GPU", args.host)
     config = ServerConfig(
@@ -215,17 +245,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels,
         poll_wait=args.poll_wait,
         shutdown_timeout=args.shutdown_timeout,
+        safety_action=args.safety_action,
     )
 
     def load_worker() -> LocalWorker:
-        engine, info = _load_engine(args, path, i2i, device)
-        return LocalWorker(engine, max_queue=args.max_queue, info=info | {"tiny_weights": tiny})
+        engine, info = _load_engine(args, path, i2i, device, tiny)
+        return LocalWorker(engine, max_queue=args.max_queue, info=info | {"tiny_weights": tiny},
+                           fault_prompt=args.inject_oom_prompt)
 
     uvicorn.run(
         create_app(config, load_worker),
         host=args.host,
         port=args.port,
         log_level=args.log_level.lower(),
+        log_config=None,  # keep our JSON/text handler on uvicorn's loggers
         ws_max_size=config.ws_max_message_bytes,
         timeout_graceful_shutdown=int(config.shutdown_timeout) + 5,
     )
@@ -248,16 +281,38 @@ def _lock_data_dir(data_dir: Path) -> None:
     _held_locks.append(handle)
 
 
-def _load_engine(args: argparse.Namespace, path: Path, i2i: Path | None, device: str):
+def _resolve_safety(args: argparse.Namespace, tiny: bool) -> Path | None:
+    from weights.hub import SAFETY_REPO, WeightsNotFound, resolve
+
+    if args.safety_model == "none":
+        return None
+    if tiny and not args.safety_model:
+        from weights.tiny import ensure_tiny
+
+        return ensure_tiny(args.data_dir / "tiny", "safety")
+    try:
+        return resolve(args.safety_model or SAFETY_REPO, marker="config.json")
+    except WeightsNotFound as exc:
+        if args.safety_model:
+            raise SystemExit(f"error: {exc}") from None
+        log.warning("no safety classifier (%s); safety-checked requests will be refused", exc)
+        return None
+
+
+def _load_engine(args: argparse.Namespace, path: Path, i2i: Path | None, device: str, tiny: bool,
+                 safety: bool = True):
     from pipelines.engine import EngineConfig
     from pipelines.loader import LoadConfig, load_engine
 
     from accel import AccelSettings
 
     accel = AccelSettings(teacache_coefficients=args.teacache_coefficients, dbcache_fn_blocks=args.dbcache_fn)
+    if not 0.0 <= args.safety_threshold <= 1.0:
+        raise SystemExit("error: --safety-threshold must be between 0 and 1")
     engine = EngineConfig(i2i_path=i2i, i2i_load=args.i2i_load, lora_dir=args.lora_dir, max_loras=args.max_loras,
-                          accel=accel)
-    return load_engine(LoadConfig(path, device, args.dtype), engine)
+                          accel=accel, safety_path=_resolve_safety(args, tiny) if safety else None,
+                          safety_threshold=args.safety_threshold)
+    return load_engine(LoadConfig(path, device, args.dtype, args.offload), engine)
 
 
 def _is_loopback(host: str) -> bool:
@@ -310,7 +365,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .config import ServerConfig
     from .dispatcher import result_item, to_spec
     from .encoding import encode
-    from .protocol import TaskError
+    from pipelines.spec import InvalidInput
+
+    from .protocol import TaskError, task_error
     from .validation import parse_image_inference
 
     tasks = _read_tasks(args)
@@ -318,7 +375,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("error: give a tasks file or --prompt")
     parsed, errors = [], []
     # Image inputs need the server's image store; everything the pipeline does itself is served.
-    features = frozenset({"acceleration"} | ({"lora"} if args.lora_dir else set()))
+    features = frozenset({"acceleration", "safety"} | ({"lora"} if args.lora_dir else set()))
     for raw in tasks:
         try:
             if not isinstance(raw, dict):
@@ -331,20 +388,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     data: list[dict] = []
     stats: list[dict] = []
     if parsed:
-        path, i2i, device, _ = _resolve_model(args, fallback=False)
-        engine, _ = _load_engine(args, path, i2i, device)
+        path, i2i, device, tiny = _resolve_model(args, fallback=False)
+        engine, _ = _load_engine(args, path, i2i, device, tiny)
         args.out.mkdir(parents=True, exist_ok=True)
         for task in tqdm(parsed, desc="tasks", unit="task"):
             spec = to_spec(task)
-            with tqdm(total=spec.steps, desc=f"steps {task.taskUUID[:8]}", unit="step", leave=False) as bar:
-                output = engine.generate(spec, on_step=lambda done, total: bar.update(done - bar.n))
-            for image, seed in zip(output.images, output.seeds):
+            try:
+                with tqdm(total=spec.steps, desc=f"steps {task.taskUUID[:8]}", unit="step", leave=False) as bar:
+                    output = engine.generate(spec, on_step=lambda done, total: bar.update(done - bar.n))
+            except InvalidInput as exc:
+                errors.append(task_error(exc.code, str(exc), parameter=exc.parameter, task_type=task.taskType,
+                                         task_uuid=task.taskUUID).item.wire())
+                log.error("task %s refused: %s", task.taskUUID, exc)
+                continue
+            for index, (image, seed) in enumerate(zip(output.images, output.seeds)):
                 blob, ext, mime = encode(image, task.outputFormat, task.outputQuality)
                 image_uuid = str(uuid.uuid4())
                 file = (args.out / f"{image_uuid}.{ext}").resolve()
                 file.write_bytes(blob)
                 cost = output.seconds * ServerConfig.price_per_gpu_hour / 3600 / len(output.images)
-                item = result_item(task, image_uuid, blob, mime, file.as_uri(), seed, cost)
+                item = result_item(task, image_uuid, blob, mime, file.as_uri(), seed, cost,
+                                   nsfw=output.nsfw[index] if output.nsfw is not None else None)
                 item["imagePath"] = str(file)
                 item["seconds"] = round(output.seconds, 3)
                 data.append(item)
@@ -387,7 +451,7 @@ def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: unknown scheduler {args.scheduler!r}; use one of {', '.join(SCHEDULER_NAMES)}")
     sizes = args.size or [(1024, 1024)]
     path, i2i, device, tiny = _resolve_model(args, fallback=False)
-    engine, info = _load_engine(args, path, None, device)
+    engine, info = _load_engine(args, path, None, device, tiny, safety=False)
     specs = [GenerationSpec(prompt, "", width=w, height=h, seed=args.seed + i, steps=args.steps,
                             guidance_scale=args.cfg_scale, scheduler=args.scheduler)
              for i, prompt in enumerate(prompts) for w, h in sizes]
@@ -410,9 +474,9 @@ def cmd_weights_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_download(args: argparse.Namespace) -> int:
-    from weights.hub import I2I_REPO, T2I_REPO, download
+    from weights.hub import I2I_REPO, SAFETY_REPO, T2I_REPO, download
 
-    for repo in [args.model] if args.model else [T2I_REPO, I2I_REPO]:
+    for repo in [args.model] if args.model else [T2I_REPO, I2I_REPO, SAFETY_REPO]:
         print(f"{repo}: {download(repo, args.cache_dir)}")
     return 0
 

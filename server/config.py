@@ -26,6 +26,7 @@ class ServerConfig:
     ws_resume_window: float = 120.0  # seconds undelivered WebSocket results wait for a reconnect
     ws_resume_buffer: int = 256  # frames kept per disconnected session
     shutdown_timeout: float = 60.0  # seconds SIGTERM waits for tasks in flight
+    safety_action: str = "flag"  # "flag": NSFWContent per image; "block": fail the task if any image is flagged
 
     @property
     def image_dir(self) -> Path:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from accel import StepCacheConfig, resolve_window
+from pipelines.logcontext import current_task
 from pipelines.spec import GenerationOutput, GenerationSpec, InvalidInput
 from pipelines.worker import GenerationError, QueueFull, Worker
 
@@ -102,19 +103,24 @@ class Dispatcher:
         return reply
 
     async def run_one(self, raw: Any, *, base_url: str) -> tuple[list[dict], TaskError | None]:
+        task_uuid = raw.get("taskUUID") if isinstance(raw, dict) else None
+        task_type = raw.get("taskType") if isinstance(raw, dict) else None
+        # Every log line about this task (here, in jobs it starts, in the worker) carries its taskUUID.
+        current_task.set(task_uuid if isinstance(task_uuid, str) else None)
         try:
-            return await self._task(raw, base_url), None
+            items, error = await self._task(raw, base_url), None
         except TaskError as err:
-            return [], err
+            items, error = [], err
         except Exception:  # noqa: BLE001 - a bug must fail its task, not the connection
             log.exception("task failed unexpectedly")
-            task_uuid = raw.get("taskUUID") if isinstance(raw, dict) else None
-            task_type = raw.get("taskType") if isinstance(raw, dict) else None
-            return [], task_error(
+            items, error = [], task_error(
                 "internalServerError", "Internal server error while handling this task.",
                 task_type=task_type if isinstance(task_type, str) else None,
                 task_uuid=task_uuid if isinstance(task_uuid, str) else None, http_status=500,
             )
+        if self.metrics is not None:
+            self.metrics.task_answered(task_type, error.item.code if error is not None else None)
+        return items, error
 
     async def drain(self, timeout: float) -> int:
         """Stop taking tasks and wait for jobs in flight; returns how many were still running."""
@@ -271,6 +277,11 @@ class Dispatcher:
             except GenerationError as exc:
                 raise task_error("inferenceError", f"Image generation failed: {exc}", task_type=task.taskType,
                                  task_uuid=task.taskUUID, http_status=500) from None
+            if output.nsfw is not None and any(output.nsfw) and self.config.safety_action == "block":
+                flagged = sum(output.nsfw)
+                raise task_error("nsfwContentDetected", f"The safety check flagged {flagged} of "
+                                 f"{len(output.nsfw)} image(s) as NSFW; this server withholds flagged results.",
+                                 parameter="safety", task_type=task.taskType, task_uuid=task.taskUUID)
             items, files = await asyncio.to_thread(self._deliver, task, output, base_url)
         except asyncio.CancelledError:
             future.cancel()
@@ -296,7 +307,7 @@ class Dispatcher:
                 if task.uploadEndpoint:
                     self.outbox.enqueue_upload(task.uploadEndpoint, data, mime)
         if self.metrics is not None:
-            self.metrics.task_done(output.seconds, output.cache_stats)
+            self.metrics.generation_done(output)
         log.info("task %s done: %d image(s) %dx%d, %d steps, %.2f s, %s", task.taskUUID, len(items),
                  output.width, output.height, spec.steps, output.seconds, describe_passes(output.cache_stats))
         return items
@@ -307,7 +318,7 @@ class Dispatcher:
         if task.webhookURL and self.outbox is not None:
             self.outbox.enqueue_webhook(task.webhookURL, {"errors": [err.item.wire()]})
         if self.metrics is not None:
-            self.metrics.task_failed()
+            self.metrics.generation_failed()
         log.warning("task %s failed: %s", task.taskUUID, err.item.message)
 
     def _ttl(self, task: ImageInferenceTask) -> int:
@@ -320,11 +331,12 @@ class Dispatcher:
         cost = output.seconds * self.config.price_per_gpu_hour / 3600 / len(output.images)
         url_base = (self.config.public_url or base_url).rstrip("/")
         items, files = [], []
-        for image, seed in zip(output.images, output.seeds):
+        for index, (image, seed) in enumerate(zip(output.images, output.seeds)):
             data, ext, mime = encode(image, task.outputFormat, task.outputQuality)
             stored = self.images.put(data, ext, ttl)
             url = f"{url_base}/image/{stored.name}"
-            item = result_item(task, stored.image_uuid, data, mime, url, seed, cost)
+            item = result_item(task, stored.image_uuid, data, mime, url, seed, cost,
+                               nsfw=output.nsfw[index] if output.nsfw is not None else None)
             if task.width is None:  # the size came from the input image: say what was produced
                 item.update(width=output.width, height=output.height)
             items.append(item)
@@ -380,7 +392,8 @@ def _model_search(raw: dict, task_uuid: str) -> dict:
 
 
 def result_item(
-    task: ImageInferenceTask, image_uuid: str, data: bytes, mime: str, url: str, seed: int, cost: float
+    task: ImageInferenceTask, image_uuid: str, data: bytes, mime: str, url: str, seed: int, cost: float,
+    nsfw: bool | None = None,
 ) -> dict[str, Any]:
     """One Runware result item, with the fields `outputType` asks for."""
     item: dict[str, Any] = {"taskType": task.taskType, "taskUUID": task.taskUUID, "imageUUID": image_uuid}
@@ -392,6 +405,8 @@ def result_item(
         else:
             item["imageDataURI"] = f"data:{mime};base64," + base64.b64encode(data).decode()
     item["seed"] = seed
+    if nsfw is not None:  # only when the task asked for the safety check
+        item["NSFWContent"] = nsfw
     if task.includeCost:
         item["cost"] = round(cost, 6)
     return item
@@ -418,6 +433,7 @@ def to_spec(task: ImageInferenceTask, *, init_image=None, reference_image=None) 
         strength=task.strength,
         reference_image=reference_image,
         cache=step_cache(task),
+        check_content=task.safety_check,
         task_id=task.taskUUID,
     )
 

@@ -1,36 +1,112 @@
-"""Prometheus metrics (prometheus-client), one registry per app so several apps in a process never clash."""
+"""Prometheus metrics (prometheus-client), one registry per app so several apps in a process never clash.
+
+Counters and histograms are updated where things happen (transports, dispatcher); what is a state rather
+than an event (queue depth, readiness, accelerator memory, outbox deliveries, open WebSockets) is read at
+scrape time by a collector, so it is never stale.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from typing import Any, Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+disable_created_metrics()  # no `_created` series: they double the output and nobody graphs them
+
+_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.tasks = Counter("k5serve_image_tasks", "imageInference tasks finished, by outcome",
-                             ["outcome"], registry=self.registry)
+        r = self.registry
+        self.http_requests = Counter("k5serve_http_requests", "HTTP requests by route and status code",
+                                     ["route", "status"], registry=r)
+        self.ws_frames = Counter("k5serve_websocket_frames", "WebSocket frames received", registry=r)
+        self.ws_connections_opened = Counter("k5serve_websocket_connections_opened", "WebSocket connections accepted",
+                                             registry=r)
+        self.tasks = Counter("k5serve_tasks", "Tasks answered, by taskType and outcome (success or the error code)",
+                             ["type", "outcome"], registry=r)
+        self.generations = Counter("k5serve_generations", "imageInference generations finished, by outcome",
+                                   ["outcome"], registry=r)
+        self.queue_wait = Histogram("k5serve_queue_wait_seconds", "Time a generation waited for the worker",
+                                    buckets=_SECONDS, registry=r)
         self.generation_seconds = Histogram(
-            "k5serve_generation_seconds", "Accelerator time per imageInference task (queue wait excluded)",
-            buckets=(0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300), registry=self.registry)
+            "k5serve_generation_seconds", "Worker time per imageInference task (queue wait excluded, safety check "
+            "included)", buckets=_SECONDS, registry=r)
+        self.step_seconds = Histogram("k5serve_step_seconds", "Seconds per denoising step",
+                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4), registry=r)
+        self.images = Counter("k5serve_images", "Images produced", registry=r)
+        self.nsfw = Counter("k5serve_images_flagged_nsfw", "Images the safety classifier flagged", registry=r)
         self.passes = Counter(
             "k5serve_transformer_passes", "Transformer passes per CFG branch, computed or reused from the step "
             "cache; cache is none when the task asked for no step caching",
-            ["cache", "branch", "outcome"], registry=self.registry)
+            ["cache", "branch", "outcome"], registry=r)
+        self._state: Callable[[], dict[str, Any]] | None = None
+        r.register(_StateCollector(self))
 
-    def task_done(self, seconds: float, cache_stats: dict | None) -> None:
-        self.tasks.labels("success").inc()
-        self.generation_seconds.observe(seconds)
-        if cache_stats:
-            method = cache_stats.get("method") or "none"
-            for branch, counts in cache_stats.get("branches", {}).items():
+    def watch(self, state: Callable[[], dict[str, Any]]) -> None:
+        """`state()` -> {"ready", "queue_depth", "queue_limit", "memory", "outbox", "websockets"}, read per scrape."""
+        self._state = state
+
+    def task_answered(self, task_type: Any, error_code: str | None) -> None:
+        self.tasks.labels(task_type if isinstance(task_type, str) and len(task_type) < 40 else "invalid",
+                          error_code or "success").inc()
+
+    def generation_done(self, output) -> None:
+        self.generations.labels("success").inc()
+        self.queue_wait.observe(output.queue_seconds)
+        self.generation_seconds.observe(output.seconds)
+        for seconds in output.step_seconds:
+            self.step_seconds.observe(seconds)
+        self.images.inc(len(output.images))
+        if output.nsfw:
+            self.nsfw.inc(sum(output.nsfw))
+        stats = output.cache_stats
+        if stats:
+            method = stats.get("method") or "none"
+            for branch, counts in stats.get("branches", {}).items():
                 self.passes.labels(method, branch, "computed").inc(counts["computed"])
                 self.passes.labels(method, branch, "skipped").inc(counts["skipped"])
 
-    def task_failed(self) -> None:
-        self.tasks.labels("error").inc()
+    def generation_failed(self) -> None:
+        self.generations.labels("error").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        state = self.metrics._state() if self.metrics._state else {}
+        yield GaugeMetricFamily("k5serve_ready", "1 when /ready answers 200", value=float(state.get("ready", 0)))
+        yield GaugeMetricFamily("k5serve_queue_depth", "Generations queued or running",
+                                value=float(state.get("queue_depth", 0)))
+        yield GaugeMetricFamily("k5serve_queue_limit", "Generations accepted before 429s",
+                                value=float(state.get("queue_limit") or 0))
+        yield GaugeMetricFamily("k5serve_websocket_connections", "Open WebSocket connections",
+                                value=float(state.get("websockets", 0)))
+        memory = GaugeMetricFamily("k5serve_gpu_memory_bytes", "Accelerator memory (CUDA only)", labels=["kind"])
+        for kind, value in (state.get("memory") or {}).items():
+            memory.add_metric([kind], float(value))
+        yield memory
+        deliveries = CounterMetricFamily("k5serve_outbound_deliveries", "Webhook and upload delivery attempts by "
+                                         "outcome (delivered, retried, failed = given up)", labels=["kind", "outcome"])
+        for kind, counts in (state.get("outbox") or {}).items():
+            for outcome, value in counts.items():
+                deliveries.add_metric([kind, outcome], float(value))
+        yield deliveries

@@ -308,7 +308,7 @@ def _check_features(task: ImageInferenceTask, features: frozenset[str], fail) ->
         if requested and feature not in features:
             raise fail(
                 f"unsupported{parameter.split('.')[0][0].upper()}{parameter.split('.')[0][1:]}",
-                f"The {parameter} feature is not available on this server yet; the request was not run.",
+                f"The {parameter} feature is not available on this server as configured; the request was not run.",
                 parameter,
             )
 

@@ -107,6 +107,8 @@ async def _send_direct(ws: WebSocket, payload: dict) -> None:
 async def websocket_endpoint(ws: WebSocket) -> None:
     state = ws.app.state
     await ws.accept()
+    state.ws_open = getattr(state, "ws_open", 0) + 1
+    state.metrics.ws_connections_opened.inc()
     session: Session | None = None
     running: set[asyncio.Task] = set()
     base_url = _http_base(ws)
@@ -115,6 +117,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 break
+            state.metrics.ws_frames.inc()
             text = message.get("text")
             if text is None and message.get("bytes") is not None:
                 text = message["bytes"].decode("utf-8", "replace")
@@ -160,8 +163,13 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     except WebSocketDisconnect:
         pass
     finally:
+        state.ws_open -= 1
         if session is not None:
             session.detach(ws)
+
+
+def open_connections(app) -> int:
+    return getattr(app.state, "ws_open", 0)
 
 
 async def _run(dispatcher, session: Session, raw: Any, base_url: str) -> None:

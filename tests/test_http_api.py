@@ -254,12 +254,10 @@ def test_range_errors_report_bounds_and_allowed_values(server):
 @pytest.mark.parametrize(
     "change,code",
     [
-        ({"lora": [{"model": "civitai:1@1", "weight": 0.5}]}, "unsupportedLora"),
-        ({"safety": {"checkContent": True}}, "unsupportedSafety"),
-        ({"checkNSFW": True}, "unsupportedSafety"),
+        ({"lora": [{"model": "civitai:1@1", "weight": 0.5}]}, "unsupportedLora"),  # no --lora-dir
     ],
 )
-def test_features_not_served_yet_are_refused_not_ignored(server, change, code):
+def test_features_not_enabled_are_refused_not_ignored(server, change, code):
     err = only_error(server.post([task(**change)]))
     assert err["code"] == code and "not available" in err["message"]
 

@@ -13,18 +13,22 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 
 T2I_REPO = "kandinskylab/Kandinsky-5.0-T2I-Lite-sft-Diffusers"
 I2I_REPO = "kandinskylab/Kandinsky-5.0-I2I-Lite-sft-Diffusers"
+# The default content-safety classifier: ViT-base fine-tuned for normal/nsfw (Apache-2.0, ~340 MB).
+SAFETY_REPO = "Falconsai/nsfw_image_detection"
 
 
 class WeightsNotFound(Exception):
     pass
 
 
-def resolve(model: str, cache_dir: str | Path | None = None) -> Path:
-    """A local diffusers folder, or a repo id already in the Hugging Face cache, as a folder path."""
+def resolve(model: str, cache_dir: str | Path | None = None, marker: str = "model_index.json") -> Path:
+    """A local diffusers folder (or, with marker="config.json", a transformers model folder), or a repo id
+    already in the Hugging Face cache, as a folder path."""
     path = Path(model).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise WeightsNotFound(f"{path} is not a diffusers checkpoint (no model_index.json)")
+        if not (path / marker).is_file():
+            kind = "diffusers checkpoint" if marker == "model_index.json" else "model folder"
+            raise WeightsNotFound(f"{path} is not a {kind} (no {marker})")
         return path
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
         raise WeightsNotFound(f"no such model folder: {model}")

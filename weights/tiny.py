@@ -55,7 +55,7 @@ from pathlib import Path
 
 TINY_BUILDER_VERSION = "k5tiny-2"  # bump on any change to what is written
 MARKER = "tiny_builder_version.txt"
-KINDS = ("t2i", "i2i")
+KINDS = ("t2i", "i2i", "safety")  # "safety": the NSFW image classifier (transformers, not diffusers)
 
 # --- prompt templates (copied from diffusers 0.42.1 pipelines; pinned by tests) ---------------------------------
 T2I_TEMPLATE = (
@@ -249,7 +249,7 @@ def make_clip_tokenizer():
 # ---------------------------------------------------------------------------------------------------------------
 QWEN_HIDDEN = 32  # -> transformer in_text_dim
 CLIP_HIDDEN = 32  # -> transformer in_text_dim2
-SEEDS = {"text_encoder": 1, "text_encoder_2": 2, "vae": 3, "t2i": 4, "i2i": 5}
+SEEDS = {"text_encoder": 1, "text_encoder_2": 2, "vae": 3, "t2i": 4, "i2i": 5, "safety": 6}
 
 
 def make_qwen_processor(tokenizer):
@@ -412,11 +412,31 @@ def build_pipeline(kind: str = "t2i"):
 # ---------------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------------
+def build_safety_classifier(out: Path) -> None:
+    """A tiny randomly initialised ``ViTForImageClassification`` with labels ``normal``/``nsfw`` and its image
+    processor: the same classes (and the same loading code) as the default real classifier."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, num_labels=2, id2label={0: "normal", 1: "nsfw"},
+                       label2id={"normal": 0, "nsfw": 1})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEEDS["safety"])
+        model = ViTForImageClassification(config).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+
+
 def build_tiny(out_dir: str | Path, kind: str = "t2i") -> Path:
-    """Write a tiny diffusers-format Kandinsky 5 ``kind`` ("t2i" | "i2i") checkpoint to ``out_dir``; return it."""
+    """Write a tiny Kandinsky 5 ``kind`` ("t2i" | "i2i", diffusers format) checkpoint, or the tiny safety
+    classifier ("safety", transformers format), to ``out_dir``; return it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    build_pipeline(kind).save_pretrained(out, safe_serialization=True)
+    if kind == "safety":
+        build_safety_classifier(out)
+    else:
+        build_pipeline(kind).save_pretrained(out, safe_serialization=True)
     (out / MARKER).write_text(TINY_BUILDER_VERSION + "\n")
     return out
 
