@@ -188,6 +188,13 @@ def parse_image_inference(
         )
     if task.acceleratorOptions is not None:
         _check_cache_window(task, fail)
+    if task.safety is not None and task.safety.checkInputs:
+        raise fail(
+            "unsupportedCheckInputs",
+            "safety.checkInputs is not supported by this server (only the output images are checked); "
+            "send it as false or leave it out.",
+            "safety.checkInputs",
+        )
     _check_features(task, features, fail)
     return task
 

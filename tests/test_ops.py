@@ -64,6 +64,11 @@ def test_nsfw_flag_only_when_asked(flagging, fields, expected):
     assert [i.get("NSFWContent") for i in items] == [expected, expected]
 
 
+def test_checking_inputs_is_refused_not_ignored(flagging):
+    err = only_error(flagging.post([task(safety={"checkContent": True, "checkInputs": True})], headers=HEADERS))
+    assert (err["code"], err["parameter"]) == ("unsupportedCheckInputs", "safety.checkInputs")
+
+
 def test_nsfw_flag_over_websocket(flagging):
     client = Client(flagging)
     try:
