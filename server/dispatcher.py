@@ -303,9 +303,9 @@ class Dispatcher:
         if self.outbox is not None:
             for item, (data, mime) in zip(items, files):
                 if task.webhookURL:
-                    self.outbox.enqueue_webhook(task.webhookURL, {"data": [item]})
+                    self.outbox.enqueue_webhook(task.webhookURL, {"data": [item]}, task.taskUUID)
                 if task.uploadEndpoint:
-                    self.outbox.enqueue_upload(task.uploadEndpoint, data, mime)
+                    self.outbox.enqueue_upload(task.uploadEndpoint, data, mime, task.taskUUID)
         if self.metrics is not None:
             self.metrics.generation_done(output)
         log.info("task %s done: %d image(s) %dx%d, %d steps, %.2f s, %s", task.taskUUID, len(items),
@@ -316,7 +316,7 @@ class Dispatcher:
         self.tasks.update(task.taskUUID, status=ERROR, errors=[err.item.wire() | {"status": "error"}],
                           expires_at=time.time() + self._ttl(task))
         if task.webhookURL and self.outbox is not None:
-            self.outbox.enqueue_webhook(task.webhookURL, {"errors": [err.item.wire()]})
+            self.outbox.enqueue_webhook(task.webhookURL, {"errors": [err.item.wire()]}, task.taskUUID)
         if self.metrics is not None:
             self.metrics.generation_failed()
         log.warning("task %s failed: %s", task.taskUUID, err.item.message)

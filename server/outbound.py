@@ -44,6 +44,8 @@ from pathlib import Path
 import httpcore
 import httpx
 
+from pipelines.logcontext import current_task
+
 log = logging.getLogger("k5serve.outbound")
 
 MAX_REDIRECTS = 3
@@ -270,7 +272,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     content_type TEXT NOT NULL,
     created REAL NOT NULL,         -- wall-clock time of enqueue; retries stop retry_for after it
     attempts INTEGER NOT NULL DEFAULT 0,
-    next_at REAL NOT NULL          -- wall-clock time of the next attempt
+    next_at REAL NOT NULL,         -- wall-clock time of the next attempt
+    task_uuid TEXT                 -- the task it delivers for: its log lines carry it
 )"""
 _METHODS = {"webhook": "POST", "upload": "PUT"}
 
@@ -303,6 +306,8 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
+        if "task_uuid" not in {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}:
+            self._db.execute("ALTER TABLE outbox ADD COLUMN task_uuid TEXT")  # a file from an older version
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None      # new entries or a free slot: look for due entries
         self._progress: asyncio.Event | None = None  # an entry was delivered or dropped: flush() rechecks
@@ -312,13 +317,13 @@ class Outbox:
 
     # -- public API
 
-    def enqueue_webhook(self, url: str, body: dict) -> None:
+    def enqueue_webhook(self, url: str, body: dict, task_uuid: str | None = None) -> None:
         """Queue one POST of `body` as JSON to `url`."""
-        self._enqueue("webhook", url, json.dumps(body).encode(), "application/json")
+        self._enqueue("webhook", url, json.dumps(body).encode(), "application/json", task_uuid)
 
-    def enqueue_upload(self, url: str, data: bytes, content_type: str) -> None:
+    def enqueue_upload(self, url: str, data: bytes, content_type: str, task_uuid: str | None = None) -> None:
         """Queue one PUT of the raw bytes `data` with `content_type` to `url`."""
-        self._enqueue("upload", url, bytes(data), content_type)
+        self._enqueue("upload", url, bytes(data), content_type, task_uuid)
 
     async def start(self) -> None:
         """Start the delivery loop on the running event loop; pending entries from the file are resumed."""
@@ -366,12 +371,13 @@ class Outbox:
 
     # -- internals
 
-    def _enqueue(self, kind: str, url: str, body: bytes, content_type: str) -> None:
+    def _enqueue(self, kind: str, url: str, body: bytes, content_type: str, task_uuid: str | None) -> None:
         now = time.time()
         with self._db_lock:
             self._db.execute(
-                "INSERT INTO outbox (kind, url, body, content_type, created, next_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (kind, url, body, content_type, now, now),
+                "INSERT INTO outbox (kind, url, body, content_type, created, next_at, task_uuid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (kind, url, body, content_type, now, now, task_uuid),
             )
         self._notify(self._wake)
 
@@ -393,7 +399,7 @@ class Outbox:
             now = time.time()
             with self._db_lock:
                 due = self._db.execute(
-                    "SELECT id, kind, url, content_type, created, attempts FROM outbox "
+                    "SELECT id, kind, url, content_type, created, attempts, task_uuid FROM outbox "
                     "WHERE next_at <= ? ORDER BY next_at LIMIT 1000", (now,)).fetchall()
                 later = self._db.execute("SELECT MIN(next_at) FROM outbox WHERE next_at > ?", (now,)).fetchone()[0]
             per_origin = Counter(origin for origin, _ in self._inflight.values())
@@ -412,7 +418,8 @@ class Outbox:
                 pass
 
     async def _deliver(self, id_: int, kind: str, url: str, content_type: str, created: float,
-                       attempts: int) -> None:
+                       attempts: int, task_uuid: str | None) -> None:
+        current_task.set(task_uuid)  # this delivery runs as its own asyncio task: its lines name the task
         where = redact(url)
         try:
             with self._db_lock:

@@ -86,9 +86,8 @@ def own_data_dir(tmp_path_factory, data_dir: Path, name: str = "server") -> Path
     return own
 
 
-@pytest.fixture(scope="session")
-def start_server(data_dir, tmp_path_factory):
-    """Factory: start a server with extra CLI options; all are stopped at the end of the session."""
+def _server_factory(data_dir, tmp_path_factory):
+    """(start(*extra) -> RunningServer, stop_all)."""
     started: list[RunningServer] = []
 
     def start(*extra: str) -> RunningServer:
@@ -96,15 +95,28 @@ def start_server(data_dir, tmp_path_factory):
         started.append(server)
         return server
 
+    def stop_all() -> None:
+        for server in started:
+            server.stop()
+
+    return start, stop_all
+
+
+@pytest.fixture(scope="module")
+def start_server(data_dir, tmp_path_factory):
+    """Factory: start a server with extra CLI options; they are stopped when the test module ends (each
+    server holds about 1.2 GB, and CI has 24 GB)."""
+    start, stop_all = _server_factory(data_dir, tmp_path_factory)
     yield start
-    for server in started:
-        server.stop()
+    stop_all()
 
 
 @pytest.fixture(scope="session")
-def server(start_server) -> RunningServer:
+def server(data_dir, tmp_path_factory) -> RunningServer:
     """The default open-access server, shared by most tests."""
-    return start_server("--image-ttl", "3600")
+    start, stop_all = _server_factory(data_dir, tmp_path_factory)
+    yield start("--image-ttl", "3600")
+    stop_all()
 
 
 def task(**fields) -> dict:

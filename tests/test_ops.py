@@ -285,6 +285,8 @@ def test_metrics_move_when_tasks_run(flagging):
     assert moved("k5serve_outbound_deliveries_total", kind="webhook", outcome="retried") >= 1
     assert moved("k5serve_websocket_connections_opened_total") == 1
     assert value(after, "k5serve_ready") == 1 and value(after, "k5serve_queue_limit") == 64
+    retry = [json.loads(line) for line in flagging.log().splitlines() if "outbox: webhook" in line and "retry" in line]
+    assert retry and retry[-1].get("taskUUID") == t["taskUUID"]  # delivery lines name their task too
     assert ("k5serve_gpu_memory_bytes", (("kind", "allocated"),)) not in after  # CPU: no GPU series
 
 
