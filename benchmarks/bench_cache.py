@@ -90,13 +90,12 @@ def main() -> None:
 
     def measure(cache):
         """-> (median seconds per image, images of the last run, passes computed, passes skipped)."""
-        runs = [[s for s in specs] for _ in range(args.runs + 1)]
         seconds, images, computed, skipped = [], [], 0, 0
-        for index, batch in enumerate(runs):
+        for index in range(args.runs + 1):
             started = time.perf_counter()
-            outputs = [pipe.generate(dataclasses.replace(spec, cache=cache)) for spec in batch]
+            outputs = [pipe.generate(dataclasses.replace(spec, cache=cache)) for spec in specs]
             if index:  # the first run warms up
-                seconds.append((time.perf_counter() - started) / len(batch))
+                seconds.append((time.perf_counter() - started) / len(specs))
             images = [o.images[0] for o in outputs]
             computed = sum(o.cache_stats["computed"] for o in outputs)
             skipped = sum(o.cache_stats["skipped"] for o in outputs)

@@ -101,9 +101,7 @@ class K5Engine:
                 resolve_lora_file(self.config.lora_dir, model)
             except LoraError as exc:
                 raise InvalidInput(str(exc), code="invalidLoraModel", parameter=f"lora[{index}].model") from None
-        if spec.check_content and self.safety is None:
-            raise InvalidInput("this server has no safety classifier loaded (start it with --safety-model)",
-                               code="unsupportedSafety", parameter="safety")
+        self._check_safety(spec)
         if spec.reference_image is not None and self.config.i2i_path is None:
             raise InvalidInput("this server has no image editing model (start it with --i2i-model)",
                                code="unsupportedReferenceImages", parameter="referenceImages")
@@ -122,9 +120,7 @@ class K5Engine:
                 manager.apply(spec.loras)
             except LoraError as exc:
                 raise InvalidInput(str(exc), code="invalidLoraModel", parameter="lora") from None
-        if spec.check_content and self.safety is None:
-            raise InvalidInput("this server has no safety classifier loaded (start it with --safety-model)",
-                               code="unsupportedSafety", parameter="safety")
+        self._check_safety(spec)  # callers without a worker (`k5serve generate`) never ran check()
         output = pipe.generate(spec, on_step)
         if spec.check_content:
             started = time.perf_counter()
@@ -132,6 +128,11 @@ class K5Engine:
             output.nsfw = self.safety.flags(output.nsfw_scores)
             output.seconds += time.perf_counter() - started  # the check is part of the task's cost
         return output
+
+    def _check_safety(self, spec: GenerationSpec) -> None:
+        if spec.check_content and self.safety is None:
+            raise InvalidInput("this server has no safety classifier loaded (start it with --safety-model)",
+                               code="unsupportedSafety", parameter="safety")
 
     def memory(self) -> dict[str, int]:
         device = self.t2i._execution_device

@@ -132,10 +132,10 @@ def create_app(config: ServerConfig, load_worker: Callable[[], Worker]) -> FastA
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     def metric_state() -> dict[str, Any]:
-        worker = dispatcher.worker
-        return {"ready": readiness()["ready"], "queue_depth": worker.queue_depth if worker else 0,
-                "queue_limit": worker.max_queue if worker else 0, "memory": worker.memory() if worker else {},
-                "outbox": outbox.stats, "websockets": ws.open_connections(app)}
+        body = readiness()  # one look at the worker per scrape
+        return {"ready": body["ready"], "queue_depth": body.get("queue", 0), "queue_limit": body.get("queueLimit", 0),
+                "memory": body.get("gpuMemoryBytes", {}), "outbox": outbox.stats,
+                "websockets": ws.open_connections(app)}
 
     metrics.watch(metric_state)
 

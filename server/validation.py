@@ -187,7 +187,7 @@ def parse_image_inference(
             allowedValues=list(SCHEDULER_NAMES),
         )
     if task.acceleratorOptions is not None:
-        _check_cache_window(task, fail)
+        _check_accelerator_options(task, fail)
     if task.safety is not None and task.safety.checkInputs:
         raise fail(
             "unsupportedCheckInputs",
@@ -245,7 +245,7 @@ def _sdk_aliases(raw: dict[str, Any], task_uuid: str) -> dict[str, Any]:
     return {**raw, "acceleratorOptions": acc}
 
 
-def _check_cache_window(task: ImageInferenceTask, fail) -> None:
+def _check_accelerator_options(task: ImageInferenceTask, fail) -> None:
     acc = task.acceleratorOptions
     assert acc is not None
     if acc.deepCache:
