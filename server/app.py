@@ -18,19 +18,21 @@ from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from pipelines.worker import Worker
 
-from . import http, ws
+from . import http, openapi, ws
 from .auth import Authenticator
 from .config import ServerConfig
 from .dispatcher import Dispatcher
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .outbound import Outbox
-from .protocol import ErrorItem
+from .protocol import TASK_TYPES, ErrorItem
 from .store import ImageStore
 from .tasks import SQLiteTaskStore
+from .wire import WireResponse
+from .validation import error_codes
 
 log = logging.getLogger("k5serve.app")
 
@@ -39,7 +41,7 @@ def create_app(config: ServerConfig, load_worker: Callable[[], Worker]) -> FastA
     images = ImageStore(config.image_dir)
     tasks = SQLiteTaskStore(config.task_db)
     outbox = Outbox(config.outbox_db, allow_private=config.allow_private_urls)
-    metrics = Metrics()
+    metrics = Metrics(TASK_TYPES, error_codes())
     dispatcher = Dispatcher(config, None, images, tasks, outbox, metrics)
     sessions = ws.Sessions(config.ws_resume_window, config.ws_resume_buffer)
     load_state: dict = {"error": None}
@@ -82,7 +84,10 @@ def create_app(config: ServerConfig, load_worker: Callable[[], Worker]) -> FastA
                 await asyncio.to_thread(dispatcher.worker.close)
             tasks.close()
 
-    app = FastAPI(title="k5serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="k5serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  default_response_class=WireResponse,
+                  description="A self-hosted, Runware-compatible API for Kandinsky 5.0 Image Lite.")
+    openapi.install(app, config.max_tasks_per_request)
     app.state.config = config
     app.state.auth = Authenticator(config.api_keys)
     app.state.store = images
@@ -119,17 +124,17 @@ def create_app(config: ServerConfig, load_worker: Callable[[], Worker]) -> FastA
         return body
 
     @app.get("/health")
-    async def health() -> JSONResponse:
+    async def health() -> WireResponse:
         """Liveness: 200 while the process can still become or stay useful (loading counts); 503 when only a
         restart helps (the model failed to load, the worker thread died). /ready says whether to send work."""
         body = readiness()
         broken = body["model"] == "error" or body.get("workerAlive") is False
-        return JSONResponse({"status": "error" if broken else "ok", **body}, status_code=503 if broken else 200)
+        return WireResponse({"status": "error" if broken else "ok", **body}, status_code=503 if broken else 200)
 
     @app.get("/ready")
-    async def ready() -> JSONResponse:
+    async def ready() -> WireResponse:
         body = readiness()
-        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+        return WireResponse(body, status_code=200 if body["ready"] else 503)
 
     def metric_state() -> dict[str, Any]:
         body = readiness()  # one look at the worker per scrape
@@ -151,14 +156,23 @@ def create_app(config: ServerConfig, load_worker: Callable[[], Worker]) -> FastA
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def bad_request(request: Request, exc: RequestValidationError) -> WireResponse:
         item = ErrorItem(code="invalidRequest", message=str(exc.errors()[0].get("msg", "invalid request")))
-        return JSONResponse({"errors": [item.wire()]}, status_code=400)
+        return WireResponse({"errors": [item.wire()]}, status_code=400)
 
     @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    async def internal_error(request: Request, exc: Exception) -> WireResponse:
         log.exception("unhandled error on %s", request.url.path)
         item = ErrorItem(code="internalServerError", message="Internal server error; the request was not completed.")
-        return JSONResponse({"errors": [item.wire()]}, status_code=500)
+        return WireResponse({"errors": [item.wire()]}, status_code=500)
 
     return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("k5serve")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -18,7 +18,7 @@ class Authenticator:
             return True
         if not isinstance(key, str) or not key:
             return False
-        candidate = key.encode()
+        candidate = key.encode("utf-8", "surrogatepass")  # a lone surrogate cannot match, and must not raise
         # Compare against every key, without an early exit, so timing says nothing about which matched.
         matched = False
         for known in self._keys:

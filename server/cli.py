@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--public-url", help="base URL for image links (default: the request's own host)")
     serve.add_argument("--model-alias", action="append", default=[], help="extra model id accepted (repeatable)")
     serve.add_argument("--max-queue", type=int, default=64, help="tasks waiting for the GPU before 429s")
+    serve.add_argument("--max-tasks-per-request", type=int, default=100,
+                       help="tasks in one HTTP body or WebSocket frame (more: maxTasksExceeded)")
     serve.add_argument("--image-ttl", type=int, default=86400, help="seconds images are kept without a ttl")
     serve.add_argument("--price-per-gpu-hour", type=float, default=2.0, help="USD, for includeCost")
     serve.add_argument("--allow-private-urls", action="store_true",
@@ -231,6 +233,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         diffusers_logging.disable_progress_bar()
     path, i2i, device, tiny = _resolve_model(args, fallback=args.fallback_tiny)
     keys = args.api_keys
+    if any(len(key) < 16 for key in keys):
+        log.warning("an API key shorter than 16 characters is easy to guess; use a long random one (logs mask "
+                    "every occurrence of each key, so a short one also masks ordinary text)")
     if not keys and not _is_loopback(args.host):
         log.warning("no --api-key given and bound to %s: anyone who can reach this port can use the GPU", args.host)
     config = ServerConfig(
@@ -246,6 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         poll_wait=args.poll_wait,
         shutdown_timeout=args.shutdown_timeout,
         safety_action=args.safety_action,
+        max_tasks_per_request=args.max_tasks_per_request,
     )
 
     def load_worker() -> LocalWorker:

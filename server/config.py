@@ -14,6 +14,8 @@ class ServerConfig:
     model_aliases: tuple[str, ...] = ()  # extra model ids accepted as this model
     image_ttl: int = 86400  # seconds an image is kept when the request gives no ttl
     max_body_bytes: int = 64 * 1024 * 1024  # base64 images travel inline
+    max_unauthenticated_bytes: int = 64 * 1024  # body read before a key is seen (header or first task)
+    max_tasks_per_request: int = 100  # tasks in one HTTP body or WebSocket frame
     price_per_gpu_hour: float = 2.0  # USD; cost = busy seconds x price / 3600
     sweep_interval: float = 30.0  # seconds between expired-image sweeps
     retry_after: int = 5  # seconds suggested to clients when the queue is full

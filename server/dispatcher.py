@@ -29,14 +29,26 @@ from .encoding import encode
 from .images import ImageInputError, Limits, decode, load_image_bytes, prepare
 from .metrics import Metrics
 from .outbound import OutboundURLError, Outbox, check_url
-from .protocol import ALLOWED_SIZES, MAX_RANDOM_SEED, MODEL_ID, ErrorItem, ImageInferenceTask, TaskError, task_error
+from .protocol import (
+    ALLOWED_SIZES,
+    MAX_RANDOM_SEED,
+    MODEL_ID,
+    TASK_TYPES,
+    ErrorItem,
+    GetResponseTask,
+    ImageInferenceTask,
+    ImageResult,
+    ImageUploadTask,
+    ModelSearchTask,
+    TaskError,
+    task_error,
+)
 from .store import ImageStore
 from .tasks import ERROR, RUNNING, SUCCESS, TaskRecord, TaskStore
-from .validation import check_task_uuid, parse_image_inference
+from .validation import check_task_uuid, parse_image_inference, parse_task
 
 log = logging.getLogger("k5serve.dispatcher")
 
-SUPPORTED_TASK_TYPES = ["imageInference", "getResponse", "imageUpload", "modelSearch", "authentication", "ping"]
 SERVER_FEATURES = frozenset({"async", "webhook", "upload"})  # served here; the worker adds its own
 RUNNING_FOREVER = 365 * 86400  # a record in flight does not expire before it finishes
 
@@ -157,19 +169,18 @@ class Dispatcher:
             return await self._image_inference(raw, base_url)
         task_uuid = check_task_uuid(raw, task_type)
         if task_type == "getResponse":
-            return await self._get_response(task_uuid)
+            return await self._get_response(parse_task(GetResponseTask, raw, task_uuid).taskUUID)
         if task_type == "imageUpload":
-            return await self._image_upload(raw, task_uuid, base_url)
+            return await self._image_upload(parse_task(ImageUploadTask, raw, task_uuid), base_url)
         if task_type == "modelSearch":
-            return [_model_search(raw, task_uuid)]
+            return [_model_search(parse_task(ModelSearchTask, raw, task_uuid))]
         raise task_error(
             "unsupportedTaskType",
-            f"Task type '{task_type}' is not supported by this server; it serves "
-            + ", ".join(SUPPORTED_TASK_TYPES[:4]) + ".",
+            "This task type is not supported by this server; it serves " + ", ".join(TASK_TYPES[:4]) + ".",
             parameter="taskType",
             task_type=task_type,
             task_uuid=task_uuid,
-            allowedValues=SUPPORTED_TASK_TYPES,
+            allowedValues=list(TASK_TYPES),
         )
 
     async def _image_inference(self, raw: dict, base_url: str) -> list[dict]:
@@ -330,17 +341,23 @@ class Dispatcher:
         ttl = self._ttl(task)
         cost = output.seconds * self.config.price_per_gpu_hour / 3600 / len(output.images)
         url_base = (self.config.public_url or base_url).rstrip("/")
-        items, files = [], []
-        for index, (image, seed) in enumerate(zip(output.images, output.seeds)):
-            data, ext, mime = encode(image, task.outputFormat, task.outputQuality)
-            stored = self.images.put(data, ext, ttl)
-            url = f"{url_base}/image/{stored.name}"
-            item = result_item(task, stored.image_uuid, data, mime, url, seed, cost,
-                               nsfw=output.nsfw[index] if output.nsfw is not None else None)
-            if task.width is None:  # the size came from the input image: say what was produced
-                item.update(width=output.width, height=output.height)
-            items.append(item)
-            files.append((data, mime))
+        items, files, stored_images = [], [], []
+        try:
+            for index, (image, seed) in enumerate(zip(output.images, output.seeds)):
+                data, ext, mime = encode(image, task.outputFormat, task.outputQuality)
+                stored = self.images.put(data, ext, ttl)
+                stored_images.append(stored)
+                url = f"{url_base}/image/{stored.name}"
+                item = result_item(task, stored.image_uuid, data, mime, url, seed, cost,
+                                   nsfw=output.nsfw[index] if output.nsfw is not None else None)
+                if task.width is None:  # the size came from the input image: say what was produced
+                    item.update(width=output.width, height=output.height)
+                items.append(item)
+                files.append((data, mime))
+        except BaseException:
+            for stored in stored_images:  # the task fails whole: none of its images stays behind
+                self.images.delete(stored)
+            raise
         return items, files
 
     async def _get_response(self, task_uuid: str) -> list[dict]:
@@ -362,14 +379,10 @@ class Dispatcher:
                           "progress": record.progress})
         return items
 
-    async def _image_upload(self, raw: dict, task_uuid: str, base_url: str) -> list[dict]:
-        image = raw.get("image")
-        if not isinstance(image, str) or not image.strip():
-            code = "missingImage" if image is None else "invalidImage"
-            raise task_error(code, "imageUpload needs `image`: a data URI, base64 data or an http(s) URL.",
-                             parameter="image", task_type="imageUpload", task_uuid=task_uuid)
+    async def _image_upload(self, task: ImageUploadTask, base_url: str) -> list[dict]:
+        task_uuid = task.taskUUID
         try:
-            data = await load_image_bytes(image, self.images, self._limits)
+            data = await load_image_bytes(task.image, self.images, self._limits)
             decoded = await asyncio.to_thread(decode, data, self._limits)
         except ImageInputError as exc:
             raise task_error("invalidImage", f"Invalid value for image parameter: {exc}.", parameter="image",
@@ -380,15 +393,17 @@ class Dispatcher:
                  "imageURL": f"{url_base}/image/{stored.name}"}]
 
 
-def _model_search(raw: dict, task_uuid: str) -> dict:
+def _model_search(task: ModelSearchTask) -> dict:
     """This server hosts one model; a search finds it when the terms match (or are absent)."""
-    terms = str(raw.get("search") or "").lower().split()
+    task_uuid = task.taskUUID
+    terms = (task.search or "").lower().split()
     name = "Kandinsky 5.0 Image Lite"
     hit = all(t in f"{MODEL_ID} {name}".lower() for t in terms)
     model = {"air": MODEL_ID, "name": name, "version": "1", "category": "checkpoint",
              "architecture": "kandinsky5", "tags": ["text-to-image"], "private": False}
-    return {"taskType": "modelSearch", "taskUUID": task_uuid, "results": [model] if hit else [],
-            "totalResults": 1 if hit else 0}
+    results = [model] if hit else []
+    return {"taskType": "modelSearch", "taskUUID": task_uuid, "results": results[task.offset:task.offset + task.limit],
+            "totalResults": len(results)}
 
 
 def result_item(
@@ -396,20 +411,18 @@ def result_item(
     nsfw: bool | None = None,
 ) -> dict[str, Any]:
     """One Runware result item, with the fields `outputType` asks for."""
-    item: dict[str, Any] = {"taskType": task.taskType, "taskUUID": task.taskUUID, "imageUUID": image_uuid}
-    for kind in task.outputType:
-        if kind == "URL":
-            item["imageURL"] = url
-        elif kind == "base64Data":
-            item["imageBase64Data"] = base64.b64encode(data).decode()
-        else:
-            item["imageDataURI"] = f"data:{mime};base64," + base64.b64encode(data).decode()
-    item["seed"] = seed
-    if nsfw is not None:  # only when the task asked for the safety check
-        item["NSFWContent"] = nsfw
-    if task.includeCost:
-        item["cost"] = round(cost, 6)
-    return item
+    b64 = base64.b64encode(data).decode() if {"base64Data", "dataURI"} & set(task.outputType) else None
+    return ImageResult(
+        taskType=task.taskType,
+        taskUUID=task.taskUUID,
+        imageUUID=image_uuid,
+        imageURL=url if "URL" in task.outputType else None,
+        imageBase64Data=b64 if "base64Data" in task.outputType else None,
+        imageDataURI=f"data:{mime};base64,{b64}" if "dataURI" in task.outputType else None,
+        seed=seed,
+        NSFWContent=nsfw,  # only when the task asked for the safety check
+        cost=round(cost, 6) if task.includeCost else None,
+    ).wire()
 
 
 def to_spec(task: ImageInferenceTask, *, init_image=None, reference_image=None) -> GenerationSpec:

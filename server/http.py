@@ -1,7 +1,11 @@
 """The REST transport: `POST /v1` with a JSON array of tasks; images at `GET /image/{imageUUID}.{ext}`.
 
-Thin on purpose: read a bounded body, parse JSON, authenticate, hand the tasks to the dispatcher, and
+Thin on purpose: authenticate, read a bounded body, parse JSON, hand the tasks to the dispatcher, and
 map its reply onto an HTTP status. It knows nothing about torch or the pipeline.
+
+Memory for clients without a key is bounded: a request whose `Authorization: Bearer` key is valid may send
+up to `max_body_bytes`; any other body is read only up to `max_unauthenticated_bytes` unless its first
+task is an `authentication` task with a valid key, and is answered 401 past that.
 """
 
 from __future__ import annotations
@@ -13,29 +17,60 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 
+from . import wire
 from .encoding import MEDIA_TYPES
 from .protocol import ErrorItem, invalid_api_key
+from .validation import batch_error
 
 log = logging.getLogger("k5serve.http")
 router = APIRouter()
 
-def _errors(status: int, *items: ErrorItem) -> JSONResponse:
-    return JSONResponse({"errors": [i.wire() for i in items]}, status_code=status)
+MISSING_KEY = "Missing API key: send Authorization: Bearer <key>, or an authentication task first."
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None when it exceeds `limit` bytes (checked before and while reading)."""
+def _errors(status: int, *items: ErrorItem) -> wire.WireResponse:
+    return wire.WireResponse({"errors": [i.wire() for i in items]}, status_code=status)
+
+
+class _Refused(Exception):
+    def __init__(self, response: wire.WireResponse):
+        self.response = response
+
+
+def _leading_key(head: bytes) -> Any:
+    """The apiKey of the body's first task when that task is a complete `authentication` object, else None."""
+    text = head.decode("utf-8", "ignore").lstrip()
+    if not text.startswith("["):
+        return None
+    try:
+        first, _ = json.JSONDecoder().raw_decode(text, len(text) - len(text[1:].lstrip()))
+    except (ValueError, RecursionError):
+        return None
+    return first.get("apiKey") if isinstance(first, dict) and first.get("taskType") == "authentication" else None
+
+
+async def _read_body(request: Request, trusted: bool) -> bytes:
+    """The whole body, within the limits above (checked before and while reading), or _Refused."""
+    config, auth = request.app.state.config, request.app.state.auth
+    limit = config.max_body_bytes
+    too_large = _Refused(_errors(413, ErrorItem(code="payloadTooLarge", message=f"Request body exceeds {limit} bytes.")))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            return None
+            raise too_large
         chunks.append(chunk)
+        if not trusted and size > config.max_unauthenticated_bytes:
+            head = b"".join(chunks)
+            key = _leading_key(head)
+            if not auth.check(key):
+                raise _Refused(_errors(401, invalid_api_key() if key else invalid_api_key(MISSING_KEY)))
+            trusted, chunks = True, [head]
     return b"".join(chunks)
 
 
@@ -46,37 +81,31 @@ def _bearer(request: Request) -> str | None:
 
 
 @router.post("/v1")
-@router.post("/v1/")
-async def post_tasks(request: Request) -> JSONResponse:
+@router.post("/v1/", include_in_schema=False)
+async def post_tasks(request: Request) -> wire.WireResponse:
     state = request.app.state
-    limit = state.config.max_body_bytes
-    body = await _read_body(request, limit)
-    if body is None:
-        return _errors(413, ErrorItem(code="payloadTooLarge", message=f"Request body exceeds {limit} bytes."))
+    header_key = _bearer(request)
     try:
-        tasks: Any = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = await _read_body(request, trusted=state.auth.open or state.auth.check(header_key))
+    except _Refused as refused:
+        return refused.response
+    try:
+        tasks: Any = wire.parse(body)
+    except wire.InvalidJSON as exc:
         return _errors(400, ErrorItem(code="invalidJSON", message=f"Request body is not valid JSON: {exc}."))
-    if not isinstance(tasks, list) or not tasks:
-        return _errors(
-            400,
-            ErrorItem(
-                code="invalidRequestBody",
-                message="Request body must be a non-empty JSON array of task objects.",
-                type="array",
-            ),
-        )
+    problem = batch_error(tasks, state.config.max_tasks_per_request)
+    if problem is not None:
+        return _errors(400, problem)
 
     # Either a Bearer header or an authentication task as the first element.
     auth_task = tasks[0] if isinstance(tasks[0], dict) and tasks[0].get("taskType") == "authentication" else None
-    key = auth_task.get("apiKey") if auth_task is not None else _bearer(request)
+    key = auth_task.get("apiKey") if auth_task is not None else header_key
     if not state.auth.check(key):
-        missing = "Missing API key: send Authorization: Bearer <key>."
-        return _errors(401, invalid_api_key() if key else invalid_api_key(missing))
+        return _errors(401, invalid_api_key() if key else invalid_api_key(MISSING_KEY))
 
     reply = await state.dispatcher.run(tasks, base_url=str(request.base_url))
     headers = {"Retry-After": str(state.config.retry_after)} if reply.status == 429 else None
-    return JSONResponse(reply.body(), status_code=reply.status, headers=headers)
+    return wire.WireResponse(reply.body(), status_code=reply.status, headers=headers)
 
 
 @router.get("/image/{name}")

@@ -7,7 +7,7 @@ scrape time by a collector, so it is never stale.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,7 +28,12 @@ _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """`task_types` and `error_codes` are the closed sets that label values come from: anything else a client
+    sends is counted as `other`, so no request can add series (or put a string it chose on /metrics)."""
+
+    def __init__(self, task_types: Iterable[str] = (), error_codes: Iterable[str] = ()) -> None:
+        self._task_types = frozenset(task_types)
+        self._error_codes = frozenset(error_codes)
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter("k5serve_http_requests", "HTTP requests by route and status code",
@@ -61,8 +66,9 @@ class Metrics:
         self._state = state
 
     def task_answered(self, task_type: Any, error_code: str | None) -> None:
-        self.tasks.labels(task_type if isinstance(task_type, str) and len(task_type) < 40 else "invalid",
-                          error_code or "success").inc()
+        known_type = task_type if isinstance(task_type, str) and task_type in self._task_types else "other"
+        outcome = "success" if error_code is None else error_code if error_code in self._error_codes else "other"
+        self.tasks.labels(known_type, outcome).inc()
 
     def generation_done(self, output) -> None:
         self.generations.labels("success").inc()

@@ -35,10 +35,17 @@ class ImageStore:
     def put(self, data: bytes, ext: str, ttl: float) -> StoredImage:
         image = StoredImage(str(uuid.uuid4()), ext, time.time() + ttl)
         tmp = self.root / f".{image.name}.tmp"
-        tmp.write_bytes(data)
-        os.utime(tmp, (image.expires_at, image.expires_at))
-        os.replace(tmp, self.root / image.name)
+        try:
+            tmp.write_bytes(data)
+            os.utime(tmp, (image.expires_at, image.expires_at))
+            os.replace(tmp, self.root / image.name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # disk full, a bad expiry time, ...: leave nothing half-written
+            raise
         return image
+
+    def delete(self, image: StoredImage) -> None:
+        (self.root / image.name).unlink(missing_ok=True)
 
     def lookup(self, name: str) -> tuple[Path, float] | None:
         """`<uuid>.<ext>` -> (path, expires_at) while it lives. Anything else (a path, a bad name) -> None."""

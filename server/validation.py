@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Iterable
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from accel import resolve_window
 
@@ -21,10 +21,13 @@ from .protocol import (
     MODEL_ID,
     SCHEDULER_NAMES,
     SDK_ACCELERATOR_ALIASES,
+    TASK_MODELS,
+    ErrorItem,
     ImageInferenceTask,
     TaskError,
     task_error,
 )
+from .wire import encodable
 
 # Nested objects whose leaf names are well known on their own (`invalidTeaCacheDistance`).
 _FLAT_PARENTS = {"acceleratorOptions", "inputs"}
@@ -67,7 +70,7 @@ def _code(prefix: str, names: list[str]) -> str:
     return prefix + "".join(n[0].upper() + n[1:] for n in names)
 
 
-def _from_pydantic(err: dict[str, Any], task_uuid: str) -> TaskError:
+def _from_pydantic(err: dict[str, Any], task_uuid: str, task_type: str) -> TaskError:
     parameter, names = _param_path(err["loc"])
     if names == ["outputType"]:
         parameter = "outputType"  # a string or a list of them; name the field, not the list slot
@@ -79,7 +82,7 @@ def _from_pydantic(err: dict[str, Any], task_uuid: str) -> TaskError:
             _code("missing", names),
             f"Missing required parameter: {parameter}.",
             parameter=parameter,
-            task_type="imageInference",
+            task_type=task_type,
             task_uuid=task_uuid,
         )
     type_name = _TYPE_NAMES.get(kind.split("_")[0])
@@ -100,6 +103,8 @@ def _from_pydantic(err: dict[str, Any], task_uuid: str) -> TaskError:
         extra["max"] = ctx.get("max_length")
         unit = "characters" if kind.startswith("string") else "items"
         reason = f"must have at most {extra['max']} {unit}"
+    elif kind == "string_unicode":  # a lone surrogate: no UTF-8 encoder could write it back
+        reason = "must be valid Unicode text (it holds a lone surrogate)"
     elif kind == "literal_error":
         key = ".".join(names)
         allowed = ALLOWED_VALUES.get(key)
@@ -113,10 +118,31 @@ def _from_pydantic(err: dict[str, Any], task_uuid: str) -> TaskError:
         _code("invalid", names),
         f"Invalid value for {parameter} parameter: {reason}.",
         parameter=parameter,
-        task_type="imageInference",
+        task_type=task_type,
         task_uuid=task_uuid,
         **extra,
     )
+
+
+def parse_task(model: type[BaseModel], raw: dict[str, Any], task_uuid: str) -> Any:
+    """Validate one raw task against its model; the first complaint becomes a Runware error."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        task_type = model.model_fields["taskType"].annotation.__args__[0]
+        raise _from_pydantic(exc.errors()[0], task_uuid, task_type) from None
+
+
+def batch_error(tasks: Any, max_tasks: int) -> ErrorItem | None:
+    """What is wrong with a request body or frame as a whole, if anything: the same answer on every transport."""
+    if not isinstance(tasks, list) or not tasks:
+        return ErrorItem(code="invalidRequestBody", type="array",
+                         message="The request must be a non-empty JSON array of task objects.")
+    if len(tasks) > max_tasks:
+        return ErrorItem(code="maxTasksExceeded", max=max_tasks,
+                         message=f"A request may hold at most {max_tasks} tasks; it held {len(tasks)}. "
+                                 "Send the rest in further requests.")
+    return None
 
 
 def check_task_uuid(raw: dict[str, Any], task_type: str | None) -> str:
@@ -145,7 +171,7 @@ def check_task_uuid(raw: dict[str, Any], task_type: str | None) -> str:
             "Invalid value for taskUUID parameter: must be a UUID v4 string.",
             parameter="taskUUID",
             task_type=task_type,
-            task_uuid=value,
+            task_uuid=value if encodable(value) else None,
         ) from None
     return value
 
@@ -160,10 +186,7 @@ def parse_image_inference(
     raw = strip_nulls(raw)
     task_uuid = check_task_uuid(raw, "imageInference")
     raw = _sdk_aliases(raw, task_uuid)
-    try:
-        task = ImageInferenceTask.model_validate(raw)
-    except ValidationError as exc:
-        raise _from_pydantic(exc.errors()[0], task_uuid) from None
+    task = parse_task(ImageInferenceTask, raw, task_uuid)
 
     def fail(code: str, message: str, parameter: str, **extra: Any) -> TaskError:
         return task_error(
@@ -325,3 +348,38 @@ def _image_param(task: ImageInferenceTask) -> str:
         if getattr(task, name):
             return name
     return "inputs"
+
+
+# Codes raised with a fixed name (everything else is derived from a parameter name below).
+_FIXED_CODES = (
+    "invalidApiKey", "missingApiKey", "invalidJSON", "invalidRequestBody", "payloadTooLarge", "maxTasksExceeded",
+    "invalidTask", "internalServerError", "serviceUnavailable", "modelNotReady", "rateLimitExceeded",
+    "inferenceError", "nsfwContentDetected", "taskFailedOrNotFound", "unknownModel", "imageNotFound",
+    "invalidRequest", "unsupportedCheckInputs", "conflictImageInputs",
+)
+
+
+def error_codes() -> frozenset[str]:
+    """Every error code this server can answer with: a closed set (metrics label outcomes with it)."""
+    codes = set(_FIXED_CODES)
+    codes |= {f"conflict{alias[0].upper()}{alias[1:]}" for alias in SDK_ACCELERATOR_ALIASES}
+    for model in TASK_MODELS:
+        for names in _field_names(model):
+            codes |= {_code(prefix, names) for prefix in ("invalid", "missing", "unsupported", "conflict")}
+    return frozenset(codes)
+
+
+def _field_names(model: type[BaseModel], parents: tuple[str, ...] = ()) -> list[list[str]]:
+    """[["taskType"], ..., ["lora", "model"], ...]: the name paths of every field, nested models included."""
+    out = []
+    for name, info in model.model_fields.items():
+        out.append([*parents, name])
+        for inner in _models_in(info.annotation):
+            out += _field_names(inner, (*parents, name))
+    return out
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_in(arg)]

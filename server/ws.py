@@ -11,7 +11,6 @@ connectionSessionUUID within `ws_resume_window` seconds.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -20,12 +19,15 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from . import wire
 from .protocol import ErrorItem, invalid_api_key
+from .validation import batch_error
 
 log = logging.getLogger("k5serve.ws")
 router = APIRouter()
 
 SEND_TIMEOUT = 30.0  # a client that takes longer to accept a frame is treated as gone
+COMMON_MESSAGE_LIMIT = 1024 * 1024  # what some clients accept per message (the `websockets` library default)
 
 
 class Session:
@@ -38,7 +40,9 @@ class Session:
 
     async def send(self, payload: dict[str, Any]) -> None:
         """Send now, or keep for a reconnect when the socket is gone or too slow."""
-        text = json.dumps(payload)
+        await self.send_text(wire.dumps(payload))
+
+    async def send_text(self, text: str) -> None:
         async with self.lock:
             ws = self.ws
             if ws is not None:
@@ -63,7 +67,7 @@ class Session:
             pending = [text for at, text in self.buffer if time.monotonic() - at <= window]
             self.buffer.clear()
         for text in pending:
-            await self.send(json.loads(text))
+            await self.send_text(text)
 
 
 class Sessions:
@@ -99,7 +103,7 @@ def _http_base(ws: WebSocket) -> str:
 
 
 async def _send_direct(ws: WebSocket, payload: dict) -> None:
-    await ws.send_text(json.dumps(payload))
+    await ws.send_text(wire.dumps(payload))
 
 
 @router.websocket("/v1")
@@ -118,18 +122,17 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             if message["type"] == "websocket.disconnect":
                 break
             state.metrics.ws_frames.inc()
-            text = message.get("text")
-            if text is None and message.get("bytes") is not None:
-                text = message["bytes"].decode("utf-8", "replace")
             try:
-                tasks = json.loads(text or "")
-            except json.JSONDecodeError as exc:
-                await _send_direct(ws, {"errors": [ErrorItem(code="invalidJSON", message=f"Frame is not valid JSON: {exc}.").wire()]})
+                tasks = wire.parse(message.get("text") if message.get("text") is not None else message.get("bytes"))
+            except wire.InvalidJSON as exc:
+                error = ErrorItem(code="invalidJSON", message=f"Frame is not valid JSON: {exc}.")
+                await _send_direct(ws, {"errors": [error.wire()]})
                 continue
             if isinstance(tasks, dict):
                 tasks = [tasks]
-            if not isinstance(tasks, list):
-                await _send_direct(ws, {"errors": [ErrorItem(code="invalidRequestBody", message="A frame must be a JSON array of task objects.", type="array").wire()]})
+            problem = batch_error(tasks, state.config.max_tasks_per_request)
+            if problem is not None:
+                await _send_direct(ws, {"errors": [problem.wire()]})
                 continue
             for raw in tasks:
                 task_type = raw.get("taskType") if isinstance(raw, dict) else None
@@ -173,9 +176,16 @@ def open_connections(app) -> int:
 
 
 async def _run(dispatcher, session: Session, raw: Any, base_url: str) -> None:
-    """One task: results go to the session, which buffers them if the client is away."""
+    """One task: results go to the session, which buffers them if the client is away. Each item goes in a
+    frame of its own, so a client with a small message limit still gets every item that fits in one."""
     items, error = await dispatcher.run_one(raw, base_url=base_url)
-    if items:
-        await session.send({"data": items})
+    frames = [wire.dumps({"data": [item]}) for item in items]
     if error is not None:
-        await session.send({"errors": [error.item.wire()]})
+        frames.append(wire.dumps({"errors": [error.item.wire()]}))
+    largest = max(map(len, frames), default=0)
+    if largest > COMMON_MESSAGE_LIMIT:
+        log.warning("a result frame of %.1f MiB: clients with a 1 MiB WebSocket message limit (the websockets "
+                    "library's default) cannot receive it; ask for outputType URL, or a lower outputQuality",
+                    largest / 2**20)
+    for text in frames:
+        await session.send_text(text)
