@@ -36,7 +36,9 @@ def main() -> int:
     ap.add_argument("--url", default="http://127.0.0.1:8080")
     ap.add_argument("--key", help="the server's API key (none: an open server)")
     ap.add_argument("--cases", type=int, default=10000)
+    ap.add_argument("--server-log", type=Path, help="the server's log: lines with a traceback count as failures")
     args = ap.parse_args()
+    log_start = args.server_log.stat().st_size if args.server_log else 0
     where = urlsplit(args.url)
     http = hostile.Http(where.hostname, where.port or 80, args.key)
     socket = hostile.Socket(args.url.replace("http", "ws", 1) + "/v1", args.key)
@@ -84,8 +86,15 @@ def main() -> int:
     except AssertionError as exc:
         after = f"/health, /ready or /metrics NOT fine afterwards: {exc}"
     seconds = time.monotonic() - started
+    if args.server_log:
+        with args.server_log.open("rb") as log:
+            log.seek(log_start)
+            bad = [line for line in log.read().decode("utf-8", "replace").splitlines()
+                   if "Traceback" in line or "internalServerError" in line]
+        outcomes["server log"] = collections.Counter({"FAILED": len(bad)} if bad else {"no tracebacks": 1})
+        failures += bad[:3]
 
-    total = sum(sum(c.values()) for c in outcomes.values())
+    total = sum(sum(c.values()) for kind, c in outcomes.items() if kind in KINDS)
     failed = sum(c["FAILED"] for c in outcomes.values())
     print(f"\n{total} cases in {seconds:.0f} s against {args.url}; {failed} failed; {after}\n")
     print(f"| {'kind':<14} | {'cases':>6} | answers (HTTP status, or WebSocket frames per case) |")

@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-queue", type=int, default=64, help="tasks waiting for the GPU before 429s")
     serve.add_argument("--max-tasks-per-request", type=int, default=100,
                        help="tasks in one HTTP body or WebSocket frame (more: maxTasksExceeded)")
+    serve.add_argument("--ws-auth-timeout", type=float, default=10.0,
+                       help="seconds a WebSocket may take to authenticate before it is closed (1008)")
+    serve.add_argument("--max-unauthenticated-websockets", type=int, default=64,
+                       help="WebSockets open at once that have not authenticated; more are refused")
     serve.add_argument("--image-ttl", type=int, default=86400, help="seconds images are kept without a ttl")
     serve.add_argument("--price-per-gpu-hour", type=float, default=2.0, help="USD, for includeCost")
     serve.add_argument("--allow-private-urls", action="store_true",
@@ -252,6 +256,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         safety_action=args.safety_action,
         max_tasks_per_request=args.max_tasks_per_request,
+        ws_auth_timeout=args.ws_auth_timeout,
+        max_unauthenticated_websockets=args.max_unauthenticated_websockets,
     )
 
     def load_worker() -> LocalWorker:

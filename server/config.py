@@ -25,6 +25,8 @@ class ServerConfig:
     allow_private_urls: bool = False  # outbound URLs to loopback/private/link-local addresses
     poll_wait: float = 10.0  # seconds a getResponse waits for an unfinished task before answering
     ws_max_message_bytes: int = 64 * 1024 * 1024  # inbound WebSocket frames (base64 images travel inline)
+    ws_auth_timeout: float = 10.0  # seconds a WebSocket may take to authenticate before it is closed
+    max_unauthenticated_websockets: int = 64  # open at once; more are refused at the handshake
     ws_resume_window: float = 120.0  # seconds undelivered WebSocket results wait for a reconnect
     ws_resume_buffer: int = 256  # frames kept per disconnected session
     shutdown_timeout: float = 60.0  # seconds SIGTERM waits for tasks in flight

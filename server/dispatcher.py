@@ -44,8 +44,9 @@ from .protocol import (
     task_error,
 )
 from .store import ImageStore
+from .wire import encodable
 from .tasks import ERROR, RUNNING, SUCCESS, TaskRecord, TaskStore
-from .validation import check_task_uuid, parse_image_inference, parse_task
+from .validation import check_task_uuid, parse_image_inference, parse_task, strip_nulls, well_formed_uuid
 
 log = logging.getLogger("k5serve.dispatcher")
 
@@ -118,7 +119,7 @@ class Dispatcher:
         task_uuid = raw.get("taskUUID") if isinstance(raw, dict) else None
         task_type = raw.get("taskType") if isinstance(raw, dict) else None
         # Every log line about this task (here, in jobs it starts, in the worker) carries its taskUUID.
-        current_task.set(task_uuid if isinstance(task_uuid, str) else None)
+        current_task.set(task_uuid if well_formed_uuid(task_uuid) else None)  # never a client's free text
         try:
             items, error = await self._task(raw, base_url), None
         except TaskError as err:
@@ -168,6 +169,7 @@ class Dispatcher:
         if task_type == "imageInference":
             return await self._image_inference(raw, base_url)
         task_uuid = check_task_uuid(raw, task_type)
+        raw = strip_nulls(raw)  # `null` counts as absent, as for imageInference
         if task_type == "getResponse":
             return await self._get_response(parse_task(GetResponseTask, raw, task_uuid).taskUUID)
         if task_type == "imageUpload":
@@ -176,7 +178,8 @@ class Dispatcher:
             return [_model_search(parse_task(ModelSearchTask, raw, task_uuid))]
         raise task_error(
             "unsupportedTaskType",
-            "This task type is not supported by this server; it serves " + ", ".join(TASK_TYPES[:4]) + ".",
+            f"Task type {_echo(task_type)}is not supported by this server; it serves "
+            + ", ".join(TASK_TYPES[:4]) + ".",
             parameter="taskType",
             task_type=task_type,
             task_uuid=task_uuid,
@@ -293,7 +296,14 @@ class Dispatcher:
                 raise task_error("nsfwContentDetected", f"The safety check flagged {flagged} of "
                                  f"{len(output.nsfw)} image(s) as NSFW; this server withholds flagged results.",
                                  parameter="safety", task_type=task.taskType, task_uuid=task.taskUUID)
-            items, files = await asyncio.to_thread(self._deliver, task, output, base_url)
+            items, files, stored = await asyncio.to_thread(self._deliver, task, output, base_url)
+            try:
+                self.tasks.update(task.taskUUID, status=SUCCESS, step=spec.steps, total_steps=spec.steps,
+                                  items=items, expires_at=time.time() + self._ttl(task))
+            except BaseException:
+                for image in stored:  # unrecorded images could never be asked for: remove them
+                    self.images.delete(image)
+                raise
         except asyncio.CancelledError:
             future.cancel()
             self._record_error(task, task_error(
@@ -309,8 +319,6 @@ class Dispatcher:
                              task_type=task.taskType, task_uuid=task.taskUUID, http_status=500)
             self._record_error(task, err)
             raise err from None
-        self.tasks.update(task.taskUUID, status=SUCCESS, step=spec.steps, total_steps=spec.steps,
-                          items=items, expires_at=time.time() + self._ttl(task))
         if self.outbox is not None:
             for item, (data, mime) in zip(items, files):
                 if task.webhookURL:
@@ -324,7 +332,9 @@ class Dispatcher:
         return items
 
     def _record_error(self, task: ImageInferenceTask, err: TaskError) -> None:
-        self.tasks.update(task.taskUUID, status=ERROR, errors=[err.item.wire() | {"status": "error"}],
+        # The HTTP status is kept with the error (not sent): a getResponse for the task answers with it too.
+        self.tasks.update(task.taskUUID, status=ERROR,
+                          errors=[err.item.wire() | {"status": "error", "httpStatus": err.http_status}],
                           expires_at=time.time() + self._ttl(task))
         if task.webhookURL and self.outbox is not None:
             self.outbox.enqueue_webhook(task.webhookURL, {"errors": [err.item.wire()]}, task.taskUUID)
@@ -337,7 +347,8 @@ class Dispatcher:
         return task.ttl if task.ttl is not None else self.config.image_ttl
 
     def _deliver(self, task: ImageInferenceTask, output: GenerationOutput, base_url: str):
-        """Encode, store and describe each image (runs in a thread: encoding is CPU work)."""
+        """Encode, store and describe each image (runs in a thread: encoding is CPU work); all or none of them
+        is stored. -> (items, (data, mime) per image, the stored images)."""
         ttl = self._ttl(task)
         cost = output.seconds * self.config.price_per_gpu_hour / 3600 / len(output.images)
         url_base = (self.config.public_url or base_url).rstrip("/")
@@ -358,7 +369,7 @@ class Dispatcher:
             for stored in stored_images:  # the task fails whole: none of its images stays behind
                 self.images.delete(stored)
             raise
-        return items, files
+        return items, files, stored_images
 
     async def _get_response(self, task_uuid: str) -> list[dict]:
         """Cumulative state of an earlier task; waits up to `poll_wait` seconds for it to finish."""
@@ -371,8 +382,9 @@ class Dispatcher:
             raise task_error("taskFailedOrNotFound", f"No task with taskUUID {task_uuid} (unknown or expired).",
                              parameter="taskUUID", task_type="getResponse", task_uuid=task_uuid, http_status=404)
         if record.status == ERROR:
-            err = record.errors[0]
-            raise TaskError(ErrorItem(**err), http_status=500)
+            err = dict(record.errors[0])
+            status = err.pop("httpStatus", 500)  # records written before it was kept: 500
+            raise TaskError(ErrorItem(**err), http_status=status)
         items = [item | {"status": "success"} for item in record.items]
         if not record.done:
             items.append({"taskType": record.task_type, "taskUUID": task_uuid, "status": "processing",
@@ -391,6 +403,11 @@ class Dispatcher:
         url_base = (self.config.public_url or base_url).rstrip("/")
         return [{"taskType": "imageUpload", "taskUUID": task_uuid, "imageUUID": stored.image_uuid,
                  "imageURL": f"{url_base}/image/{stored.name}"}]
+
+
+def _echo(value: str) -> str:
+    """A client's string, quoted for a message when it is short and encodable (else nothing)."""
+    return f"'{value}' " if len(value) <= 64 and encodable(value) else ""
 
 
 def _model_search(task: ModelSearchTask) -> dict:

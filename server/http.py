@@ -69,7 +69,8 @@ async def _read_body(request: Request, trusted: bool) -> bytes:
             head = b"".join(chunks)
             key = _leading_key(head)
             if not auth.check(key):
-                raise _Refused(_errors(401, invalid_api_key() if key else invalid_api_key(MISSING_KEY)))
+                offered = key or _bearer(request)
+                raise _Refused(_errors(401, invalid_api_key() if offered else invalid_api_key(MISSING_KEY)))
             trusted, chunks = True, [head]
     return b"".join(chunks)
 

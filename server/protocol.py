@@ -274,12 +274,14 @@ ALLOWED_VALUES: dict[str, list[Any]] = {
 
 
 class AuthenticationTask(BaseModel):
-    """First frame of a WebSocket connection, or the first element of an HTTP body (instead of a header)."""
+    """First frame of a WebSocket connection, or the first element of an HTTP body (instead of a header).
+    The transports read it (and `ping`) themselves, before the dispatcher: a key that is not a string simply
+    does not match."""
 
     model_config = _Strict
 
     taskType: Literal["authentication"]
-    apiKey: str = Field(min_length=1, max_length=1024)
+    apiKey: str = Field(min_length=1)
     connectionSessionUUID: str | None = Field(None, description="resume this WebSocket session's results")
 
 
@@ -330,7 +332,8 @@ _Open = ConfigDict(extra="allow")
 class ImageResult(BaseModel):
     """One image of an imageInference task (and, with `status: success`, of a getResponse answer)."""
 
-    model_config = _Open
+    model_config = ConfigDict(extra="allow", json_schema_extra={"anyOf": [
+        {"required": ["imageURL"]}, {"required": ["imageBase64Data"]}, {"required": ["imageDataURI"]}]})
 
     taskType: Literal["imageInference"]
     taskUUID: str
@@ -359,9 +362,9 @@ class ProcessingItem(BaseModel):
 
 
 class Acknowledgement(BaseModel):
-    """The immediate answer to an async task."""
+    """The immediate answer to an async task: exactly these two fields."""
 
-    model_config = _Open
+    model_config = ConfigDict(extra="forbid")
 
     taskType: str
     taskUUID: str

@@ -145,6 +145,16 @@ def batch_error(tasks: Any, max_tasks: int) -> ErrorItem | None:
     return None
 
 
+def well_formed_uuid(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) > 64:
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
 def check_task_uuid(raw: dict[str, Any], task_type: str | None) -> str:
     """Every task but authentication and ping carries a client-chosen UUID; errors must echo it."""
     value = raw.get("taskUUID")
@@ -163,16 +173,14 @@ def check_task_uuid(raw: dict[str, Any], task_type: str | None) -> str:
             task_type=task_type,
             type="string",
         )
-    try:
-        uuid.UUID(value)
-    except ValueError:
+    if not well_formed_uuid(value):
         raise task_error(
             "invalidTaskUUID",
             "Invalid value for taskUUID parameter: must be a UUID v4 string.",
             parameter="taskUUID",
             task_type=task_type,
             task_uuid=value if encodable(value) else None,
-        ) from None
+        )
     return value
 
 

@@ -29,11 +29,14 @@ def parse(data: bytes | str | None) -> Any:
     if not data:
         raise InvalidJSON("it is empty")
     try:
-        value = json.loads(data, parse_constant=_no_constant)
-    except RecursionError:
-        raise InvalidJSON(f"it nests deeper than {MAX_DEPTH} levels") from None
+        # Strict UTF-8 (a BOM is dropped): json.loads would also guess UTF-16/32 and let encoded surrogates in.
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
     except UnicodeDecodeError:
         raise InvalidJSON("it is not UTF-8 text") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidJSON(f"it nests deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:  # JSONDecodeError, over-long integers, NaN/Infinity
         raise InvalidJSON(str(exc)) from None
     if _too_deep(value):

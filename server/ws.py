@@ -109,16 +109,31 @@ async def _send_direct(ws: WebSocket, payload: dict) -> None:
 @router.websocket("/v1")
 @router.websocket("/v1/")
 async def websocket_endpoint(ws: WebSocket) -> None:
-    state = ws.app.state
+    state, config = ws.app.state, ws.app.state.config
+    # Before its key is seen a connection may hold a frame of up to ws_max_message_bytes: so only so many
+    # connections may wait unauthenticated, each for at most ws_auth_timeout seconds.
+    if getattr(state, "ws_unauthenticated", 0) >= config.max_unauthenticated_websockets:
+        await ws.close(code=1013)  # before accepting: the handshake is refused (HTTP 403)
+        return
     await ws.accept()
     state.ws_open = getattr(state, "ws_open", 0) + 1
+    state.ws_unauthenticated = getattr(state, "ws_unauthenticated", 0) + 1
+    waiting = True  # counted as unauthenticated
+    auth_deadline = time.monotonic() + config.ws_auth_timeout
     state.metrics.ws_connections_opened.inc()
     session: Session | None = None
     running: set[asyncio.Task] = set()
     base_url = _http_base(ws)
     try:
         while True:
-            message = await ws.receive()
+            if session is None:
+                try:
+                    message = await asyncio.wait_for(ws.receive(), max(0.0, auth_deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    await ws.close(code=1008, reason=f"authenticate within {config.ws_auth_timeout:g} s")
+                    break
+            else:
+                message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 break
             state.metrics.ws_frames.inc()
@@ -147,6 +162,9 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                     if session is not None:
                         session.detach(ws)
                     session, resumed = state.sessions.open(ws, raw.get("connectionSessionUUID"))
+                    if waiting:
+                        state.ws_unauthenticated -= 1
+                        waiting = False
                     await session.send({"data": [{"taskType": "authentication", "connectionSessionUUID": session.uuid}]})
                     if resumed:
                         await session.flush(state.sessions.window)
@@ -167,6 +185,8 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         pass
     finally:
         state.ws_open -= 1
+        if waiting:
+            state.ws_unauthenticated -= 1
         if session is not None:
             session.detach(ws)
 
