@@ -15,9 +15,10 @@ import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .engine import K5Engine
+if TYPE_CHECKING:
+    from .engine import K5Engine
 from .logcontext import current_task
 from .spec import GenerationSpec, InvalidInput, ProgressCallback
 

@@ -41,6 +41,21 @@ def test_transport_and_protocol_know_nothing_about_torch(module):
     assert not imported_packages(ROOT / module) & {"torch", "diffusers", "transformers"}
 
 
+def test_the_serving_layer_loads_no_torch():
+    """In a fresh interpreter, importing every module under server/ (the front-end, transports, dispatcher,
+    CLI) loads none of the GPU stack: a front-end that only routes tasks starts in well under a second."""
+    import subprocess
+    import sys
+
+    modules = sorted(f"server.{p.stem}" for p in (ROOT / "server").glob("*.py") if p.stem != "__init__")
+    code = ("import sys, importlib\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'cache_dit') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_contract_scheduler_names_are_all_mapped():
     assert tuple(CONTRACT_SCHEDULERS) == tuple(PIPELINE_SCHEDULERS)
 
