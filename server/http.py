@@ -55,15 +55,18 @@ async def _read_body(request: Request, trusted: bool) -> bytes:
     """The whole body, within the limits above (checked before and while reading), or _Refused."""
     config, auth = request.app.state.config, request.app.state.auth
     limit = config.max_body_bytes
-    too_large = _Refused(_errors(413, ErrorItem(code="payloadTooLarge", message=f"Request body exceeds {limit} bytes.")))
+
+    def too_large() -> _Refused:
+        return _Refused(_errors(413, ErrorItem(code="payloadTooLarge", message=f"Request body exceeds {limit} bytes.")))
+
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise too_large()
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise too_large()
         chunks.append(chunk)
         if not trusted and size > config.max_unauthenticated_bytes:
             head = b"".join(chunks)
