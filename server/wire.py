@@ -57,14 +57,21 @@ def _too_deep(value: Any) -> bool:
     return False
 
 
+_COMPACT = (",", ":")
+
+
 def dumps(value: Any) -> str:
-    """Compact JSON text that always encodes as UTF-8."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON text that always encodes as UTF-8 (a lone surrogate is written as an escape)."""
+    text = json.dumps(value, ensure_ascii=False, separators=_COMPACT)
+    return text if encodable(text) else json.dumps(value, separators=_COMPACT)
+
+
+def encode(value: Any) -> bytes:
+    """dumps(value) as UTF-8 bytes, encoding the (possibly large) text once."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: escape it (and everything else non-ASCII)
-        text = json.dumps(value, ensure_ascii=True, separators=(",", ":"))
-    return text
+        return json.dumps(value, ensure_ascii=False, separators=_COMPACT).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=_COMPACT).encode("ascii")
 
 
 def encodable(text: str) -> bool:
@@ -80,4 +87,4 @@ class WireResponse(JSONResponse):
     """A JSONResponse that never fails to encode what it was given."""
 
     def render(self, content: Any) -> bytes:
-        return dumps(content).encode("utf-8")
+        return encode(content)
