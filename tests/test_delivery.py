@@ -116,7 +116,7 @@ def test_results_survive_a_restart_and_a_killed_task_is_an_error_after_restart(t
     [before] = first.post([{"taskType": "getResponse", "taskUUID": done["taskUUID"]}]).json()["data"]
     assert before["status"] == "success"
 
-    killed = task(deliveryMethod="async", steps=50, numberResults=4)
+    killed = task(deliveryMethod="async", steps=50, numberResults=20)  # far longer than one 30 s poll
     first.post([killed])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # wait until it is running
