@@ -43,7 +43,7 @@ from .protocol import (
     TaskError,
     task_error,
 )
-from .store import ImageStore
+from .store import ImageStore, StoredImage
 from .wire import encodable
 from .tasks import ERROR, RUNNING, SUCCESS, TaskRecord, TaskStore
 from .validation import check_task_uuid, parse_image_inference, parse_task, strip_nulls, well_formed_uuid
@@ -296,12 +296,13 @@ class Dispatcher:
                 raise task_error("nsfwContentDetected", f"The safety check flagged {flagged} of "
                                  f"{len(output.nsfw)} image(s) as NSFW; this server withholds flagged results.",
                                  parameter="safety", task_type=task.taskType, task_uuid=task.taskUUID)
-            items, files, stored = await asyncio.to_thread(self._deliver, task, output, base_url)
+            stored: list[StoredImage] = []
             try:
+                items, files = await asyncio.to_thread(self._deliver, task, output, base_url, stored)
                 self.tasks.update(task.taskUUID, status=SUCCESS, step=spec.steps, total_steps=spec.steps,
                                   items=items, expires_at=time.time() + self._ttl(task))
             except BaseException:
-                for image in stored:  # unrecorded images could never be asked for: remove them
+                for image in stored:  # the task fails whole: none of its images stays behind
                     self.images.delete(image)
                 raise
         except asyncio.CancelledError:
@@ -346,30 +347,26 @@ class Dispatcher:
         """Seconds a task's images and record are kept: its own `ttl`, else the operator's default."""
         return task.ttl if task.ttl is not None else self.config.image_ttl
 
-    def _deliver(self, task: ImageInferenceTask, output: GenerationOutput, base_url: str):
-        """Encode, store and describe each image (runs in a thread: encoding is CPU work); all or none of them
-        is stored. -> (items, (data, mime) per image, the stored images)."""
+    def _deliver(self, task: ImageInferenceTask, output: GenerationOutput, base_url: str,
+                 stored: list[StoredImage]):
+        """Encode, store and describe each image (runs in a thread: encoding is CPU work); each image stored
+        is appended to `stored` at once, so the caller can remove them all if the task fails."""
         ttl = self._ttl(task)
         cost = output.seconds * self.config.price_per_gpu_hour / 3600 / len(output.images)
         url_base = (self.config.public_url or base_url).rstrip("/")
-        items, files, stored_images = [], [], []
-        try:
-            for index, (image, seed) in enumerate(zip(output.images, output.seeds)):
-                data, ext, mime = encode(image, task.outputFormat, task.outputQuality)
-                stored = self.images.put(data, ext, ttl)
-                stored_images.append(stored)
-                url = f"{url_base}/image/{stored.name}"
-                item = result_item(task, stored.image_uuid, data, mime, url, seed, cost,
-                                   nsfw=output.nsfw[index] if output.nsfw is not None else None)
-                if task.width is None:  # the size came from the input image: say what was produced
-                    item.update(width=output.width, height=output.height)
-                items.append(item)
-                files.append((data, mime))
-        except BaseException:
-            for stored in stored_images:  # the task fails whole: none of its images stays behind
-                self.images.delete(stored)
-            raise
-        return items, files, stored_images
+        items, files = [], []
+        for index, (image, seed) in enumerate(zip(output.images, output.seeds)):
+            data, ext, mime = encode(image, task.outputFormat, task.outputQuality)
+            image_file = self.images.put(data, ext, ttl)
+            stored.append(image_file)
+            url = f"{url_base}/image/{image_file.name}"
+            item = result_item(task, image_file.image_uuid, data, mime, url, seed, cost,
+                               nsfw=output.nsfw[index] if output.nsfw is not None else None)
+            if task.width is None:  # the size came from the input image: say what was produced
+                item.update(width=output.width, height=output.height)
+            items.append(item)
+            files.append((data, mime))
+        return items, files
 
     async def _get_response(self, task_uuid: str) -> list[dict]:
         """Cumulative state of an earlier task; waits up to `poll_wait` seconds for it to finish."""

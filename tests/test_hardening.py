@@ -169,21 +169,32 @@ class DiskFullOnSecondImage(ImageStore):
 
 
 def test_a_task_whose_images_cannot_all_be_stored_leaves_none(tmp_path):
+    import asyncio
+    from concurrent.futures import Future
+
     from PIL import Image
 
     from pipelines.spec import GenerationOutput
     from server.config import ServerConfig
-    from server.dispatcher import Dispatcher
+    from server.dispatcher import Dispatcher, to_spec
+    from server.protocol import TaskError
+    from server.tasks import ERROR, SQLiteTaskStore, TaskRecord
     from server.validation import parse_image_inference
 
     store = DiskFullOnSecondImage(tmp_path / "images")
-    dispatcher = Dispatcher(ServerConfig(data_dir=tmp_path), None, store, None)
+    records = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
+    dispatcher = Dispatcher(ServerConfig(data_dir=tmp_path), None, store, records)
     t = parse_image_inference(task(numberResults=2))
+    records.create(TaskRecord(t.taskUUID, t.taskType, expected_items=2, created_at=0, expires_at=1e12))
     images = [Image.new("RGB", (64, 64), (i * 90, 20, 20)) for i in range(2)]
-    output = GenerationOutput(images=images, seeds=[42, 43], width=64, height=64, seconds=1.0)
-    with pytest.raises(OSError):
-        dispatcher._deliver(t, output, "http://127.0.0.1/")
+    generated: Future = Future()
+    generated.set_result(GenerationOutput(images=images, seeds=[42, 43], width=64, height=64, seconds=1.0))
+    with pytest.raises(TaskError) as failed:
+        asyncio.run(dispatcher._finish(t, to_spec(t), generated, "http://127.0.0.1/"))
+    assert failed.value.item.code == "internalServerError"
     assert list((tmp_path / "images").iterdir()) == []
+    assert records.get(t.taskUUID).status == ERROR
+    records.close()
 
 
 def test_an_unauthenticated_body_is_refused_before_it_is_all_sent(keyed):
