@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
-from .protocol import MODEL_ID, TASK_MODELS, TaskResponse
+from .protocol import MODEL_ID, TASK_MODELS, TaskResponse, task_type_of
 
 REF = "#/components/schemas/{model}"
 
@@ -72,7 +72,7 @@ def build(app: FastAPI, max_tasks: int) -> dict[str, Any]:
     paths = schema["paths"]
     tasks = {"oneOf": [{"$ref": REF.format(model=m.__name__)} for m in TASK_MODELS],
              "discriminator": {"propertyName": "taskType", "mapping": {
-                 m.model_fields["taskType"].annotation.__args__[0]: REF.format(model=m.__name__)
+                 task_type_of(m): REF.format(model=m.__name__)
                  for m in TASK_MODELS}}}
     paths["/v1"]["post"] |= {
         "summary": "Run Runware tasks",

@@ -324,6 +324,11 @@ TASK_MODELS: tuple[type[BaseModel], ...] = (
 )
 
 
+def task_type_of(model: type[BaseModel]) -> str:
+    """The `taskType` a task model accepts (its Literal)."""
+    return model.model_fields["taskType"].annotation.__args__[0]
+
+
 # -- what comes back -----------------------------------------------------------------------------------------
 
 _Open = ConfigDict(extra="allow")

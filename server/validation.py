@@ -26,6 +26,7 @@ from .protocol import (
     ImageInferenceTask,
     TaskError,
     task_error,
+    task_type_of,
 )
 from .wire import encodable
 
@@ -129,8 +130,7 @@ def parse_task(model: type[BaseModel], raw: dict[str, Any], task_uuid: str) -> A
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        task_type = model.model_fields["taskType"].annotation.__args__[0]
-        raise _from_pydantic(exc.errors()[0], task_uuid, task_type) from None
+        raise _from_pydantic(exc.errors()[0], task_uuid, task_type_of(model)) from None
 
 
 def batch_error(tasks: Any, max_tasks: int) -> ErrorItem | None:
