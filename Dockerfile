@@ -14,6 +14,7 @@ ENV PYTHONUNBUFFERED=1 \
 RUN useradd --create-home --uid 1000 k5
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY k5serve ./k5serve
 COPY server ./server
 COPY pipelines ./pipelines
 COPY accel ./accel

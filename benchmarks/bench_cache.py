@@ -66,17 +66,17 @@ def main() -> None:
     width, height = common.size(args)
     tiny = args.tiny or not args.model
 
-    from accel import AccelSettings, StepCacheConfig
-    from accel.calibration import load_coefficients
-    from pipelines.loader import LoadConfig, load_t2i
-    from pipelines.spec import GenerationSpec
+    from k5serve.accel import AccelSettings, StepCacheConfig
+    from k5serve.accel.calibration import load_coefficients
+    from k5serve.pipelines.loader import LoadConfig, load_t2i
+    from k5serve.pipelines.spec import GenerationSpec
 
     if tiny:
-        from weights.tiny import ensure_tiny
+        from k5serve.weights.tiny import ensure_tiny
 
         path = ensure_tiny(common.ROOT / ".k5serve" / "tiny", "t2i")
     else:
-        from weights.hub import resolve
+        from k5serve.weights.hub import resolve
 
         path = resolve(args.model)
     pipe, info = load_t2i(LoadConfig(path, args.device))

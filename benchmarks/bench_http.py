@@ -49,10 +49,10 @@ def main() -> None:
     import torch
     from diffusers import Kandinsky5T2IPipeline
 
-    from pipelines.loader import LoadConfig, load_t2i, pick_device, pick_dtype
-    from pipelines.spec import GenerationSpec
-    from weights.hub import resolve
-    from weights.tiny import ensure_tiny
+    from k5serve.pipelines.loader import LoadConfig, load_t2i, pick_device, pick_dtype
+    from k5serve.pipelines.spec import GenerationSpec
+    from k5serve.weights.hub import resolve
+    from k5serve.weights.tiny import ensure_tiny
 
     data_dir = Path(tempfile.mkdtemp(prefix="k5bench-"))
     path = ensure_tiny(data_dir / "tiny") if args.tiny or not args.model else resolve(args.model)
@@ -87,7 +87,7 @@ def main() -> None:
 
     # 3. the server, over HTTP on loopback (separate process, same weights)
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "--log-level", "warning", "serve", "--model", str(path),
+    cmd = [sys.executable, "-m", "k5serve.server.cli", "--log-level", "warning", "serve", "--model", str(path),
            "--device", str(device), "--port", str(port), "--data-dir", str(data_dir)]
     server = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     url = f"http://127.0.0.1:{port}"

@@ -69,18 +69,18 @@ def main() -> None:
 
     import torch
 
-    from pipelines.loader import LoadConfig, load_t2i
-    from pipelines.lora import LoraManager, lora_target_modules
-    from pipelines.spec import GenerationSpec
+    from k5serve.pipelines.loader import LoadConfig, load_t2i
+    from k5serve.pipelines.lora import LoraManager, lora_target_modules
+    from k5serve.pipelines.spec import GenerationSpec
 
     work = Path(tempfile.mkdtemp(prefix="k5bench-lora-"))
     try:
         if tiny:
-            from weights.tiny import ensure_tiny
+            from k5serve.weights.tiny import ensure_tiny
 
             path = ensure_tiny(work / "tiny", "t2i")
         else:
-            from weights.hub import resolve
+            from k5serve.weights.hub import resolve
 
             path = resolve(args.model)
         pipe, info = load_t2i(LoadConfig(path, args.device, "auto"))

@@ -6,7 +6,7 @@ import logging
 from dataclasses import replace
 from typing import Iterable
 
-from accel.calibration import fit_teacache
+from k5serve.accel.calibration import fit_teacache
 
 from .k5 import _K5Loop
 from .spec import GenerationSpec

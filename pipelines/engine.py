@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from accel import AccelSettings
-from weights.hub import same_component
+from k5serve.accel import AccelSettings
+from k5serve.weights.hub import same_component
 
 from .k5 import K5I2IPipeline, K5T2IPipeline
 from .spec import GenerationOutput, GenerationSpec, InvalidInput, ProgressCallback

@@ -26,8 +26,8 @@ from diffusers import Kandinsky5I2IPipeline, Kandinsky5T2IPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from accel import AccelSettings
-from accel.session import StepCache
+from k5serve.accel import AccelSettings
+from k5serve.accel.session import StepCache
 
 from .schedulers import make_scheduler, scheduler_step
 from .spec import GenerationOutput, GenerationSpec, ProgressCallback

@@ -12,7 +12,7 @@ from typing import Callable
 
 from PIL import Image
 
-from accel import StepCacheConfig
+from k5serve.accel import StepCacheConfig
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .engine import K5Engine
-from .logcontext import current_task
+from k5serve.logcontext import current_task
 from .spec import GenerationSpec, InvalidInput, ProgressCallback
 
 log = logging.getLogger("k5serve.worker")

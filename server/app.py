@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
-from pipelines.worker import Worker
+from k5serve.pipelines.worker import Worker
 
 from . import http, openapi, ws
 from .auth import Authenticator

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from weights.hub import T2I_REPO
+    from k5serve.weights.hub import T2I_REPO
 
     p.add_argument("--model", default=T2I_REPO, help="Hugging Face repo id (in the cache) or local diffusers folder")
     p.add_argument("--tiny", action="store_true", help="use generated tiny weights (CPU test mode)")
@@ -151,7 +151,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _coefficients(path: str) -> tuple[float, ...]:
     """Read and check the TeaCache file when the command line is parsed, not when the model has loaded."""
-    from accel.calibration import load_coefficients
+    from k5serve.accel.calibration import load_coefficients
 
     try:
         return load_coefficients(path)
@@ -176,7 +176,7 @@ def _resolve_model(args: argparse.Namespace, fallback: bool) -> tuple[Path, Path
             raise SystemExit(f"error: --offload {args.offload} needs a CUDA device (this run uses "
                              f"{'the CPU' if device in ('cpu', 'auto') else device}{'' if torch.cuda.is_available() else ', and no CUDA GPU is visible'})")
     if tiny:
-        from weights.tiny import ensure_tiny
+        from k5serve.weights.tiny import ensure_tiny
 
         i2i = None if args.i2i_model == "none" else ensure_tiny(args.data_dir / "tiny", "i2i")
         return path, i2i, device, tiny
@@ -184,7 +184,7 @@ def _resolve_model(args: argparse.Namespace, fallback: bool) -> tuple[Path, Path
 
 
 def _resolve_i2i(args: argparse.Namespace) -> Path | None:
-    from weights.hub import I2I_REPO, WeightsNotFound, resolve
+    from k5serve.weights.hub import I2I_REPO, WeightsNotFound, resolve
 
     if args.i2i_model == "none":
         return None
@@ -200,8 +200,8 @@ def _resolve_i2i(args: argparse.Namespace) -> Path | None:
 def _resolve_t2i(args: argparse.Namespace, fallback: bool) -> tuple[Path, str, bool]:
     import torch
 
-    from weights.hub import WeightsNotFound, resolve
-    from weights.tiny import ensure_tiny
+    from k5serve.weights.hub import WeightsNotFound, resolve
+    from k5serve.weights.tiny import ensure_tiny
 
     reason = "--tiny"
     if not args.tiny:
@@ -225,7 +225,7 @@ def _resolve_t2i(args: argparse.Namespace, fallback: bool) -> tuple[Path, str, b
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from pipelines.worker import LocalWorker
+    from k5serve.pipelines.worker import LocalWorker
 
     from .app import create_app
     from .config import ServerConfig
@@ -294,12 +294,12 @@ def _lock_data_dir(data_dir: Path) -> None:
 
 
 def _resolve_safety(args: argparse.Namespace, tiny: bool) -> Path | None:
-    from weights.hub import SAFETY_REPO, WeightsNotFound, resolve
+    from k5serve.weights.hub import SAFETY_REPO, WeightsNotFound, resolve
 
     if args.safety_model == "none":
         return None
     if tiny and not args.safety_model:
-        from weights.tiny import ensure_tiny
+        from k5serve.weights.tiny import ensure_tiny
 
         return ensure_tiny(args.data_dir / "tiny", "safety")
     try:
@@ -313,10 +313,10 @@ def _resolve_safety(args: argparse.Namespace, tiny: bool) -> Path | None:
 
 def _load_engine(args: argparse.Namespace, path: Path, i2i: Path | None, device: str, tiny: bool,
                  safety: bool = True):
-    from pipelines.engine import EngineConfig
-    from pipelines.loader import LoadConfig, load_engine
+    from k5serve.pipelines.engine import EngineConfig
+    from k5serve.pipelines.loader import LoadConfig, load_engine
 
-    from accel import AccelSettings
+    from k5serve.accel import AccelSettings
 
     accel = AccelSettings(teacache_coefficients=args.teacache_coefficients, dbcache_fn_blocks=args.dbcache_fn)
     if not 0.0 <= args.safety_threshold <= 1.0:
@@ -377,7 +377,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .config import ServerConfig
     from .dispatcher import result_item, to_spec
     from .encoding import encode
-    from pipelines.spec import InvalidInput
+    from k5serve.pipelines.spec import InvalidInput
 
     from .protocol import TaskError, task_error
     from .validation import parse_image_inference
@@ -452,12 +452,12 @@ CALIBRATION_PROMPTS = [
 
 def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
     """Fit TeaCache's polynomial on the weights being served; write JSON for --teacache-coefficients."""
-    from pipelines.calibrate import calibrate_teacache
-    from pipelines.spec import GenerationSpec
+    from k5serve.pipelines.calibrate import calibrate_teacache
+    from k5serve.pipelines.spec import GenerationSpec
 
     prompts = ([line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
                if args.prompts else CALIBRATION_PROMPTS)
-    from pipelines.schedulers import SCHEDULER_NAMES
+    from k5serve.pipelines.schedulers import SCHEDULER_NAMES
 
     if args.scheduler is not None and args.scheduler not in SCHEDULER_NAMES:
         raise SystemExit(f"error: unknown scheduler {args.scheduler!r}; use one of {', '.join(SCHEDULER_NAMES)}")
@@ -478,7 +478,7 @@ def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_tiny(args: argparse.Namespace) -> int:
-    from weights.tiny import build_tiny
+    from k5serve.weights.tiny import build_tiny
 
     for kind in (["t2i", "i2i"] if args.kind == "all" else [args.kind]):
         print(build_tiny(args.dir / kind, kind))
@@ -486,7 +486,7 @@ def cmd_weights_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_download(args: argparse.Namespace) -> int:
-    from weights.hub import I2I_REPO, SAFETY_REPO, T2I_REPO, download
+    from k5serve.weights.hub import I2I_REPO, SAFETY_REPO, T2I_REPO, download
 
     for repo in [args.model] if args.model else [T2I_REPO, I2I_REPO, SAFETY_REPO]:
         print(f"{repo}: {download(repo, args.cache_dir)}")

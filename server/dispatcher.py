@@ -19,10 +19,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from accel import StepCacheConfig, resolve_window
-from pipelines.logcontext import current_task
-from pipelines.spec import GenerationOutput, GenerationSpec, InvalidInput
-from pipelines.worker import GenerationError, QueueFull, Worker
+from k5serve.accel import StepCacheConfig, resolve_window
+from k5serve.logcontext import current_task
+from k5serve.pipelines.spec import GenerationOutput, GenerationSpec, InvalidInput
+from k5serve.pipelines.worker import GenerationError, QueueFull, Worker
 
 from .config import ServerConfig
 from .encoding import encode

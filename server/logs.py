@@ -1,6 +1,6 @@
 """Structured logs: one JSON object per line, with the taskUUID on every line about a task.
 
-The task comes from `pipelines.logcontext.current_task`, which the dispatcher sets around each task's
+The task comes from `k5serve.logcontext.current_task`, which the dispatcher sets around each task's
 coroutine and the worker around each job, so library and pipeline lines logged while a task runs carry it
 too. Uvicorn's own loggers go through the same handler. API keys never reach the logs: the server never
 logs them, and the formatter masks any configured key that shows up anyway (e.g. in a query string).
@@ -15,7 +15,7 @@ import re
 import sys
 import time
 
-from pipelines.logcontext import current_task
+from k5serve.logcontext import current_task
 
 from .wire import encodable
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import httpcore
 import httpx
 
-from pipelines.logcontext import current_task
+from k5serve.logcontext import current_task
 
 log = logging.getLogger("k5serve.outbound")
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from pydantic import BaseModel, ValidationError
 
-from accel import resolve_window
+from k5serve.accel import resolve_window
 
 from .protocol import (
     ALLOWED_SIZES,

@@ -32,7 +32,7 @@ class RunningServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / f"server-{self.port}.log"
         cmd = [
-            sys.executable, "-m", "server.cli", "serve", "--tiny",
+            sys.executable, "-m", "k5serve.server.cli", "serve", "--tiny",
             "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(data_dir), *extra,
         ]
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -78,7 +78,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def own_data_dir(tmp_path_factory, data_dir: Path, name: str = "server") -> Path:
     """A data dir of its own for one server (one server per data dir), with the tiny weights copied in."""
-    from weights.tiny import ensure_tiny
+    from k5serve.weights.tiny import ensure_tiny
 
     own = tmp_path_factory.mktemp(name)
     for kind in ("t2i", "i2i"):

@@ -18,15 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from accel import METHODS, StepCacheConfig, resolve_window
-from accel.calibration import fit_teacache, load_coefficients
-from accel.guard import StepGuard
+from k5serve.accel import METHODS, StepCacheConfig, resolve_window
+from k5serve.accel.calibration import fit_teacache, load_coefficients
+from k5serve.accel.guard import StepGuard
 from conftest import ROOT
-from pipelines.engine import EngineConfig, K5Engine
-from pipelines.k5 import K5T2IPipeline
-from pipelines.schedulers import SCHEDULER_NAMES
-from pipelines.spec import GenerationSpec
-from weights.tiny import ensure_tiny
+from k5serve.pipelines.engine import EngineConfig, K5Engine
+from k5serve.pipelines.k5 import K5T2IPipeline
+from k5serve.pipelines.schedulers import SCHEDULER_NAMES
+from k5serve.pipelines.spec import GenerationSpec
+from k5serve.weights.tiny import ensure_tiny
 
 SPEC = GenerationSpec("a red fox in the snow", "blurry", width=256, height=256, seed=3, steps=12, guidance_scale=5.0)
 
@@ -209,7 +209,7 @@ def test_teacache_coefficients_change_the_decision(engine):
 
 
 def test_calibration_fits_a_polynomial(engine):
-    from pipelines.calibrate import calibrate_teacache
+    from k5serve.pipelines.calibrate import calibrate_teacache
 
     specs = [dataclasses.replace(SPEC, prompt=p, steps=8) for p in ("a cat", "a lighthouse at night")]
     result = calibrate_teacache(engine.t2i, specs)

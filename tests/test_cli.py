@@ -19,7 +19,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
 def k5serve(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args], cwd=cwd, env=env or ENV, capture_output=True, text=True,
+        [sys.executable, "-m", "k5serve.server.cli", *args], cwd=cwd, env=env or ENV, capture_output=True, text=True,
         timeout=600,
     )
 

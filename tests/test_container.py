@@ -36,8 +36,8 @@ def test_base_image_torch_matches_the_pin():
 
 def test_every_package_is_copied_and_installed():
     copies = " ".join(instructions("COPY"))
-    for package in PYPROJECT["tool"]["setuptools"]["packages"]:
-        assert f"COPY {package} ./{package}" in "COPY " + " COPY ".join(instructions("COPY")), package
+    for folder in PYPROJECT["tool"]["setuptools"]["package-dir"].values():  # k5serve.server is server/, ...
+        assert f"COPY {folder} ./{folder}" in "COPY " + " COPY ".join(instructions("COPY")), folder
     assert "pyproject.toml" in copies and "README.md" in copies  # the build reads both
     assert any(a.startswith("pip install") and a.rstrip().endswith(" .") for a in instructions("RUN"))
 

@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
 from conftest import task
-from server.logs import JsonFormatter, TextFormatter
-from server.protocol import MAX_TTL
-from server.store import ImageStore
+from k5serve.server.logs import JsonFormatter, TextFormatter
+from k5serve.server.protocol import MAX_TTL
+from k5serve.server.store import ImageStore
 
 SHORT_KEY = "k5sh0rt"
 ODD_KEY = "Ab+/cd=ef-0123456789-odd/key+="  # characters that URLs percent-encode
@@ -174,12 +174,12 @@ def test_a_task_whose_images_cannot_all_be_stored_leaves_none(tmp_path):
 
     from PIL import Image
 
-    from pipelines.spec import GenerationOutput
-    from server.config import ServerConfig
-    from server.dispatcher import Dispatcher, to_spec
-    from server.protocol import TaskError
-    from server.tasks import ERROR, SQLiteTaskStore, TaskRecord
-    from server.validation import parse_image_inference
+    from k5serve.pipelines.spec import GenerationOutput
+    from k5serve.server.config import ServerConfig
+    from k5serve.server.dispatcher import Dispatcher, to_spec
+    from k5serve.server.protocol import TaskError
+    from k5serve.server.tasks import ERROR, SQLiteTaskStore, TaskRecord
+    from k5serve.server.validation import parse_image_inference
 
     store = DiskFullOnSecondImage(tmp_path / "images")
     records = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
@@ -394,7 +394,7 @@ def test_every_error_code_in_the_source_is_in_the_closed_set():
     """Metrics label outcomes with error_codes(); a code raised somewhere but missing there would read `other`."""
     import re
 
-    from server.validation import error_codes
+    from k5serve.server.validation import error_codes
 
     root = Path(__file__).resolve().parent.parent
     pattern = re.compile(r'(?:code=|task_error\(|fail\()\s*"([a-zA-Z]+)"')

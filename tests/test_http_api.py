@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import API_KEY, task
-from server.protocol import SCHEDULER_NAMES
+from k5serve.server.protocol import SCHEDULER_NAMES
 
 
 def pixels(blob: bytes) -> np.ndarray:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from pipelines.schedulers import SCHEDULER_NAMES as PIPELINE_SCHEDULERS
-from server.protocol import SCHEDULER_NAMES as CONTRACT_SCHEDULERS
+from k5serve.pipelines.schedulers import SCHEDULER_NAMES as PIPELINE_SCHEDULERS
+from k5serve.server.protocol import SCHEDULER_NAMES as CONTRACT_SCHEDULERS
 
 # package -> packages it must never import
 FORBIDDEN = {
@@ -47,7 +47,7 @@ def test_the_serving_layer_loads_no_torch():
     import subprocess
     import sys
 
-    modules = sorted(f"server.{p.stem}" for p in (ROOT / "server").glob("*.py") if p.stem != "__init__")
+    modules = sorted(f"k5serve.server.{p.stem}" for p in (ROOT / "server").glob("*.py") if p.stem != "__init__")
     code = ("import sys, importlib\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft', 'cache_dit') if m in sys.modules))")
@@ -61,11 +61,11 @@ def test_contract_scheduler_names_are_all_mapped():
 
 
 def test_failed_generation_fails_its_job_only(data_dir):
-    from pipelines.engine import K5Engine
-    from pipelines.loader import LoadConfig, load_t2i
-    from pipelines.spec import GenerationSpec
-    from pipelines.worker import GenerationError, LocalWorker
-    from weights.tiny import ensure_tiny
+    from k5serve.pipelines.engine import K5Engine
+    from k5serve.pipelines.loader import LoadConfig, load_t2i
+    from k5serve.pipelines.spec import GenerationSpec
+    from k5serve.pipelines.worker import GenerationError, LocalWorker
+    from k5serve.weights.tiny import ensure_tiny
 
     pipe, info = load_t2i(LoadConfig(ensure_tiny(data_dir / "tiny"), "cpu"))
     worker = LocalWorker(K5Engine(pipe), max_queue=4, info=info)
@@ -86,9 +86,9 @@ def test_failed_generation_fails_its_job_only(data_dir):
 
 
 def test_editing_pipeline_shares_encoders_and_vae_with_t2i(data_dir):
-    from pipelines.engine import EngineConfig, K5Engine
-    from pipelines.loader import LoadConfig, load_t2i
-    from weights.tiny import ensure_tiny
+    from k5serve.pipelines.engine import EngineConfig, K5Engine
+    from k5serve.pipelines.loader import LoadConfig, load_t2i
+    from k5serve.weights.tiny import ensure_tiny
 
     pipe, _ = load_t2i(LoadConfig(ensure_tiny(data_dir / "tiny", "t2i"), "cpu"))
     engine = K5Engine(pipe, EngineConfig(i2i_path=ensure_tiny(data_dir / "tiny", "i2i"), i2i_load="eager"))

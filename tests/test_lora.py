@@ -18,8 +18,8 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
-from pipelines.k5 import K5T2IPipeline
-from pipelines.lora import (
+from k5serve.pipelines.k5 import K5T2IPipeline
+from k5serve.pipelines.lora import (
     LoraError,
     LoraManager,
     adapter_name_for,
@@ -28,8 +28,8 @@ from pipelines.lora import (
     resolve_lora_file,
     to_diffusers_state_dict,
 )
-from pipelines.spec import GenerationSpec
-from weights.tiny import ensure_tiny, make_transformer
+from k5serve.pipelines.spec import GenerationSpec
+from k5serve.weights.tiny import ensure_tiny, make_transformer
 
 SPEC = GenerationSpec("a red fox in the snow", "blurry", width=1024, height=1024, seed=1, steps=10)
 BLOCKS = 4  # visual blocks of the tiny model

@@ -118,8 +118,8 @@ def test_classifier_scores_and_labels(data_dir, tmp_path):
     from PIL import Image
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    from pipelines.safety import SafetyChecker
-    from weights.tiny import ensure_tiny
+    from k5serve.pipelines.safety import SafetyChecker
+    from k5serve.weights.tiny import ensure_tiny
 
     checker = SafetyChecker(ensure_tiny(data_dir / "tiny", "safety"), torch.device("cpu"), threshold=0.5)
     images = [Image.new("RGB", (64, 48), c) for c in ((0, 0, 0), (255, 200, 10), (30, 90, 250))]
@@ -143,8 +143,8 @@ class InProcessServer:
     """The real app under uvicorn on a loopback port, with a model loader the test controls."""
 
     def __init__(self, data_dir, tmp_path, load, max_queue: int = 64):
-        from server.app import create_app
-        from server.config import ServerConfig
+        from k5serve.server.app import create_app
+        from k5serve.server.config import ServerConfig
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -162,10 +162,10 @@ class InProcessServer:
 
 
 def tiny_worker(data_dir, max_queue=64):
-    from pipelines.engine import K5Engine
-    from pipelines.loader import LoadConfig, load_t2i
-    from pipelines.worker import LocalWorker
-    from weights.tiny import ensure_tiny
+    from k5serve.pipelines.engine import K5Engine
+    from k5serve.pipelines.loader import LoadConfig, load_t2i
+    from k5serve.pipelines.worker import LocalWorker
+    from k5serve.weights.tiny import ensure_tiny
 
     pipe, info = load_t2i(LoadConfig(ensure_tiny(data_dir / "tiny"), "cpu"))
     return LocalWorker(K5Engine(pipe), max_queue=max_queue, info=info)

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from server import outbound
-from server.outbound import DownloadError, Outbox, OutboundURLError, check_url, fetch_bytes
+from k5serve.server import outbound
+from k5serve.server.outbound import DownloadError, Outbox, OutboundURLError, check_url, fetch_bytes
 
 run = asyncio.run  # pytest-asyncio is not installed: each test drives its own event loop
 

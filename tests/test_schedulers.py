@@ -17,7 +17,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from pipelines.schedulers import (
+from k5serve.pipelines.schedulers import (
     DEFAULT_SCHEDULER,
     SCHEDULER_NAMES,
     is_stochastic,
@@ -271,7 +271,7 @@ def test_batch_with_generator_list_equals_items_alone(name):
 
 
 def test_names_match_the_api_contract():
-    from server.protocol import SCHEDULER_NAMES as CONTRACT
+    from k5serve.server.protocol import SCHEDULER_NAMES as CONTRACT
 
     assert SCHEDULER_NAMES == CONTRACT
 

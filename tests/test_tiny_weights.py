@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from weights import tiny
+from k5serve.weights import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
