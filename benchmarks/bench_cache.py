@@ -69,7 +69,7 @@ def main() -> None:
     from k5serve.accel import AccelSettings, StepCacheConfig
     from k5serve.accel.calibration import load_coefficients
     from k5serve.pipelines.loader import LoadConfig, load_t2i
-    from k5serve.pipelines.spec import GenerationSpec
+    from k5serve.pipelines.worker import GenerationSpec
 
     if tiny:
         from k5serve.weights.tiny import ensure_tiny
@@ -80,8 +80,8 @@ def main() -> None:
 
         path = resolve(args.model)
     pipe, info = load_t2i(LoadConfig(path, args.device))
-    if args.teacache_coefficients:
-        pipe.accel_settings = AccelSettings(teacache_coefficients=load_coefficients(args.teacache_coefficients))
+    accel = AccelSettings(teacache_coefficients=load_coefficients(args.teacache_coefficients)
+                          if args.teacache_coefficients else None)
     prompts = ([p.strip() for p in args.prompts.read_text().splitlines() if p.strip()] if args.prompts
                else DEFAULT_PROMPTS)
     specs = [GenerationSpec(p, "", width=width, height=height, seed=1000 + i, steps=args.steps,
@@ -93,7 +93,7 @@ def main() -> None:
         seconds, images, computed, skipped = [], [], 0, 0
         for index in range(args.runs + 1):
             started = time.perf_counter()
-            outputs = [pipe.generate(dataclasses.replace(spec, cache=cache)) for spec in specs]
+            outputs = [pipe.generate(dataclasses.replace(spec, cache=cache), accel=accel) for spec in specs]
             if index:  # the first run warms up
                 seconds.append((time.perf_counter() - started) / len(specs))
             images = [o.images[0] for o in outputs]

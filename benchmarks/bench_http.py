@@ -49,8 +49,9 @@ def main() -> None:
     import torch
     from diffusers import Kandinsky5T2IPipeline
 
-    from k5serve.pipelines.loader import LoadConfig, load_t2i, pick_device, pick_dtype
-    from k5serve.pipelines.spec import GenerationSpec
+    from k5serve.pipelines.device import pick_device, pick_dtype
+    from k5serve.pipelines.loader import LoadConfig, load_t2i
+    from k5serve.pipelines.worker import GenerationSpec
     from k5serve.weights.hub import resolve
     from k5serve.weights.tiny import ensure_tiny
 

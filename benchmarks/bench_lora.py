@@ -71,7 +71,7 @@ def main() -> None:
 
     from k5serve.pipelines.loader import LoadConfig, load_t2i
     from k5serve.pipelines.lora import LoraManager, lora_target_modules
-    from k5serve.pipelines.spec import GenerationSpec
+    from k5serve.pipelines.worker import GenerationSpec
 
     work = Path(tempfile.mkdtemp(prefix="k5bench-lora-"))
     try:

@@ -8,13 +8,13 @@ from typing import Iterable
 
 from k5serve.accel.calibration import fit_teacache
 
-from .k5 import _K5Loop
-from .spec import GenerationSpec
+from .k5 import K5T2IPipeline
+from .worker import GenerationSpec
 
 log = logging.getLogger("k5serve.calibrate")
 
 
-def calibrate_teacache(pipe: _K5Loop, specs: Iterable[GenerationSpec]) -> dict:
+def calibrate_teacache(pipe: K5T2IPipeline, specs: Iterable[GenerationSpec]) -> dict:
     """Every spec runs without caching while TeaCache's hooks observe (x, y) at every step of each branch."""
     xs: list[float] = []
     ys: list[float] = []
@@ -26,14 +26,10 @@ def calibrate_teacache(pipe: _K5Loop, specs: Iterable[GenerationSpec]) -> dict:
         per_branch[branch] = per_branch.get(branch, 0) + 1
 
     runs = 0
-    pipe.teacache_recorder = record
-    try:
-        for spec in specs:
-            pipe.generate(replace(spec, cache=None))
-            runs += 1
-            log.info("calibration run %d: %d samples so far", runs, len(xs))
-    finally:
-        pipe.teacache_recorder = None
+    for spec in specs:
+        pipe.generate(replace(spec, cache=None), recorder=record)
+        runs += 1
+        log.info("calibration run %d: %d samples so far", runs, len(xs))
     result = fit_teacache(xs, ys)
     result.update(runs=runs, samples_per_branch=per_branch)
     return result

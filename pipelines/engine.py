@@ -10,15 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from k5serve.accel import AccelSettings
 from k5serve.weights.hub import same_component
 
+from .config import EngineConfig, engine_features
+from .device import place
 from .k5 import K5I2IPipeline, K5T2IPipeline
-from .spec import GenerationOutput, GenerationSpec, InvalidInput, ProgressCallback
+from .worker import GenerationOutput, GenerationSpec, InvalidInput, ProgressCallback
 
 if TYPE_CHECKING:
     from .lora import LoraManager
@@ -29,22 +29,9 @@ log = logging.getLogger("k5serve.engine")
 SHARED = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    i2i_path: Path | None = None  # None: no editing model
-    i2i_load: str = "lazy"  # "lazy" (first editing request) or "eager" (at start-up)
-    lora_dir: Path | None = None  # None: LoRA requests are refused
-    max_loras: int = 8  # adapters kept loaded per pipeline (LRU)
-    accel: AccelSettings = AccelSettings()  # step caching: TeaCache coefficients, DBCache Fn
-    safety_path: Path | None = None  # NSFW image classifier folder; None: safety checks are refused
-    safety_threshold: float = 0.5  # an image is flagged when P(unsafe) >= this
-    offload: str = "none"  # the T2I pipeline's CPU offload mode; the I2I pipeline follows it
-
-
 class K5Engine:
     def __init__(self, t2i: K5T2IPipeline, config: EngineConfig = EngineConfig()):
         self.t2i = t2i
-        self.t2i.accel_settings = config.accel
         self.config = config
         self._i2i: K5I2IPipeline | None = None
         self._i2i_lock = threading.Lock()
@@ -59,15 +46,13 @@ class K5Engine:
 
     @property
     def features(self) -> frozenset[str]:
-        return frozenset({"image_input", "acceleration"} | ({"edit"} if self.config.i2i_path else set())
-                         | ({"lora"} if self.config.lora_dir else set()) | ({"safety"} if self.safety else set()))
+        return engine_features(self.config)
 
     def i2i(self) -> K5I2IPipeline:
         with self._i2i_lock:
             if self._i2i is None:
-                if self.config.i2i_path is None:
-                    raise InvalidInput("this server has no image editing model loaded",
-                                       code="unsupportedReferenceImages", parameter="referenceImages")
+                if self.config.i2i_path is None:  # validation refuses editing without "edit" in features
+                    raise RuntimeError("this engine has no image editing model")
                 # Reuse the T2I pipeline's encoders, tokenizers and VAE where the checkpoints agree.
                 t2i_root = Path(self.t2i.config._name_or_path)
                 # (Not under CPU offload: diffusers' offload hooks chain one pipeline's components, so
@@ -79,21 +64,17 @@ class K5Engine:
                     log.warning("I2I checkpoint differs in %s: loading its own copy", set(SHARED) - set(shared))
                 pipe = K5I2IPipeline.from_pretrained(self.config.i2i_path, dtype=self.t2i.transformer.dtype,
                                                      **shared)
-                from .loader import place
-
                 place(pipe, self.t2i._execution_device, self.config.offload)
                 pipe.set_progress_bar_config(disable=True)
-                pipe.accel_settings = self.config.accel
                 self._i2i = pipe
                 log.info("loaded the I2I editing transformer from %s (shared encoders and VAE)",
                          self.config.i2i_path)
             return self._i2i
 
     def check(self, spec: GenerationSpec) -> None:
-        """Cheap checks before queueing: every requested LoRA file exists and is safe to open."""
-        if spec.loras and self.config.lora_dir is None:
-            raise InvalidInput("LoRA is not enabled on this server (no --lora-dir)", code="unsupportedLora",
-                               parameter="lora")
+        """Cheap checks before queueing: every requested LoRA file exists and is safe to open. (Whether a
+        feature is served at all, e.g. LoRA, editing or the safety check, was decided by validation from
+        `features`, before any input image was fetched.)"""
         for index, (model, _) in enumerate(spec.loras):
             from .lora import LoraError, resolve_lora_file  # peft is only imported once LoRAs are used
 
@@ -101,10 +82,6 @@ class K5Engine:
                 resolve_lora_file(self.config.lora_dir, model)
             except LoraError as exc:
                 raise InvalidInput(str(exc), code="invalidLoraModel", parameter=f"lora[{index}].model") from None
-        self._check_safety(spec)
-        if spec.reference_image is not None and self.config.i2i_path is None:
-            raise InvalidInput("this server has no image editing model (start it with --i2i-model)",
-                               code="unsupportedReferenceImages", parameter="referenceImages")
 
     def generate(self, spec: GenerationSpec, on_step: ProgressCallback | None = None) -> GenerationOutput:
         pipe = self.i2i() if spec.reference_image is not None else self.t2i
@@ -120,19 +97,13 @@ class K5Engine:
                 manager.apply(spec.loras)
             except LoraError as exc:
                 raise InvalidInput(str(exc), code="invalidLoraModel", parameter="lora") from None
-        self._check_safety(spec)  # callers without a worker (`k5serve generate`) never ran check()
-        output = pipe.generate(spec, on_step)
+        output = pipe.generate(spec, on_step, accel=self.config.accel)
         if spec.check_content:
             started = time.perf_counter()
             output.nsfw_scores = self.safety.scores(output.images)
             output.nsfw = self.safety.flags(output.nsfw_scores)
             output.seconds += time.perf_counter() - started  # the check is part of the task's cost
         return output
-
-    def _check_safety(self, spec: GenerationSpec) -> None:
-        if spec.check_content and self.safety is None:
-            raise InvalidInput("this server has no safety classifier loaded (start it with --safety-model)",
-                               code="unsupportedSafety", parameter="safety")
 
     def memory(self) -> dict[str, int]:
         device = self.t2i._execution_device

@@ -24,20 +24,17 @@ import time
 import torch
 from diffusers import Kandinsky5I2IPipeline, Kandinsky5T2IPipeline
 from diffusers.utils.torch_utils import randn_tensor
+from k5serve.accel import AccelSettings
+from k5serve.accel.hooks import Recorder
+from k5serve.accel.session import StepCache
 from PIL import Image
 
-from k5serve.accel import AccelSettings
-from k5serve.accel.session import StepCache
-
 from .schedulers import make_scheduler, scheduler_step
-from .spec import GenerationOutput, GenerationSpec, ProgressCallback
+from .worker import GenerationOutput, GenerationSpec, ProgressCallback
 
 
 class _K5Loop:
     """The denoising loop and helpers shared by the T2I and I2I pipelines (a mixin over the stock classes)."""
-
-    accel_settings: AccelSettings = AccelSettings()  # set by the engine
-    teacache_recorder = None  # set only while `calibrate_teacache` runs (accel.hooks.Recorder)
 
     def _run(
         self,
@@ -45,6 +42,8 @@ class _K5Loop:
         cond,
         uncond,
         on_step: ProgressCallback | None,
+        accel: AccelSettings,
+        recorder: Recorder | None,
         init_latents: torch.Tensor | None = None,
         condition: torch.Tensor | None = None,
     ) -> GenerationOutput:
@@ -76,9 +75,8 @@ class _K5Loop:
             on_step(0, len(timesteps))
         cache = StepCache(self.transformer, spec.cache, first_step=start, num_steps=len(timesteps),
                           branches=("cond", "uncond") if uncond is not None else ("cond",),
-                          teacache_coefficients=self.accel_settings.teacache_coefficients,
-                          dbcache_fn_blocks=self.accel_settings.dbcache_fn_blocks,
-                          recorder=self.teacache_recorder)
+                          teacache_coefficients=accel.teacache_coefficients,
+                          dbcache_fn_blocks=accel.dbcache_fn_blocks, recorder=recorder)
         with cache:
             for i, t in enumerate(timesteps):
                 step_start = time.perf_counter()
@@ -136,7 +134,9 @@ class _K5Loop:
 
 class K5T2IPipeline(_K5Loop, Kandinsky5T2IPipeline):
     @torch.no_grad()
-    def generate(self, spec: GenerationSpec, on_step: ProgressCallback | None = None) -> GenerationOutput:
+    def generate(self, spec: GenerationSpec, on_step: ProgressCallback | None = None, *,
+                 accel: AccelSettings = AccelSettings(), recorder: Recorder | None = None) -> GenerationOutput:
+        """`accel`: the operator's step-cache settings; `recorder`: TeaCache calibration's observer."""
         device, dtype, n = self._execution_device, self.transformer.dtype, spec.num_images
         cond = self.encode_prompt(spec.prompt, num_images_per_prompt=n, device=device, dtype=dtype)
         uncond = None
@@ -145,14 +145,15 @@ class K5T2IPipeline(_K5Loop, Kandinsky5T2IPipeline):
         init = None
         if spec.init_image is not None:
             init = self._encode_image(spec.init_image).expand(n, -1, -1, -1, -1)
-        return self._run(spec, cond, uncond, on_step, init_latents=init)
+        return self._run(spec, cond, uncond, on_step, accel, recorder, init_latents=init)
 
 
 class K5I2IPipeline(_K5Loop, Kandinsky5I2IPipeline):
     """Instruction editing: the reference image conditions both Qwen-VL and the transformer's input."""
 
     @torch.no_grad()
-    def generate(self, spec: GenerationSpec, on_step: ProgressCallback | None = None) -> GenerationOutput:
+    def generate(self, spec: GenerationSpec, on_step: ProgressCallback | None = None, *,
+                 accel: AccelSettings = AccelSettings(), recorder: Recorder | None = None) -> GenerationOutput:
         assert spec.reference_image is not None, "the I2I pipeline needs a reference image"
         device, dtype, n = self._execution_device, self.transformer.dtype, spec.num_images
         image = [spec.reference_image]
@@ -164,4 +165,4 @@ class K5I2IPipeline(_K5Loop, Kandinsky5I2IPipeline):
         image_latents = self._encode_image(spec.reference_image).expand(n, -1, -1, -1, -1)
         # The transformer sees noise (16), the image latents (16) and a ones-mask (1): 33 channels.
         condition = torch.cat([image_latents, torch.ones_like(image_latents[..., :1])], dim=-1)
-        return self._run(spec, cond, uncond, on_step, condition=condition)
+        return self._run(spec, cond, uncond, on_step, accel, recorder, condition=condition)

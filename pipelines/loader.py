@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 
-from .engine import EngineConfig, K5Engine
+from .config import EngineConfig, LoadConfig
+from .device import pick_device, pick_dtype, place
+from .engine import K5Engine
 from .k5 import K5T2IPipeline
 
 log = logging.getLogger("k5serve.loader")
@@ -19,36 +20,6 @@ if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):  # transformers and huggingfa
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
-
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
-
-
-@dataclass(frozen=True)
-class LoadConfig:
-    path: Path
-    device: str = "auto"  # "auto" = cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
-    dtype: str = "auto"  # "auto" = bfloat16 on cuda, float32 on cpu
-    offload: str = "none"  # "none", "model" or "sequential": diffusers' CPU offload (CUDA only)
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} requested but CUDA is not available")
-    return dev
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
-
 
 def load_t2i(config: LoadConfig) -> tuple[K5T2IPipeline, dict]:
     device = pick_device(config.device)
@@ -76,16 +47,6 @@ def load_t2i(config: LoadConfig) -> tuple[K5T2IPipeline, dict]:
              config.offload, info["weights_bytes"] / 1e9,
              f", {info['gpu_memory_allocated_bytes'] / 1e9:.2f} GB allocated on the GPU" if device.type == "cuda" else "")
     return pipe, info
-
-
-def place(pipe, device: torch.device, offload: str) -> None:
-    """Move a pipeline onto its device, or hand it to diffusers' CPU offload."""
-    if offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        pipe.to(device)
 
 
 def load_engine(config: LoadConfig, engine: EngineConfig = EngineConfig()) -> tuple[K5Engine, dict]:

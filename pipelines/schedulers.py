@@ -161,12 +161,16 @@ class FlowGridMixin:
     Put it first in the bases. The parent's `set_timesteps` still runs first, so every solver buffer
     and the step index are reset as usual; then `.sigmas` (kept on the parent's device, ending in 0)
     and `.timesteps` (float32, exactly `num_train_timesteps * sigma`) are overwritten.
-    `make_scheduler` sets `flow_grid` and `flow_grid_shift` on each instance.
+    The grid and its shift are constructor arguments (`make_scheduler` passes them); the rest go to the
+    stock scheduler's own constructor.
     """
 
-    flow_grid: str = "trailing"
-    flow_grid_shift: float = 3.0
     sigma_ceiling: float = 1.0  # log-SNR solvers lower it: lambda = log((1 - sigma) / sigma) needs sigma < 1
+
+    def __init__(self, *args: Any, flow_grid: str = "trailing", flow_grid_shift: float = 3.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.flow_grid = flow_grid
+        self.flow_grid_shift = flow_grid_shift
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         train_steps = self.config.num_train_timesteps
@@ -290,7 +294,8 @@ def is_stochastic(name: str | None) -> bool:
 
 
 def _shift_kwargs(cls: type, shift: float) -> dict[str, Any]:
-    params = inspect.signature(cls.__init__).parameters
+    stock = next(k for k in cls.__mro__ if "__init__" in vars(k) and k is not FlowGridMixin)  # the diffusers class
+    params = inspect.signature(stock.__init__).parameters
     if "flow_shift" in params:  # DPM-Solver / UniPC: VP solvers with a flow mode
         return dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift)
     if "shift" in params:  # native flow-matching schedulers
@@ -302,11 +307,9 @@ def make_scheduler(name: str | None, *, shift: float = 3.0, num_train_timesteps:
     """A new scheduler for the Runware scheduler `name` (None = the default, FlowMatch Euler)."""
     recipe = _recipe(name)
     kwargs = dict(recipe.kwargs, num_train_timesteps=num_train_timesteps, **_shift_kwargs(recipe.cls, shift))
-    scheduler = recipe.cls(**kwargs)
     if recipe.grid is not None:
-        scheduler.flow_grid = recipe.grid
-        scheduler.flow_grid_shift = shift
-    return scheduler
+        kwargs |= {"flow_grid": recipe.grid, "flow_grid_shift": shift}
+    return recipe.cls(**kwargs)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,28 +1,73 @@
-"""The generation worker interface and the in-process implementation.
+"""The generation worker interface and the plain data that crosses it. No torch here.
 
-The server only sees `Worker`: `submit(spec, on_progress)` returns a `concurrent.futures.Future` of a
-`GenerationOutput`. `LocalWorker` owns one pipeline and one thread fed by a bounded queue, so the event
-loop never blocks on the accelerator. Several GPUs (one LocalWorker each) or remote workers (Ray Serve
-replicas) fit behind the same interface.
+The server validates a request once and builds a `GenerationSpec`; the worker trusts it and answers, through
+`Worker.submit(spec, on_progress)`, with a `concurrent.futures.Future` of a `GenerationOutput`. Both are plain
+data (images as PIL), so a worker can run in this process (`local.LocalWorker`, one engine on one device) or
+in another process or machine (Ray Serve replicas) without the server changing. A front-end that only routes
+tasks imports this module and never loads torch.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
-import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-if TYPE_CHECKING:
-    from .engine import K5Engine
-from k5serve.logcontext import current_task
-from .spec import GenerationSpec, InvalidInput, ProgressCallback
+from k5serve.accel import StepCacheConfig
+from PIL import Image
 
-log = logging.getLogger("k5serve.worker")
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    seed: int  # image i uses seed + i
+    steps: int = 20
+    guidance_scale: float = 7.0
+    scheduler: str | None = None  # a Runware scheduler name; None = the model's default (FlowMatch Euler)
+    num_images: int = 1
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA model id, weight), applied together
+    init_image: Image.Image | None = None  # image-to-image on the T2I model, already at width x height
+    strength: float = 0.8  # how far into the schedule init_image is noised (1 = all the way)
+    reference_image: Image.Image | None = None  # instruction editing on the I2I model, at width x height
+    cache: StepCacheConfig | None = None  # step caching (acceleratorOptions); None = every pass computed
+    check_content: bool = False  # run the safety classifier on every output image
+    task_id: str = ""  # for logs only
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.num_images)]
+
+
+@dataclass
+class GenerationOutput:
+    images: list[Image.Image]
+    seeds: list[int]
+    width: int
+    height: int
+    seconds: float  # wall time the accelerator was busy with this job (queue wait excluded)
+    step_seconds: list[float] = field(default_factory=list)
+    cache_stats: dict | None = None  # transformer passes computed / reused per CFG branch (CacheStats.as_dict)
+    nsfw: list[bool] | None = None  # per image, when check_content asked for it
+    nsfw_scores: list[float] | None = None  # the classifier's NSFW probability per image
+    queue_seconds: float = 0.0  # time the job waited in the worker's queue
+
+
+class InvalidInput(Exception):
+    """A request the worker cannot serve as asked (e.g. an unknown LoRA); fails its task with `code`."""
+
+    def __init__(self, message: str, *, code: str, parameter: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.parameter = parameter
+
+
+# Called from the worker as steps finish: (step_done, total_steps).
+ProgressCallback = Callable[[int, int], None]
 
 
 class QueueFull(Exception):
@@ -67,118 +112,3 @@ class Worker(ABC):
     def memory(self) -> dict[str, int]:
         """Accelerator memory in bytes ({"allocated", "peak_allocated", "reserved"}); empty off CUDA."""
         return {}
-
-
-@dataclass
-class _Job:
-    spec: GenerationSpec
-    on_progress: ProgressCallback | None
-    future: Future
-    submitted: float
-
-
-_STOP = object()
-
-
-class LocalWorker(Worker):
-    """One engine (pipelines on one device), one thread, a bounded FIFO queue."""
-
-    def __init__(
-        self,
-        engine: K5Engine,
-        *,
-        max_queue: int = 64,
-        info: dict[str, Any] | None = None,
-        fault_prompt: str | None = None,
-    ):
-        self._engine = engine
-        # Testing aid (hidden CLI flag): a prompt containing this text raises CUDA's out-of-memory error
-        # inside the job, to exercise the real failure path on machines without a GPU.
-        self._fault_prompt = fault_prompt
-        self.features = engine.features
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._info = info or {}
-        self._busy = 0
-        self._thread = threading.Thread(target=self._loop, name="k5serve-generation", daemon=True)
-        self._thread.start()
-
-    def submit(self, spec: GenerationSpec, on_progress: ProgressCallback | None = None) -> Future:
-        self._engine.check(spec)  # raises InvalidInput before the job takes a queue slot
-        future: Future = Future()
-        try:
-            self._queue.put_nowait(_Job(spec, on_progress, future, time.monotonic()))
-        except queue.Full:
-            raise QueueFull(f"generation queue is full ({self._queue.maxsize} tasks waiting)") from None
-        return future
-
-    @property
-    def queue_depth(self) -> int:
-        return self._queue.qsize() + self._busy
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    @property
-    def max_queue(self) -> int:
-        return self._queue.maxsize
-
-    @property
-    def queue_full(self) -> bool:
-        return self._queue.full()
-
-    def describe(self) -> dict[str, Any]:
-        return {**self._info, **self._engine.describe()}
-
-    def memory(self) -> dict[str, int]:
-        return self._engine.memory()
-
-    def close(self, timeout: float | None = 30.0) -> None:
-        """Finish the queued jobs, then stop the thread."""
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is _STOP:
-                return
-            if not job.future.set_running_or_notify_cancel():
-                continue
-            self._busy = 1
-            token = current_task.set(job.spec.task_id or None)
-            waited = time.monotonic() - job.submitted
-            try:
-                if self._fault_prompt and self._fault_prompt in job.spec.prompt:
-                    import torch
-
-                    raise torch.OutOfMemoryError("CUDA out of memory (injected by --inject-oom-prompt)")
-                output = self._engine.generate(job.spec, on_step=job.on_progress)
-                output.queue_seconds = waited
-            except InvalidInput as exc:
-                job.future.set_exception(exc)
-            except Exception as exc:  # noqa: BLE001 - any failure fails this job only
-                _release_accelerator_memory()
-                if type(exc).__name__ == "OutOfMemoryError":
-                    log.error("out of accelerator memory for task %s; memory released", job.spec.task_id)
-                    message = ("the accelerator ran out of memory for this task; try fewer images or a smaller "
-                               "size, or start the server with --offload model")
-                else:
-                    log.exception("generation failed for task %s", job.spec.task_id)
-                    message = f"{type(exc).__name__}: {exc}"
-                job.future.set_exception(GenerationError(message))
-            else:
-                job.future.set_result(output)
-            finally:
-                self._busy = 0
-                current_task.reset(token)
-
-
-def _release_accelerator_memory() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001 - best effort after a failure
-        pass

@@ -1,4 +1,5 @@
-"""Operator settings of a running server (the CLI fills them in)."""
+"""Operator settings of a running server. `options.py` builds them from flags, environment and a config file;
+the defaults here are the command line's defaults."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()  # empty = open access
     public_url: str | None = None  # base for image URLs; default: the request's own scheme://host
     model_aliases: tuple[str, ...] = ()  # extra model ids accepted as this model
+    max_queue: int = 64  # tasks waiting for the generation worker (besides the running one) before 429s
     image_ttl: int = 86400  # seconds an image is kept when the request gives no ttl
     max_body_bytes: int = 64 * 1024 * 1024  # base64 images travel inline
     max_unauthenticated_bytes: int = 64 * 1024  # body read before a key is seen (header or first task)
@@ -43,3 +45,15 @@ class ServerConfig:
     @property
     def outbox_db(self) -> Path:
         return self.data_dir / "outbox.sqlite3"
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str | None = None  # "json" or "text"; None: json for `serve`, text for the other commands

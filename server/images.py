@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .outbound import DownloadError, OutboundURLError, fetch_bytes
+from .downloads import DownloadError, fetch_bytes
+from .safe_http import OutboundURLError
 from .store import ImageStore
 
 ACCEPTED_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "png", "GIF": "png"}

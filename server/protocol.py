@@ -81,6 +81,12 @@ class TaskError(Exception):
         self.http_status = http_status
 
 
+def error_code(prefix: str, *names: str) -> str:
+    """Runware's error codes are camelCase: ("invalid", "webhookURL") -> "invalidWebhookURL",
+    ("invalid", "lora", "weight") -> "invalidLoraWeight"."""
+    return prefix + "".join(name[:1].upper() + name[1:] for name in names)
+
+
 def task_error(
     code: str,
     message: str,

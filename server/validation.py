@@ -9,6 +9,7 @@ does not serve yet). Nothing reaches the worker without passing through here.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from pydantic import BaseModel, ValidationError
@@ -25,6 +26,7 @@ from .protocol import (
     ErrorItem,
     ImageInferenceTask,
     TaskError,
+    error_code,
     task_error,
     task_type_of,
 )
@@ -68,7 +70,7 @@ def _param_path(loc: Iterable[Any]) -> tuple[str, list[str]]:
 def _code(prefix: str, names: list[str]) -> str:
     if len(names) > 1 and names[0] in _FLAT_PARENTS:
         names = names[-1:]
-    return prefix + "".join(n[0].upper() + n[1:] for n in names)
+    return error_code(prefix, *names)
 
 
 def _from_pydantic(err: dict[str, Any], task_uuid: str, task_type: str) -> TaskError:
@@ -131,6 +133,13 @@ def parse_task(model: type[BaseModel], raw: dict[str, Any], task_uuid: str) -> A
         return model.model_validate(raw)
     except ValidationError as exc:
         raise _from_pydantic(exc.errors()[0], task_uuid, task_type_of(model)) from None
+
+
+def parse(model: type[BaseModel], raw: dict[str, Any]) -> Any:
+    """A raw task of `model`'s type (getResponse, imageUpload, modelSearch): its taskUUID checked first, so
+    every later error echoes it; `null` counts as absent, as for imageInference."""
+    task_uuid = check_task_uuid(raw, task_type_of(model))
+    return parse_task(model, strip_nulls(raw), task_uuid)
 
 
 def batch_error(tasks: Any, max_tasks: int) -> ErrorItem | None:
@@ -227,7 +236,54 @@ def parse_image_inference(
             "safety.checkInputs",
         )
     _check_features(task, features, fail)
+    _check_image_inputs(task, fail)
     return task
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """The one input image a validated task gives: an editing reference or an image-to-image seed."""
+
+    parameter: str  # where it was given, e.g. "inputs.referenceImages[0]"
+    ref: str  # a data URI, base64 data, a URL or an imageUUID
+    edit: bool  # True: a reference image (editing model); False: a seedImage (image-to-image)
+
+    @property
+    def code(self) -> str:
+        """The error code for a value that cannot be used (not found, too large, not an image)."""
+        name = self.parameter.split("[")[0].split(".")[-1]
+        return {"seedImage": "invalidSeedImage", "referenceImages": "invalidReferenceImages"}.get(name, "invalidImage")
+
+
+def image_input(task: ImageInferenceTask) -> ImageInput | None:
+    """The task's input image, if any (the task was validated: at most one, no mask)."""
+    edit, seed, _ = _image_inputs(task)
+    if edit or seed:
+        parameter, ref = (edit or seed)[0]
+        return ImageInput(parameter, ref, edit=bool(edit))
+    return None
+
+
+def _image_inputs(task: ImageInferenceTask) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str | None]:
+    """-> (editing references, seed images, the mask's parameter), each reference as (parameter, value)."""
+    inputs = task.inputs
+    edit = [(f"inputs.referenceImages[{i}]", ref) for i, ref in enumerate((inputs and inputs.referenceImages) or [])]
+    edit += [("inputs.image", inputs.image)] if inputs and inputs.image else []
+    edit += [(f"referenceImages[{i}]", ref) for i, ref in enumerate(task.referenceImages or [])]
+    seed = [(p, v) for p, v in (("inputs.seedImage", inputs and inputs.seedImage), ("seedImage", task.seedImage)) if v]
+    mask = "maskImage" if task.maskImage else "inputs.mask" if inputs and inputs.mask else None
+    return edit, seed, mask
+
+
+def _check_image_inputs(task: ImageInferenceTask, fail) -> None:
+    edit, seed, mask = _image_inputs(task)
+    if mask:
+        raise fail("unsupportedMaskImage", "Inpainting (a mask image) is not supported by this model.", mask)
+    if len(edit) > 1:
+        raise fail("invalidReferenceImages", "This model edits one reference image per task.", edit[1][0])
+    if len(seed) > 1 or (edit and seed):
+        raise fail("conflictImageInputs", "Give one input image: a reference image (editing) or a seedImage "
+                   "(image-to-image), not both.", (seed[1] if len(seed) > 1 else seed[0])[0])
 
 
 def _check_size(task: ImageInferenceTask, fail) -> None:
@@ -265,7 +321,7 @@ def _sdk_aliases(raw: dict[str, Any], task_uuid: str) -> dict[str, Any]:
             continue
         if name in acc and acc[name] != acc[alias]:
             raise task_error(
-                f"conflict{alias[0].upper()}{alias[1:]}",
+                error_code("conflict", alias),
                 f"acceleratorOptions.{alias} and acceleratorOptions.{name} are the same option with different "
                 "values; send one.",
                 parameter=f"acceleratorOptions.{alias}",
@@ -318,7 +374,7 @@ def _check_accelerator_options(task: ImageInferenceTask, fail) -> None:
         end_name = ("cacheEndStep" if acc.cacheEndStep is not None else
                     "cacheEndStepPercentage" if pend is not None else "steps")
         raise fail(
-            f"invalid{start_name[0].upper()}{start_name[1:]}",
+            error_code("invalid", start_name),
             f"{start_name} (step {start} of {task.steps}) must be less than {end_name} (step {end}).",
             f"acceleratorOptions.{start_name}",
         )
@@ -331,24 +387,46 @@ def _check_accelerator_options(task: ImageInferenceTask, fail) -> None:
         )
 
 
-# Requested features and the name under which the server announces it serves them.
+# The one place a requested feature is checked against what this server serves (`features`: the
+# server's own plus its worker's), before any input image is fetched or decoded.
 def _check_features(task: ImageInferenceTask, features: frozenset[str], fail) -> None:
-    wanted: list[tuple[str, str, bool]] = [
-        ("lora", "lora", bool(task.lora)),
-        ("acceleration", "acceleratorOptions", bool(task.acceleratorOptions and task.acceleratorOptions.any_method)),
-        ("safety", "safety", task.safety_check),
-        ("webhook", "webhookURL", task.webhookURL is not None),
-        ("async", "deliveryMethod", task.deliveryMethod == "async"),
-        ("upload", "uploadEndpoint", task.uploadEndpoint is not None),
-        ("image_input", _image_param(task), task.has_image_input),
+    edit = _edit_param(task)
+    wanted: list[tuple[str, str, str, bool]] = [  # feature, error code's name, parameter, requested
+        ("lora", "lora", "lora", bool(task.lora)),
+        ("acceleration", "acceleratorOptions", "acceleratorOptions",
+         bool(task.acceleratorOptions and task.acceleratorOptions.any_method)),
+        ("safety", "safety", "safety", task.safety_check),
+        ("webhook", "webhookURL", "webhookURL", task.webhookURL is not None),
+        ("async", "deliveryMethod", "deliveryMethod", task.deliveryMethod == "async"),
+        ("upload", "uploadEndpoint", "uploadEndpoint", task.uploadEndpoint is not None),
+        ("image_input", _image_param(task).split(".")[0], _image_param(task), task.has_image_input),
+        ("edit", "referenceImages", edit or "referenceImages", edit is not None),
     ]
-    for feature, parameter, requested in wanted:
+    for feature, name, parameter, requested in wanted:
         if requested and feature not in features:
             raise fail(
-                f"unsupported{parameter.split('.')[0][0].upper()}{parameter.split('.')[0][1:]}",
-                f"The {parameter} feature is not available on this server as configured; the request was not run.",
+                error_code("unsupported", name),
+                f"The {parameter} feature is not available on this server as configured"
+                f"{_FEATURE_HINTS.get(feature, '')}; the request was not run.",
                 parameter,
             )
+
+
+# What the operator would start the server with to serve the feature.
+_FEATURE_HINTS = {"lora": " (no --lora-dir)", "edit": " (no editing model: --i2i-model)",
+                  "safety": " (no safety classifier: --safety-model)"}
+
+
+def _edit_param(task: ImageInferenceTask) -> str | None:
+    """The parameter that asks for instruction editing (a reference image), if any."""
+    inputs = task.inputs
+    if task.referenceImages:
+        return "referenceImages"
+    if inputs and inputs.referenceImages:
+        return "inputs.referenceImages"
+    if inputs and inputs.image:
+        return "inputs.image"
+    return None
 
 
 def _image_param(task: ImageInferenceTask) -> str:
@@ -370,7 +448,7 @@ _FIXED_CODES = (
 def error_codes() -> frozenset[str]:
     """Every error code this server can answer with: a closed set (metrics label outcomes with it)."""
     codes = set(_FIXED_CODES)
-    codes |= {f"conflict{alias[0].upper()}{alias[1:]}" for alias in SDK_ACCELERATOR_ALIASES}
+    codes |= {error_code("conflict", alias) for alias in SDK_ACCELERATOR_ALIASES}
     for model in TASK_MODELS:
         for names in _field_names(model):
             codes |= {_code(prefix, names) for prefix in ("invalid", "missing", "unsupported", "conflict")}

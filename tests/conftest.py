@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, data_dir: Path, *extra: str):
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None):
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -35,7 +35,7 @@ class RunningServer:
             sys.executable, "-m", "k5serve.server.cli", "serve", "--tiny",
             "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(data_dir), *extra,
         ]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait_ready()

@@ -174,23 +174,25 @@ def test_a_task_whose_images_cannot_all_be_stored_leaves_none(tmp_path):
 
     from PIL import Image
 
-    from k5serve.pipelines.spec import GenerationOutput
+    from k5serve.pipelines.worker import GenerationOutput
     from k5serve.server.config import ServerConfig
-    from k5serve.server.dispatcher import Dispatcher, to_spec
+    from k5serve.server.dispatcher import Dispatcher
     from k5serve.server.protocol import TaskError
+    from k5serve.server.results import to_spec
+    from k5serve.server.slot import ModelSlot
     from k5serve.server.tasks import ERROR, SQLiteTaskStore, TaskRecord
     from k5serve.server.validation import parse_image_inference
 
     store = DiskFullOnSecondImage(tmp_path / "images")
     records = SQLiteTaskStore(tmp_path / "tasks.sqlite3")
-    dispatcher = Dispatcher(ServerConfig(data_dir=tmp_path), None, store, records)
+    dispatcher = Dispatcher(ServerConfig(data_dir=tmp_path), ModelSlot(lambda: None), store, records)
     t = parse_image_inference(task(numberResults=2))
     records.create(TaskRecord(t.taskUUID, t.taskType, expected_items=2, created_at=0, expires_at=1e12))
     images = [Image.new("RGB", (64, 64), (i * 90, 20, 20)) for i in range(2)]
     generated: Future = Future()
     generated.set_result(GenerationOutput(images=images, seeds=[42, 43], width=64, height=64, seconds=1.0))
     with pytest.raises(TaskError) as failed:
-        asyncio.run(dispatcher._finish(t, to_spec(t), generated, "http://127.0.0.1/"))
+        asyncio.run(dispatcher.inference._finish(t, to_spec(t), generated, "http://127.0.0.1/"))
     assert failed.value.item.code == "internalServerError"
     assert list((tmp_path / "images").iterdir()) == []
     assert records.get(t.taskUUID).status == ERROR

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import task
+from test_http_api import only_item
 
 RNG = np.random.default_rng(0)
 
@@ -146,7 +149,34 @@ def test_private_urls_refused_by_default(server):
 
 
 def test_editing_refused_when_no_editing_model(start_server):
-    srv = start_server("--i2i-model", "none")
+    srv = start_server("--i2i-model", "none", "--allow-private-urls")
     err = error(srv, referenceImages=[data_uri(encoded())])
     assert err["code"] == "unsupportedReferenceImages"
     assert httpx.get(srv.url + "/health").json()["i2i_model"] is None
+    # Refused before the image is fetched: a reference image by URL is never downloaded.
+    blob, fetched = encoded(), []
+
+    class Images(BaseHTTPRequestHandler):
+        def do_GET(self):
+            fetched.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            self.wfile.write(blob)
+
+        def log_message(self, *args):
+            pass
+
+    images = ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{images.server_port}/ref.png"
+        for where in ({"referenceImages": [url]}, {"inputs": {"referenceImages": [url]}}, {"inputs": {"image": url}}):
+            err = error(srv, **where)
+            assert err["code"] == "unsupportedReferenceImages" and "--i2i-model" in err["message"], err
+        assert fetched == []
+        assert only_item(srv.post([task(seedImage=url, strength=0.5)]))["imageUUID"]  # image-to-image still works
+        assert fetched == ["/ref.png"]
+    finally:
+        images.shutdown()

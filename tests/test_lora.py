@@ -28,7 +28,7 @@ from k5serve.pipelines.lora import (
     resolve_lora_file,
     to_diffusers_state_dict,
 )
-from k5serve.pipelines.spec import GenerationSpec
+from k5serve.pipelines.worker import GenerationSpec
 from k5serve.weights.tiny import ensure_tiny, make_transformer
 
 SPEC = GenerationSpec("a red fox in the snow", "blurry", width=1024, height=1024, seed=1, steps=10)

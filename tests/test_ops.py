@@ -144,11 +144,12 @@ class InProcessServer:
 
     def __init__(self, data_dir, tmp_path, load, max_queue: int = 64):
         from k5serve.server.app import create_app
+        from k5serve.server.slot import ModelSlot
         from k5serve.server.config import ServerConfig
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(ServerConfig(data_dir=tmp_path), load)
+        app = create_app(ServerConfig(data_dir=tmp_path), ModelSlot(load))
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -164,7 +165,7 @@ class InProcessServer:
 def tiny_worker(data_dir, max_queue=64):
     from k5serve.pipelines.engine import K5Engine
     from k5serve.pipelines.loader import LoadConfig, load_t2i
-    from k5serve.pipelines.worker import LocalWorker
+    from k5serve.pipelines.local import LocalWorker
     from k5serve.weights.tiny import ensure_tiny
 
     pipe, info = load_t2i(LoadConfig(ensure_tiny(data_dir / "tiny"), "cpu"))

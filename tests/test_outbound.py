@@ -1,4 +1,4 @@
-"""server/outbound.py: URL policy, pinned connections, image download limits and the webhook/upload outbox.
+"""server/safe_http.py, downloads.py, outbox.py: URL policy, pinned connections, image download limits and the webhook/upload outbox.
 
 Receivers are stdlib HTTP servers on 127.0.0.1 in threads; nothing leaves the machine. Tests that reach
 them pass allow_private=True, or patch the resolver / policy to pretend a loopback address is public.
@@ -15,8 +15,10 @@ import time
 
 import pytest
 
-from k5serve.server import outbound
-from k5serve.server.outbound import DownloadError, Outbox, OutboundURLError, check_url, fetch_bytes
+from k5serve.server import safe_http
+from k5serve.server.downloads import DownloadError, fetch_bytes
+from k5serve.server.outbox import Outbox
+from k5serve.server.safe_http import OutboundURLError, check_url
 
 run = asyncio.run  # pytest-asyncio is not installed: each test drives its own event loop
 
@@ -147,7 +149,7 @@ def test_policy_allows_public_literal_without_connecting():
 def test_policy_refuses_if_any_resolved_address_is_internal(monkeypatch):
     async def resolve(host, port):
         return {"mixed.example": ["93.184.216.34", "10.0.0.1"], "ok.example": ["93.184.216.34"]}[host]
-    monkeypatch.setattr(outbound, "resolve", resolve)
+    monkeypatch.setattr(safe_http, "resolve", resolve)
     with pytest.raises(OutboundURLError, match="mixed.example resolves to 10.0.0.1"):
         run(check_url("https://mixed.example/x", allow_private=False, purpose="webhookURL"))
     run(check_url("https://ok.example/x", allow_private=False, purpose="webhookURL"))
@@ -156,14 +158,14 @@ def test_policy_refuses_if_any_resolved_address_is_internal(monkeypatch):
 def test_policy_unresolvable_host(monkeypatch):
     async def resolve(host, port):
         raise OSError("no such host")
-    monkeypatch.setattr(outbound, "resolve", resolve)
+    monkeypatch.setattr(safe_http, "resolve", resolve)
     with pytest.raises(OutboundURLError, match="could not be resolved"):
         run(check_url("https://nope.example/", allow_private=False, purpose="webhookURL"))
 
 
 def test_redact_drops_credentials_and_query():
-    assert outbound.redact("https://user:pw@h.example:8443/p/q?X-Amz-Signature=s#f") == "https://h.example:8443/p/q"
-    assert outbound.redact("http://[::1]/x?token=t") == "http://[::1]/x"
+    assert safe_http.redact("https://user:pw@h.example:8443/p/q?X-Amz-Signature=s#f") == "https://h.example:8443/p/q"
+    assert safe_http.redact("http://[::1]/x?token=t") == "http://[::1]/x"
 
 
 # --- DNS rebinding: the connection goes to the address that was checked -----------------------------
@@ -176,7 +178,7 @@ def test_connection_is_pinned_to_the_checked_address_and_keeps_host_header(recei
     async def resolve(host, port):
         seen.append(host)
         return ["127.0.0.1"]
-    monkeypatch.setattr(outbound, "resolve", resolve)
+    monkeypatch.setattr(safe_http, "resolve", resolve)
     body, ctype = run(fetch_bytes(f"http://images.example:{r.port}/a.png", allow_private=True, max_bytes=100))
     assert (body, ctype) == (b"img", "image/png")
     assert seen == ["images.example"]  # resolved once, by us, at connect time
@@ -189,7 +191,7 @@ def test_dns_rebinding_after_check_is_refused_at_connect(receiver, monkeypatch, 
 
     async def resolve(host, port):
         return next(answers)  # public when checked, loopback when the client connects
-    monkeypatch.setattr(outbound, "resolve", resolve)
+    monkeypatch.setattr(safe_http, "resolve", resolve)
     url = f"http://rebind.example:{r.port}/img.png"
     run(check_url(url, allow_private=False, purpose="seedImage"))
     with pytest.raises(OutboundURLError, match="loopback"):
@@ -280,8 +282,8 @@ def test_fetch_follows_at_most_three_redirects(receiver):
 
 def test_fetch_rechecks_each_redirect(receiver, monkeypatch):
     # Pretend 127.0.0.1 is public, so the first hop is allowed; the redirect to 127.0.0.2 must be refused.
-    real = outbound._refusal
-    monkeypatch.setattr(outbound, "_refusal", lambda ip: None if str(ip) == "127.0.0.1" else real(ip))
+    real = safe_http._refusal
+    monkeypatch.setattr(safe_http, "_refusal", lambda ip: None if str(ip) == "127.0.0.1" else real(ip))
     r = receiver(lambda h, n: answer(h, 302, headers={"Location": "http://127.0.0.2:9/inside"}))
     with pytest.raises(OutboundURLError, match="127.0.0.2 is a loopback address"):
         run(fetch_bytes(r.url + "/start", allow_private=False, max_bytes=100))

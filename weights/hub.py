@@ -8,9 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
-
 T2I_REPO = "kandinskylab/Kandinsky-5.0-T2I-Lite-sft-Diffusers"
 I2I_REPO = "kandinskylab/Kandinsky-5.0-I2I-Lite-sft-Diffusers"
 # The default content-safety classifier: ViT-base fine-tuned for normal/nsfw (Apache-2.0, ~340 MB).
@@ -30,6 +27,9 @@ def resolve(model: str, cache_dir: str | Path | None = None, marker: str = "mode
             kind = "diffusers checkpoint" if marker == "model_index.json" else "model folder"
             raise WeightsNotFound(f"{path} is not a {kind} (no {marker})")
         return path
+    from huggingface_hub import snapshot_download  # imported when needed: a front-end may never need it
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
         raise WeightsNotFound(f"no such model folder: {model}")
     try:
@@ -42,6 +42,9 @@ def resolve(model: str, cache_dir: str | Path | None = None, marker: str = "mode
 
 def download(repo_id: str, cache_dir: str | Path | None = None) -> Path:
     """Fetch a repo into the Hugging Face cache (with progress bars); offline it returns the cached copy."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     try:
         return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
     except LocalEntryNotFoundError:

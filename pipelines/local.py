@@ -1,0 +1,134 @@
+"""`LocalWorker`: one engine (pipelines on one device) driven by one thread fed by a bounded FIFO queue, so the
+event loop never blocks on the accelerator."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from k5serve.logcontext import current_task
+
+from .engine import K5Engine
+from .worker import GenerationError, GenerationSpec, InvalidInput, ProgressCallback, QueueFull, Worker
+
+log = logging.getLogger("k5serve.worker")
+
+
+@dataclass
+class _Job:
+    spec: GenerationSpec
+    on_progress: ProgressCallback | None
+    future: Future
+    submitted: float
+
+
+_STOP = object()
+
+
+class LocalWorker(Worker):
+    """One engine (pipelines on one device), one thread, a bounded FIFO queue."""
+
+    def __init__(
+        self,
+        engine: K5Engine,
+        *,
+        max_queue: int = 64,
+        info: dict[str, Any] | None = None,
+        fault_prompt: str | None = None,
+    ):
+        self._engine = engine
+        # Testing aid (hidden CLI flag): a prompt containing this text raises CUDA's out-of-memory error
+        # inside the job, to exercise the real failure path on machines without a GPU.
+        self._fault_prompt = fault_prompt
+        self.features = engine.features
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._info = info or {}
+        self._busy = 0
+        self._thread = threading.Thread(target=self._loop, name="k5serve-generation", daemon=True)
+        self._thread.start()
+
+    def submit(self, spec: GenerationSpec, on_progress: ProgressCallback | None = None) -> Future:
+        self._engine.check(spec)  # raises InvalidInput before the job takes a queue slot
+        future: Future = Future()
+        try:
+            self._queue.put_nowait(_Job(spec, on_progress, future, time.monotonic()))
+        except queue.Full:
+            raise QueueFull(f"generation queue is full ({self._queue.maxsize} tasks waiting)") from None
+        return future
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + self._busy
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def max_queue(self) -> int:
+        return self._queue.maxsize
+
+    @property
+    def queue_full(self) -> bool:
+        return self._queue.full()
+
+    def describe(self) -> dict[str, Any]:
+        return {**self._info, **self._engine.describe()}
+
+    def memory(self) -> dict[str, int]:
+        return self._engine.memory()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Finish the queued jobs, then stop the thread."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            self._busy = 1
+            token = current_task.set(job.spec.task_id or None)
+            waited = time.monotonic() - job.submitted
+            try:
+                if self._fault_prompt and self._fault_prompt in job.spec.prompt:
+                    import torch
+
+                    raise torch.OutOfMemoryError("CUDA out of memory (injected by --inject-oom-prompt)")
+                output = self._engine.generate(job.spec, on_step=job.on_progress)
+                output.queue_seconds = waited
+            except InvalidInput as exc:
+                job.future.set_exception(exc)
+            except Exception as exc:  # noqa: BLE001 - any failure fails this job only
+                _release_accelerator_memory()
+                if type(exc).__name__ == "OutOfMemoryError":
+                    log.error("out of accelerator memory for task %s; memory released", job.spec.task_id)
+                    message = ("the accelerator ran out of memory for this task; try fewer images or a smaller "
+                               "size, or start the server with --offload model")
+                else:
+                    log.exception("generation failed for task %s", job.spec.task_id)
+                    message = f"{type(exc).__name__}: {exc}"
+                job.future.set_exception(GenerationError(message))
+            else:
+                job.future.set_result(output)
+            finally:
+                self._busy = 0
+                current_task.reset(token)
+
+
+def _release_accelerator_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort after a failure
+        pass

@@ -1,0 +1,163 @@
+"""The imageInference task, start to end, each step once: validate, refuse what cannot run, fetch the input
+image, create the durable record, queue the generation, and hand the result to `Delivery`.
+
+The generation runs as its own asyncio job that outlives the request that started it: sync callers await
+it, async callers get an acknowledgement and poll `getResponse`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import Any
+
+from k5serve.pipelines.worker import GenerationError, GenerationSpec, InvalidInput, QueueFull
+
+from .config import ServerConfig
+from .delivery import Delivery
+from .images import ImageInputError, Limits, load_image_bytes, prepare
+from .protocol import ALLOWED_SIZES, ImageInferenceTask, TaskError, error_code, task_error
+from .results import input_error, to_spec
+from .safe_http import OutboundURLError, check_url
+from .slot import ModelSlot
+from .store import ImageStore
+from .tasks import RUNNING, TaskRecord, TaskStore
+from .validation import image_input, parse_image_inference
+
+log = logging.getLogger("k5serve.dispatcher")
+
+SERVER_FEATURES = frozenset({"async", "webhook", "upload"})  # served here; the worker adds its own
+RUNNING_FOREVER = 365 * 86400  # a record in flight does not expire before it finishes
+
+
+class ImageInference:
+    def __init__(self, config: ServerConfig, slot: ModelSlot, images: ImageStore, tasks: TaskStore,
+                 delivery: Delivery):
+        self.config = config
+        self.slot = slot
+        self.images = images
+        self.tasks = tasks
+        self.delivery = delivery
+        self.accepting = True  # False while shutting down
+        self._jobs: set[asyncio.Task] = set()
+        self._limits = Limits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
+                              allow_private_urls=config.allow_private_urls)
+
+    async def __call__(self, raw: dict[str, Any], base_url: str) -> list[dict]:
+        worker = self.slot.worker
+        task = parse_image_inference(raw, model_aliases=self.config.model_aliases,
+                                     features=SERVER_FEATURES | self.slot.features)
+
+        def fail(code: str, message: str, status: int, **extra: Any) -> TaskError:
+            return task_error(code, message, task_type=task.taskType, task_uuid=task.taskUUID,
+                              http_status=status, **extra)
+
+        if not self.accepting:
+            raise fail("serviceUnavailable", "The server is shutting down; retry on another instance.", 503)
+        if worker is None:
+            raise fail("modelNotReady", "The model is still loading; retry shortly.", 503)
+        for parameter in ("webhookURL", "uploadEndpoint"):
+            url = getattr(task, parameter)
+            if url is not None:
+                try:
+                    await check_url(url, allow_private=self.config.allow_private_urls, purpose=parameter)
+                except OutboundURLError as exc:
+                    raise fail(error_code("invalid", parameter), str(exc), 400, parameter=parameter) from None
+
+        spec = to_spec(task, **await self._input_image(task))
+        now = time.time()
+        record = TaskRecord(task.taskUUID, task.taskType, expected_items=task.numberResults,
+                            created_at=now, expires_at=now + RUNNING_FOREVER)
+        if not self.tasks.create(record):
+            raise fail("conflictTaskUUID",
+                       f"taskUUID {task.taskUUID} was already used; use getResponse to read its results.",
+                       409, parameter="taskUUID")
+        loop = asyncio.get_running_loop()
+
+        def on_progress(step: int, total: int) -> None:  # called from the worker's thread
+            update = functools.partial(self.tasks.update, task.taskUUID, status=RUNNING, step=step,
+                                       total_steps=total)
+            loop.call_soon_threadsafe(update)
+
+        try:
+            future = worker.submit(spec, on_progress)
+        except InvalidInput as exc:
+            self.tasks.delete(task.taskUUID)
+            raise input_error(exc, task.taskType, task.taskUUID) from None
+        except QueueFull as exc:
+            self.tasks.delete(task.taskUUID)  # never ran: the client may retry with the same taskUUID
+            raise fail("rateLimitExceeded", f"The server is busy ({exc}); retry after "
+                       f"{self.config.retry_after} s.", 429) from None
+        job = asyncio.ensure_future(self._finish(task, spec, future, base_url))
+        self._jobs.add(job)
+        job.add_done_callback(self._job_done)
+        if task.deliveryMethod == "async":
+            return [{"taskType": task.taskType, "taskUUID": task.taskUUID}]
+        return await asyncio.shield(job)
+
+    async def _input_image(self, task: ImageInferenceTask) -> dict[str, Any]:
+        """Fetch, check and size the task's input image: {"reference_image" or "init_image": image} or {}."""
+        given = image_input(task)
+        if given is None:
+            return {}
+        size = (task.width, task.height) if task.width is not None and task.height is not None else None
+        try:
+            data = await load_image_bytes(given.ref, self.images, self._limits)
+            image = await asyncio.to_thread(prepare, data, self._limits, size, ALLOWED_SIZES)
+        except ImageInputError as exc:
+            raise task_error(given.code, f"Invalid value for {given.parameter} parameter: {exc}.",
+                             parameter=given.parameter, task_type=task.taskType, task_uuid=task.taskUUID) from None
+        return {"reference_image" if given.edit else "init_image": image}
+
+    def _job_done(self, job: asyncio.Task) -> None:
+        self._jobs.discard(job)
+        if not job.cancelled():
+            job.exception()  # async tasks have no awaiter; their errors live in the record
+
+    async def _finish(self, task: ImageInferenceTask, spec: GenerationSpec, future, base_url: str) -> list[dict]:
+        """Await the generation, then deliver or record the failure. Runs to the end even if the requester
+        went away."""
+        try:
+            try:
+                output = await asyncio.wrap_future(future)
+            except InvalidInput as exc:
+                raise input_error(exc, task.taskType, task.taskUUID) from None
+            except GenerationError as exc:
+                raise task_error("inferenceError", f"Image generation failed: {exc}", task_type=task.taskType,
+                                 task_uuid=task.taskUUID, http_status=500) from None
+            if output.nsfw is not None and any(output.nsfw) and self.config.safety_action == "block":
+                flagged = sum(output.nsfw)
+                raise task_error("nsfwContentDetected", f"The safety check flagged {flagged} of "
+                                 f"{len(output.nsfw)} image(s) as NSFW; this server withholds flagged results.",
+                                 parameter="safety", task_type=task.taskType, task_uuid=task.taskUUID)
+            return await self.delivery.succeed(task, spec, output, base_url)
+        except asyncio.CancelledError:
+            future.cancel()
+            self.delivery.fail(task, task_error(
+                "inferenceError", "The server shut down before this task finished; run it again.",
+                task_type=task.taskType, task_uuid=task.taskUUID, http_status=503))
+            raise
+        except TaskError as err:
+            self.delivery.fail(task, err)
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. disk full while storing: fail this task only
+            log.exception("delivering task %s failed", task.taskUUID)
+            err = task_error("internalServerError", f"Storing the result failed: {type(exc).__name__}",
+                             task_type=task.taskType, task_uuid=task.taskUUID, http_status=500)
+            self.delivery.fail(task, err)
+            raise err from None
+
+    async def drain(self, timeout: float) -> int:
+        """Stop taking tasks and wait for jobs in flight; returns how many were still running."""
+        self.accepting = False
+        pending = set(self._jobs)
+        if not pending:
+            return 0
+        _, still = await asyncio.wait(pending, timeout=timeout)
+        for job in still:
+            job.cancel()
+        if still:
+            await asyncio.wait(still, timeout=5)
+        return len(still)

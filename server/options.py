@@ -1,0 +1,245 @@
+"""The one place configuration is built from the command line, the environment and a config file.
+
+Every option is declared once, against the field of the config dataclass it fills (`ServerConfig`,
+`EngineConfig`, `LoadConfig`, `AccelSettings`, `CheckpointChoice`, ...); its default is that field's
+default. Each value comes from the first of:
+
+1. the flag (`--image-ttl 3600`);
+2. the environment (`K5SERVE_IMAGE_TTL=3600`; lists comma-separated; switches 1/0, true/false, yes/no, on/off);
+3. the TOML file given with `--config` (`image-ttl = 3600` or `image_ttl = 3600`); an unknown key is an error;
+4. the dataclass default.
+
+`--help` names each option's variable. Values from the environment and the file go through the same
+parsing and checks as flags, and a bad one is reported with where it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from k5serve.accel import AccelSettings
+from k5serve.pipelines.config import EngineConfig, LoadConfig
+from k5serve.weights.checkpoints import CheckpointChoice
+
+from .config import ListenConfig, LogConfig, ServerConfig
+
+ENV_PREFIX = "K5SERVE_"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+class ConfigError(Exception):
+    """A value that cannot be used; the message names the option and where the value came from."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the flag without its dashes: "image-ttl"
+    target: type  # the config dataclass whose field this option fills
+    field: str  # that field's name
+    help: str
+    type: Callable[[str], Any] = str  # parses one value given as text (a flag, a variable, a TOML string)
+    kind: str = "value"  # "value", "switch" (a flag without a value) or "list" (a repeatable flag)
+    choices: tuple[str, ...] | None = None
+    env_name: str | None = None  # default: K5SERVE_<NAME>
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return self.env_name or ENV_PREFIX + self.dest.upper()
+
+    @property
+    def default(self) -> Any:
+        field = {f.name: f for f in dataclasses.fields(self.target)}[self.field]
+        return field.default
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        shown = "" if self.default in (None, False, ()) else f"default: {self.default}; "
+        kw: dict[str, Any] = {"dest": self.dest, "default": argparse.SUPPRESS,
+                              "help": f"{self.help} [{shown}env {self.env}]"}
+        if self.kind == "switch":
+            kw["action"] = "store_true"
+        else:
+            kw |= {"type": self.type, "choices": self.choices, "action": "append" if self.kind == "list" else "store"}
+        parser.add_argument(f"--{self.name}", **kw)
+
+    def from_text(self, text: str, source: str) -> Any:
+        """A value given as text (an environment variable, a TOML string), parsed as a flag's would be."""
+        try:
+            if self.kind == "switch":
+                if text.strip().lower() not in _TRUE | _FALSE:
+                    raise ValueError(f"expected one of {', '.join(sorted(_TRUE | _FALSE - {''}))}")
+                return text.strip().lower() in _TRUE
+            values = [self._one(v.strip()) for v in text.split(",") if v.strip()] if self.kind == "list" else None
+            return values if values is not None else self._one(text)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise ConfigError(f"{source}: invalid value {text!r} for --{self.name}: {exc}") from None
+
+    def from_toml(self, value: Any, source: str) -> Any:
+        """A value from the config file: a string is parsed like a flag's; numbers and booleans must fit."""
+        if self.kind == "list":
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, str | int | float) and not isinstance(v, bool) for v in items):
+                raise ConfigError(f"{source}: --{self.name} takes a list of values")
+            return [self._one(str(v), source) for v in items]
+        if self.kind == "switch":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: --{self.name} takes true or false, not {value!r}")
+            return value
+        if isinstance(value, str):
+            return self._one(value, source)
+        numeric = {int: (int,), float: (int, float)}.get(self.type)
+        if numeric is None or isinstance(value, bool) or not isinstance(value, numeric):
+            raise ConfigError(f"{source}: invalid value {value!r} for --{self.name}")
+        return self.type(value)
+
+    def _one(self, text: str, source: str | None = None) -> Any:
+        try:
+            value = self.type(text)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            if source is None:
+                raise
+            raise ConfigError(f"{source}: invalid value {text!r} for --{self.name}: {exc}") from None
+        if self.choices is not None and value not in self.choices:
+            message = f"invalid value {text!r} for --{self.name}: choose from {', '.join(self.choices)}"
+            if source is None:
+                raise ValueError(message)
+            raise ConfigError(f"{source}: {message}")
+        return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+def coefficients(path: str) -> tuple[float, ...]:
+    """Read and check the TeaCache file when the options are read, not when the model has loaded."""
+    from k5serve.accel.calibration import load_coefficients
+
+    try:
+        return load_coefficients(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot use {path}: {exc}") from None
+
+
+LOG_OPTIONS = (
+    Option("log-level", LogConfig, "level", "log level: debug, info, warning, error"),
+    Option("log-format", LogConfig, "format", "json (one object per line, with taskUUID; the default for serve) "
+           "or text", choices=("json", "text")),
+)
+
+MODEL_OPTIONS = (
+    Option("model", CheckpointChoice, "model", "Hugging Face repo id (in the cache) or local diffusers folder"),
+    Option("tiny", CheckpointChoice, "tiny", "use generated tiny weights (CPU test mode)", kind="switch"),
+    Option("device", LoadConfig, "device", "auto, cpu, cuda, cuda:N"),
+    Option("dtype", LoadConfig, "dtype", "auto, bfloat16, float16, float32"),
+    Option("data-dir", ServerConfig, "data_dir", "task records, images, outbox and tiny weights", type=Path),
+    Option("i2i-model", CheckpointChoice, "i2i_model", "editing model: repo id (in the cache) or folder; default: "
+           "the I2I Lite repo when it is downloaded; 'none' to disable"),
+    Option("i2i-load", EngineConfig, "i2i_load", "load the editing transformer on the first editing request "
+           "(lazy) or at start-up", choices=("lazy", "eager")),
+    Option("lora-dir", EngineConfig, "lora_dir", "folder of LoRA files: lora[].model X loads X.safetensors",
+           type=Path),
+    Option("max-loras", EngineConfig, "max_loras", "LoRA adapters kept loaded (LRU)", type=int),
+    Option("teacache-coefficients", AccelSettings, "teacache_coefficients", "TeaCache polynomial from `k5serve "
+           "calibrate teacache` (a JSON file; default: identity, uncalibrated)", type=coefficients),
+    Option("dbcache-fn", AccelSettings, "dbcache_fn_blocks", "DBCache: first blocks always computed (default 8 "
+           "on the full model)", type=int),
+    Option("offload", LoadConfig, "offload", "diffusers CPU offload (CUDA only): model = whole components move "
+           "to the GPU when used (fits a 24 GB card), sequential = layer by layer (least memory, slowest)",
+           choices=("none", "model", "sequential")),
+    Option("safety-model", CheckpointChoice, "safety_model", "NSFW image classifier for safety checks: repo id "
+           "(in the cache) or folder; default: the Falconsai/nsfw_image_detection repo when downloaded; 'none' to "
+           "disable"),
+    Option("safety-threshold", EngineConfig, "safety_threshold", "flag an image when the classifier's unsafe "
+           "probability is at least this", type=fraction),
+)
+
+SERVE_OPTIONS = MODEL_OPTIONS + (
+    Option("host", ListenConfig, "host", "address to listen on"),
+    Option("port", ListenConfig, "port", "port to listen on", type=int),
+    Option("api-key", ServerConfig, "api_keys", "accepted API key (repeatable); none = open access", kind="list",
+           env_name="K5SERVE_API_KEYS"),
+    Option("public-url", ServerConfig, "public_url", "base URL for image links (default: the request's own host)"),
+    Option("model-alias", ServerConfig, "model_aliases", "extra model id accepted (repeatable)", kind="list"),
+    Option("max-queue", ServerConfig, "max_queue", "tasks waiting for the GPU before 429s", type=int),
+    Option("max-tasks-per-request", ServerConfig, "max_tasks_per_request", "tasks in one HTTP body or WebSocket "
+           "frame (more: maxTasksExceeded)", type=int),
+    Option("ws-auth-timeout", ServerConfig, "ws_auth_timeout", "seconds a WebSocket may take to authenticate "
+           "before it is closed (1008)", type=float),
+    Option("max-unauthenticated-websockets", ServerConfig, "max_unauthenticated_websockets", "WebSockets open at "
+           "once that have not authenticated; more are refused", type=int),
+    Option("image-ttl", ServerConfig, "image_ttl", "seconds images are kept without a ttl", type=int),
+    Option("price-per-gpu-hour", ServerConfig, "price_per_gpu_hour", "USD, for includeCost", type=float),
+    Option("allow-private-urls", ServerConfig, "allow_private_urls", "let webhooks, uploads and image URLs reach "
+           "loopback/private/link-local addresses", kind="switch"),
+    Option("max-image-bytes", ServerConfig, "max_image_bytes", "largest accepted input image (bytes, checked "
+           "before decoding)", type=int),
+    Option("max-image-pixels", ServerConfig, "max_image_pixels", "largest accepted input image (pixels, read "
+           "from the header before decoding)", type=int),
+    Option("poll-wait", ServerConfig, "poll_wait", "seconds a getResponse waits for an unfinished task before "
+           "answering", type=float),
+    Option("shutdown-timeout", ServerConfig, "shutdown_timeout", "seconds SIGTERM waits for tasks in flight",
+           type=float),
+    Option("safety-action", ServerConfig, "safety_action", "for safety-checked tasks: flag images (NSFWContent) "
+           "or fail the task with nsfwContentDetected when any image is flagged", choices=("flag", "block")),
+    Option("fallback-tiny", CheckpointChoice, "fallback_tiny", "with no GPU or no downloaded weights, serve "
+           "generated tiny weights on the CPU instead of failing", kind="switch"),
+)
+
+
+def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> None:
+    for option in options:
+        option.add_to(parser)
+
+
+def resolve(options: Iterable[Option], given: argparse.Namespace, environ: Mapping[str, str] | None = None,
+            config_file: Path | None = None) -> dict[str, Any]:
+    """Every option's value by dest, from flag > environment > file > default."""
+    options = list(options)
+    environ = os.environ if environ is None else environ
+    values = {o.dest: o.default for o in options}
+    if config_file is not None:
+        values |= read_config_file(config_file, options)
+    for option in options:
+        if option.env in environ:
+            values[option.dest] = option.from_text(environ[option.env], f"environment variable {option.env}")
+    values |= {o.dest: getattr(given, o.dest) for o in options if hasattr(given, o.dest)}
+    return values
+
+
+def read_config_file(path: Path, options: Iterable[Option]) -> dict[str, Any]:
+    by_key = {o.dest: o for o in options}
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    values = {}
+    for key, value in data.items():
+        option = by_key.get(key.replace("-", "_"))
+        if option is None:
+            raise ConfigError(f"{path}: unknown option {key!r}; the options are "
+                              + ", ".join(o.name for o in by_key.values()))
+        values[option.dest] = option.from_toml(value, f"{path}: {key}")
+    return values
+
+
+def build(target: type, options: Iterable[Option], values: Mapping[str, Any], **extra: Any) -> Any:
+    """The `target` dataclass filled from the options that belong to it (lists become tuples)."""
+    fields = {o.field: tuple(values[o.dest]) if o.kind == "list" else values[o.dest]
+              for o in options if o.target is target}
+    return target(**fields, **extra)

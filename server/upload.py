@@ -1,0 +1,34 @@
+"""The imageUpload task: an image kept on this server (for `upload_ttl`), to be used as an input by
+imageUUID."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .config import ServerConfig
+from .images import ImageInputError, Limits, decode, load_image_bytes
+from .protocol import ImageUploadTask, task_error
+from .store import ImageStore
+from .validation import parse
+
+
+class ImageUpload:
+    def __init__(self, config: ServerConfig, images: ImageStore):
+        self.config = config
+        self.images = images
+        self._limits = Limits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
+                              allow_private_urls=config.allow_private_urls)
+
+    async def __call__(self, raw: dict[str, Any], base_url: str) -> list[dict]:
+        task = parse(ImageUploadTask, raw)
+        try:
+            data = await load_image_bytes(task.image, self.images, self._limits)
+            decoded = await asyncio.to_thread(decode, data, self._limits)
+        except ImageInputError as exc:
+            raise task_error("invalidImage", f"Invalid value for image parameter: {exc}.", parameter="image",
+                             task_type="imageUpload", task_uuid=task.taskUUID) from None
+        stored = await asyncio.to_thread(self.images.put, decoded.data, decoded.ext, self.config.upload_ttl)
+        url_base = (self.config.public_url or base_url).rstrip("/")
+        return [{"taskType": "imageUpload", "taskUUID": task.taskUUID, "imageUUID": stored.image_uuid,
+                 "imageURL": f"{url_base}/image/{stored.name}"}]
