@@ -10,8 +10,8 @@ degree-4 polynomial, as the TeaCache authors do (`numpy.polyfit`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

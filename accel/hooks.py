@@ -17,7 +17,7 @@ and per request, and removing the hooks restores the untouched forward.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

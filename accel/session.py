@@ -15,7 +15,7 @@ untouched transformer (bit-identical output, tested).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from .config import StepCacheConfig
 from .stats import CacheStats
@@ -38,7 +38,7 @@ class StepCache:
         self._dbcache = None
         self._recording = False
 
-    def __enter__(self) -> "StepCache":
+    def __enter__(self) -> StepCache:
         config = self.config
         if config is None:
             if self.recorder is not None:

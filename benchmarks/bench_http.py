@@ -20,9 +20,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-
 import common  # noqa: E402  (puts the project root on sys.path)
+import httpx
 
 ROOT = common.ROOT
 sys.path.insert(0, str(ROOT / "tests"))
@@ -48,7 +47,6 @@ def main() -> None:
 
     import torch
     from diffusers import Kandinsky5T2IPipeline
-
     from k5serve.pipelines.device import pick_device, pick_dtype
     from k5serve.pipelines.loader import LoadConfig, load_t2i
     from k5serve.pipelines.worker import GenerationSpec
@@ -112,7 +110,8 @@ def main() -> None:
 
         rows.append(("HTTP `POST /v1`, 1 image", timed(post, args.runs), 1))
         rows.append(("HTTP, numberResults=4 (one batched call)", timed(lambda: post(4), args.runs), 4))
-        rows.append(("HTTP, 4 sequential requests of 1", timed(lambda: [post(1, 42 + i) for i in range(4)], args.runs), 4))
+        sequential = timed(lambda: [post(1, 42 + i) for i in range(4)], args.runs)
+        rows.append(("HTTP, 4 sequential requests of 1", sequential, 4))
 
         def concurrent4():
             with ThreadPoolExecutor(4) as pool:
@@ -131,7 +130,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, times, n in rows:
         med = statistics.median(times)
-        print(f"| {name} | {n} | {med:.3f} | {min(times):.3f} | {max(times):.3f} | {med / n:.3f} | {med / base1:.2f}x |")
+        print(f"| {name} | {n} | {med:.3f} | {min(times):.3f} | {max(times):.3f} | {med / n:.3f} "
+              f"| {med / base1:.2f}x |")
 
 
 if __name__ == "__main__":

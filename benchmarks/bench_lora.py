@@ -68,7 +68,6 @@ def main() -> None:
     tiny = args.tiny or not args.model
 
     import torch
-
     from k5serve.pipelines.loader import LoadConfig, load_t2i
     from k5serve.pipelines.lora import LoraManager, lora_target_modules
     from k5serve.pipelines.worker import GenerationSpec

@@ -46,7 +46,7 @@ async def client(url: str, key: str, n_tasks: int, steps: int, deadline: float, 
         while len(seen) < n_tasks and time.monotonic() < deadline:
             try:
                 frame = json.loads(await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic())))
-            except (asyncio.TimeoutError, websockets.ConnectionClosed):
+            except (TimeoutError, websockets.ConnectionClosed):
                 break
             for item in frame.get("data", []):
                 t = item.get("taskUUID")

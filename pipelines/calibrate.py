@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import Iterable
 
 from k5serve.accel.calibration import fit_teacache
 

@@ -45,7 +45,8 @@ def load_t2i(config: LoadConfig) -> tuple[K5T2IPipeline, dict]:
         info["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(device)
     log.info("loaded %s on %s (%s, offload %s): %.2f GB of weights%s", config.path, device, info["dtype"],
              config.offload, info["weights_bytes"] / 1e9,
-             f", {info['gpu_memory_allocated_bytes'] / 1e9:.2f} GB allocated on the GPU" if device.type == "cuda" else "")
+             f", {info['gpu_memory_allocated_bytes'] / 1e9:.2f} GB allocated on the GPU"
+             if device.type == "cuda" else "")
     return pipe, info
 
 

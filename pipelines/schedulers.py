@@ -312,7 +312,7 @@ def make_scheduler(name: str | None, *, shift: float = 3.0, num_train_timesteps:
     return recipe.cls(**kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _step_takes_generator(cls: type) -> bool:
     return "generator" in inspect.signature(cls.step).parameters
 

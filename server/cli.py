@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--number-results", type=int)
     gen.add_argument("--output-format", default="PNG")
     gen.add_argument("--accelerator-options", type=json.loads, metavar="JSON",
-                     help='Runware acceleratorOptions for --prompt, e.g. \'{"teaCache": true, "teaCacheDistance": 0.3}\'')
+                     help="Runware acceleratorOptions for --prompt, e.g. "
+                          '\'{"teaCache": true, "teaCacheDistance": 0.3}\'')
     gen.add_argument("--stats", action="store_true",
                      help="add per-task stats to results.json: transformer passes computed/skipped per CFG branch, "
                           "seconds per step")
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = sub.add_parser("calibrate", help="fit step-cache parameters on the loaded weights")
     csub = calibrate.add_subparsers(dest="calibrate_command", required=True)
-    tea = csub.add_parser("teacache", help="fit TeaCache's rescaling polynomial (write JSON for --teacache-coefficients)")
+    tea = csub.add_parser("teacache",
+                          help="fit TeaCache's rescaling polynomial (write JSON for --teacache-coefficients)")
     opt.add_options(tea, opt.MODEL_OPTIONS)
     tea.add_argument("--prompts", type=Path, help="text file, one prompt per line (default: a built-in set)")
     tea.add_argument("--steps", type=int, default=50, help="the step count you serve with (coefficients depend on it)")
@@ -123,20 +125,19 @@ def _size(text: str) -> tuple[int, int]:
 def _checkpoints(args: argparse.Namespace, *, i2i: bool = True, safety: bool = True):
     """The run's checkpoints (k5serve.weights.checkpoints), with the CPU test mode's banner when it is on."""
     import torch
-
     from k5serve.pipelines.config import LoadConfig
     from k5serve.weights.checkpoints import CheckpointChoice, CheckpointError, resolve_checkpoints
 
     load = opt.build(LoadConfig, args.options, vars(args), path=Path())
-    if load.offload != "none" and (load.device == "cpu" or not torch.cuda.is_available()):
-        raise SystemExit(f"error: --offload {load.offload} needs a CUDA device (this run uses "
-                         f"{'the CPU' if load.device in ('cpu', 'auto') else load.device}"
-                         f"{'' if torch.cuda.is_available() else ', and no CUDA GPU is visible'})")
     try:
         found = resolve_checkpoints(opt.build(CheckpointChoice, args.options, vars(args)), args.data_dir / "tiny",
                                     device=load.device, cuda=torch.cuda.is_available(), i2i=i2i, safety=safety)
     except CheckpointError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if load.offload != "none" and (found.device == "cpu" or not torch.cuda.is_available()):  # the device used
+        raise SystemExit(f"error: --offload {load.offload} needs a CUDA device (this run uses "
+                         f"{'the CPU' if found.device in ('cpu', 'auto') else found.device}"
+                         f"{'' if torch.cuda.is_available() else ', and no CUDA GPU is visible'})")
     if found.tiny:
         if args.log_format == "text":  # JSON logs stay one object per line; the warning below says the same
             print(BANNER.format(reason=found.tiny_reason), file=sys.stderr, flush=True)
@@ -150,8 +151,8 @@ def _engine_config(args: argparse.Namespace, found):
     from k5serve.pipelines.config import EngineConfig
 
     accel = opt.build(AccelSettings, args.options, vars(args))
-    return opt.build(EngineConfig, args.options, vars(args), i2i_path=found.i2i, safety_path=found.safety,
-                     accel=accel)
+    return opt.build(EngineConfig, args.options, vars(args), i2i_path=found and found.i2i,
+                     safety_path=found and found.safety, accel=accel)
 
 
 def _load_engine(args: argparse.Namespace, found):
@@ -263,10 +264,9 @@ def _read_tasks(args: argparse.Namespace) -> list[Any]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Offline generation: the same validation, specs, result items and costs as the server, no HTTP."""
-    from tqdm import tqdm
-
     from k5serve.pipelines.config import engine_features
     from k5serve.pipelines.worker import InvalidInput
+    from tqdm import tqdm
 
     from .config import ServerConfig
     from .protocol import TaskError
@@ -276,25 +276,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tasks = _read_tasks(args)
     if not tasks:
         raise SystemExit("error: give a tasks file or --prompt")
-    found = _checkpoints(args)
-    # Offline there is no image store: input images are not served; the rest is what the engine serves.
-    features = engine_features(_engine_config(args, found)) - {"image_input", "edit"}
-    parsed, errors = [], []
-    for raw in tasks:
-        try:
-            if not isinstance(raw, dict):
-                raise SystemExit("error: every task must be a JSON object")
-            parsed.append(parse_image_inference(raw, features=features))
-        except TaskError as err:
-            errors.append(err.item.wire())
-            log.error("invalid task: %s", err.item.message)
+    if not all(isinstance(raw, dict) for raw in tasks):
+        raise SystemExit("error: every task must be a JSON object")
+
+    def validate(raws: list[dict], features: frozenset[str]) -> list[tuple[dict, Any]]:
+        valid = []
+        for raw in raws:
+            try:
+                valid.append((raw, parse_image_inference(raw, features=features)))
+            except TaskError as err:
+                errors.append(err.item.wire())
+                log.error("invalid task: %s", err.item.message)
+        return valid
+
+    # Offline there is no image store, so input images are not served. The weights are looked for only
+    # when a task is valid at all; then the tasks are checked against what the engine really serves.
+    errors: list[dict] = []
+    served = engine_features(_engine_config(args, None)) | {"safety"}
+    parsed = validate(tasks, served - {"image_input", "edit"})
+    found = _checkpoints(args) if parsed else None
+    if found is not None:
+        features = engine_features(_engine_config(args, found)) - {"image_input", "edit"}
+        parsed = validate([raw for raw, _ in parsed], features)
 
     data: list[dict] = []
     stats: list[dict] = []
     if parsed:
         engine, _ = _load_engine(args, found)
         args.out.mkdir(parents=True, exist_ok=True)
-        for task in tqdm(parsed, desc="tasks", unit="task"):
+        for _, task in tqdm(parsed, desc="tasks", unit="task"):
             spec = to_spec(task)
             try:
                 with tqdm(total=spec.steps, desc=f"steps {task.taskUUID[:8]}", unit="step", leave=False) as bar:

@@ -48,12 +48,15 @@ class Delivery:
             for image in stored:  # the task fails whole: none of its images stays behind
                 self.images.delete(image)
             raise
-        if self.outbox is not None:
-            for item, data, mime in results:
-                if task.webhookURL:
-                    self.outbox.enqueue_webhook(task.webhookURL, {"data": [item]}, task.taskUUID)
-                if task.uploadEndpoint:
-                    self.outbox.enqueue_upload(task.uploadEndpoint, data, mime, task.taskUUID)
+        try:  # the task has succeeded: a failure from here on is logged, it does not undo the success
+            if self.outbox is not None:
+                for item, data, mime in results:
+                    if task.webhookURL:
+                        self.outbox.enqueue_webhook(task.webhookURL, {"data": [item]}, task.taskUUID)
+                    if task.uploadEndpoint:
+                        self.outbox.enqueue_upload(task.uploadEndpoint, data, mime, task.taskUUID)
+        except Exception:  # noqa: BLE001 - e.g. the outbox database is on a full disk
+            log.exception("queueing the webhook/upload of task %s failed; its results are stored", task.taskUUID)
         if self.metrics is not None:
             self.metrics.generation_done(output)
         log.info("task %s done: %d image(s) %dx%d, %d steps, %.2f s, %s", task.taskUUID, len(items),

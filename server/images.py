@@ -66,7 +66,8 @@ async def load_image_bytes(ref: str, store: ImageStore, limits: Limits) -> bytes
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         what = "data URI" if match else "value"
-        raise ImageInputError(f"{what} is not valid base64; expected a data URI, base64, a URL or an imageUUID") from None
+        raise ImageInputError(f"{what} is not valid base64; expected a data URI, base64, a URL or an "
+                              "imageUUID") from None
 
 
 def _open_checked(data: bytes, limits: Limits) -> Image.Image:

@@ -24,7 +24,7 @@ from .safe_http import OutboundURLError, check_url
 from .slot import ModelSlot
 from .store import ImageStore
 from .tasks import RUNNING, TaskRecord, TaskStore
-from .validation import image_input, parse_image_inference
+from .validation import FEATURES, image_input, parse_image_inference
 
 log = logging.getLogger("k5serve.dispatcher")
 
@@ -47,8 +47,10 @@ class ImageInference:
 
     async def __call__(self, raw: dict[str, Any], base_url: str) -> list[dict]:
         worker = self.slot.worker
-        task = parse_image_inference(raw, model_aliases=self.config.model_aliases,
-                                     features=SERVER_FEATURES | self.slot.features)
+        # Until the model has loaded, what it will serve is unknown: validate everything else, then answer
+        # modelNotReady (a 503 the client retries) rather than refuse a feature it may well serve.
+        features = SERVER_FEATURES | (self.slot.features if worker is not None else FEATURES)
+        task = parse_image_inference(raw, model_aliases=self.config.model_aliases, features=features)
 
         def fail(code: str, message: str, status: int, **extra: Any) -> TaskError:
             return task_error(code, message, task_type=task.taskType, task_uuid=task.taskUUID,
@@ -57,6 +59,9 @@ class ImageInference:
         if not self.accepting:
             raise fail("serviceUnavailable", "The server is shutting down; retry on another instance.", 503)
         if worker is None:
+            if self.slot.error:
+                raise fail("modelNotReady", "The model failed to load on this server (see /health); retry on "
+                           "another instance.", 503)
             raise fail("modelNotReady", "The model is still loading; retry shortly.", 503)
         for parameter in ("webhookURL", "uploadEndpoint"):
             url = getattr(task, parameter)

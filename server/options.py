@@ -5,7 +5,8 @@ Every option is declared once, against the field of the config dataclass it fill
 default. Each value comes from the first of:
 
 1. the flag (`--image-ttl 3600`);
-2. the environment (`K5SERVE_IMAGE_TTL=3600`; lists comma-separated; switches 1/0, true/false, yes/no, on/off);
+2. the environment (`K5SERVE_IMAGE_TTL=3600`; lists comma-separated; switches 1/0, true/false, yes/no, on/off;
+   an empty variable counts as unset, and a variable is not read when its flag is given);
 3. the TOML file given with `--config` (`image-ttl = 3600` or `image_ttl = 3600`); an unknown key is an error;
 4. the dataclass default.
 
@@ -214,7 +215,9 @@ def resolve(options: Iterable[Option], given: argparse.Namespace, environ: Mappi
     if config_file is not None:
         values |= read_config_file(config_file, options)
     for option in options:
-        if option.env in environ:
+        # A flag wins without its variable being read (Kubernetes sets K5SERVE_PORT=tcp://... for a Service
+        # named k5serve); an empty variable counts as unset.
+        if not hasattr(given, option.dest) and environ.get(option.env, "").strip():
             values[option.dest] = option.from_text(environ[option.env], f"environment variable {option.env}")
     values |= {o.dest: getattr(given, o.dest) for o in options if hasattr(given, o.dest)}
     return values

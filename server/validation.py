@@ -9,12 +9,12 @@ does not serve yet). Nothing reaches the worker without passing through here.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
-
-from pydantic import BaseModel, ValidationError
+from typing import Any
 
 from k5serve.accel import resolve_window
+from pydantic import BaseModel, ValidationError
 
 from .protocol import (
     ALLOWED_SIZES,
@@ -311,7 +311,8 @@ def _check_size(task: ImageInferenceTask, fail) -> None:
 
 
 def _sdk_aliases(raw: dict[str, Any], task_uuid: str) -> dict[str, Any]:
-    """acceleratorOptions as the Python SDK spells them (`fbcache`, `cacheDistance`, `cacheStopStep`) -> the page's names."""
+    """acceleratorOptions as the Python SDK spells them (`fbcache`, `cacheDistance`, `cacheStopStep`) -> the
+    page's names."""
     acc = raw.get("acceleratorOptions")
     if not isinstance(acc, dict) or not SDK_ACCELERATOR_ALIASES.keys() & acc.keys():
         return raw
@@ -411,6 +412,9 @@ def _check_features(task: ImageInferenceTask, features: frozenset[str], fail) ->
                 parameter,
             )
 
+
+# Every optional feature a request may ask for (a server serves some of them).
+FEATURES = frozenset({"lora", "acceleration", "safety", "webhook", "async", "upload", "image_input", "edit"})
 
 # What the operator would start the server with to serve the feature.
 _FEATURE_HINTS = {"lora": " (no --lora-dir)", "edit": " (no editing model: --i2i-model)",

@@ -129,7 +129,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             if session is None:
                 try:
                     message = await asyncio.wait_for(ws.receive(), max(0.0, auth_deadline - time.monotonic()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     await ws.close(code=1008, reason=f"authenticate within {config.ws_auth_timeout:g} s")
                     break
             else:
@@ -165,7 +165,8 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                     if waiting:
                         state.ws_unauthenticated -= 1
                         waiting = False
-                    await session.send({"data": [{"taskType": "authentication", "connectionSessionUUID": session.uuid}]})
+                    answer = {"taskType": "authentication", "connectionSessionUUID": session.uuid}
+                    await session.send({"data": [answer]})
                     if resumed:
                         await session.flush(state.sessions.window)
                 elif session is None:
@@ -174,7 +175,8 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                         message="Authenticate first: send an authentication task with your apiKey.",
                         parameter="apiKey",
                         taskType=task_type if isinstance(task_type, str) else None,
-                        taskUUID=raw.get("taskUUID") if isinstance(raw, dict) and isinstance(raw.get("taskUUID"), str) else None,
+                        taskUUID=(raw.get("taskUUID") if isinstance(raw, dict) and isinstance(raw.get("taskUUID"), str)
+                                  else None),
                     )
                     await _send_direct(ws, {"errors": [error.wire()]})
                 else:

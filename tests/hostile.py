@@ -56,7 +56,8 @@ scalars = st.one_of(st.none(), st.booleans(), numbers, strings)
 json_values = st.recursive(
     scalars,
     lambda inner: st.one_of(st.lists(inner, max_size=4),
-                            st.dictionaries(st.one_of(st.sampled_from(FIELDS), st.text(max_size=8)), inner, max_size=4)),
+                            st.dictionaries(st.one_of(st.sampled_from(FIELDS), st.text(max_size=8)), inner,
+                                            max_size=4)),
     max_leaves=12,
 )
 

@@ -16,17 +16,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
+from conftest import ROOT
 from k5serve.accel import METHODS, AccelSettings, StepCacheConfig, resolve_window
 from k5serve.accel.calibration import fit_teacache, load_coefficients
 from k5serve.accel.guard import StepGuard
-from conftest import ROOT
 from k5serve.pipelines.engine import EngineConfig, K5Engine
 from k5serve.pipelines.k5 import K5T2IPipeline
 from k5serve.pipelines.schedulers import SCHEDULER_NAMES
 from k5serve.pipelines.worker import GenerationSpec
 from k5serve.weights.tiny import ensure_tiny
+from PIL import Image
 
 SPEC = GenerationSpec("a red fox in the snow", "blurry", width=256, height=256, seed=3, steps=12, guidance_scale=5.0)
 
@@ -202,7 +201,8 @@ def test_teacache_coefficients_change_the_decision(engine):
     default = engine.generate(spec).cache_stats["skipped"]
     # The operator's coefficients reach the pipeline through the engine's config (a second engine over the
     # same pipeline). A constant 1 per step: the accumulator passes 0.5 at once, so nothing is ever reused.
-    calibrated = K5Engine(engine.t2i, EngineConfig(accel=AccelSettings(teacache_coefficients=(0.0, 0.0, 0.0, 0.0, 1.0))))
+    constant = AccelSettings(teacache_coefficients=(0.0, 0.0, 0.0, 0.0, 1.0))
+    calibrated = K5Engine(engine.t2i, EngineConfig(accel=constant))
     assert calibrated.generate(spec).cache_stats["skipped"] == 0
     assert engine.generate(spec).cache_stats["skipped"] == default > 0
 

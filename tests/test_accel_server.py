@@ -7,9 +7,8 @@ import json
 import re
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import API_KEY, task
+from prometheus_client.parser import text_string_to_metric_families
 from test_cli import k5serve
 from test_http_api import only_error, only_item
 from test_sdk import request, run
@@ -164,7 +163,8 @@ def test_calibrate_command(tmp_path, data_dir):
                   "--teacache-coefficients", str(out), "--accelerator-options", '{"teaCache": true}', "--stats",
                   "--out", str(tmp_path / "o"))
     assert res.returncode == 0, res.stderr
-    assert json.loads((tmp_path / "o" / "results.json").read_text())["stats"][0]["transformerPasses"]["method"] == "teacache"
+    stats = json.loads((tmp_path / "o" / "results.json").read_text())["stats"]
+    assert stats[0]["transformerPasses"]["method"] == "teacache"
 
 
 

@@ -10,9 +10,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import MODEL, ROOT
+from PIL import Image
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
@@ -56,6 +55,27 @@ def test_generate_from_task_files_with_an_invalid_task(tmp_path, data_dir):
     assert first["taskUUID"] == good["taskUUID"] and first["imagePath"].endswith(".webp")
     assert Image.open(first["imagePath"]).size == (640, 1408)
     assert second["seed"] == 9
+
+
+def test_generate_reports_invalid_tasks_without_looking_for_weights(tmp_path):
+    bad = {"positivePrompt": "a cat", "width": 1024, "height": 1024, "steps": 5}
+    (tmp_path / "tasks.json").write_text(json.dumps([bad]))
+    res = k5serve("generate", "--model", str(tmp_path / "no-such-model"), "--data-dir", str(tmp_path),
+                  str(tmp_path / "tasks.json"), "--out", str(tmp_path / "out"))
+    assert res.returncode == 1 and "no such model folder" not in res.stderr, res.stderr
+    [err] = json.loads((tmp_path / "out" / "results.json").read_text())["errors"]
+    assert err["code"] == "invalidSteps"
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_generate_refuses_what_the_engine_does_not_serve(tmp_path, data_dir):
+    task = {"positivePrompt": "a cat", "width": 1024, "height": 1024, "steps": 10, "safety": {"checkContent": True}}
+    (tmp_path / "tasks.json").write_text(json.dumps([task]))
+    res = k5serve("generate", "--tiny", "--safety-model", "none", "--data-dir", str(data_dir),
+                  str(tmp_path / "tasks.json"), "--out", str(tmp_path / "out"))
+    assert res.returncode == 1, res.stderr
+    [err] = json.loads((tmp_path / "out" / "results.json").read_text())["errors"]
+    assert err["code"] == "unsupportedSafety" and "--safety-model" in err["message"]
 
 
 def test_generate_is_deterministic(tmp_path, data_dir):

@@ -4,8 +4,10 @@ the same cases every time); `benchmarks/fuzz_server.py` runs the same strategies
 
 from __future__ import annotations
 
+import hostile
 import pytest
 import schemathesis
+from conftest import API_KEY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -15,9 +17,6 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-
-import hostile
-from conftest import API_KEY
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

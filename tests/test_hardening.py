@@ -13,13 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from websockets.sync.client import connect
-
 from conftest import task
 from k5serve.server.logs import JsonFormatter, TextFormatter
 from k5serve.server.protocol import MAX_TTL
 from k5serve.server.store import ImageStore
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import connect
 
 SHORT_KEY = "k5sh0rt"
 ODD_KEY = "Ab+/cd=ef-0123456789-odd/key+="  # characters that URLs percent-encode
@@ -88,7 +87,7 @@ def test_unparseable_frames_get_an_error_frame_and_the_socket_stays(keyed, body)
 
 
 SURROGATES = {  # body, code, parameter, whether the answer can carry the taskUUID
-    "taskType": ('[{"taskType":"x\\ud800","taskUUID":"%s"}]' % UUID, "unsupportedTaskType", "taskType", True),
+    "taskType": ('[{"taskType":"x\\ud800","taskUUID":"' + UUID + '"}]', "unsupportedTaskType", "taskType", True),
     "getResponse taskUUID": ('[{"taskType":"getResponse","taskUUID":"x\\ud800"}]', "invalidTaskUUID", "taskUUID",
                              False),
     "model": (json.dumps([task(taskUUID=UUID, model="m\ud800")]), "invalidModel", "model", True),
@@ -172,8 +171,6 @@ def test_a_task_whose_images_cannot_all_be_stored_leaves_none(tmp_path):
     import asyncio
     from concurrent.futures import Future
 
-    from PIL import Image
-
     from k5serve.pipelines.worker import GenerationOutput
     from k5serve.server.config import ServerConfig
     from k5serve.server.dispatcher import Dispatcher
@@ -182,6 +179,7 @@ def test_a_task_whose_images_cannot_all_be_stored_leaves_none(tmp_path):
     from k5serve.server.slot import ModelSlot
     from k5serve.server.tasks import ERROR, SQLiteTaskStore, TaskRecord
     from k5serve.server.validation import parse_image_inference
+    from PIL import Image
 
     store = DiskFullOnSecondImage(tmp_path / "images")
     records = SQLiteTaskStore(tmp_path / "tasks.sqlite3")

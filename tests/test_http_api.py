@@ -10,10 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import API_KEY, task
 from k5serve.server.protocol import SCHEDULER_NAMES
+from PIL import Image
 
 
 def pixels(blob: bytes) -> np.ndarray:
@@ -183,6 +182,11 @@ def test_bad_image_names_are_404(server, name):
 
 # --- validation -------------------------------------------------------------------------------------------
 
+def _acc(options: dict, code: str, name: str) -> tuple[dict, str, str]:
+    """An INVALID row for acceleratorOptions.<name>."""
+    return {"acceleratorOptions": options}, code, f"acceleratorOptions.{name}"
+
+
 INVALID = [
     ({"positivePrompt": ...}, "missingPositivePrompt", "positivePrompt"),
     ({"positivePrompt": "a"}, "invalidPositivePrompt", "positivePrompt"),
@@ -220,14 +224,15 @@ INVALID = [
     ({"lora": [{"weight": 1}]}, "missingLoraModel", "lora[0].model"),
     ({"lora": [{"model": "a:1@1", "weight": 4.5}]}, "invalidLoraWeight", "lora[0].weight"),
     ({"lora": [{"model": "a:1@1", "transformer": "mid"}]}, "invalidLoraTransformer", "lora[0].transformer"),
-    ({"acceleratorOptions": {"teaCacheDistance": 1.5}}, "invalidTeaCacheDistance", "acceleratorOptions.teaCacheDistance"),
-    ({"acceleratorOptions": {"fbCacheThreshold": -0.1}}, "invalidFbCacheThreshold", "acceleratorOptions.fbCacheThreshold"),
-    ({"acceleratorOptions": {"dbCacheSkipInterval": 0}}, "invalidDbCacheSkipInterval", "acceleratorOptions.dbCacheSkipInterval"),
-    ({"acceleratorOptions": {"cacheMaxConsecutiveSteps": 6}}, "invalidCacheMaxConsecutiveSteps", "acceleratorOptions.cacheMaxConsecutiveSteps"),
-    ({"acceleratorOptions": {"cacheEndStep": 11}}, "invalidCacheEndStep", "acceleratorOptions.cacheEndStep"),
-    ({"acceleratorOptions": {"cacheStartStep": 5, "cacheEndStep": 5}}, "invalidCacheStartStep", "acceleratorOptions.cacheStartStep"),
-    ({"acceleratorOptions": {"cacheStartStepPercentage": 50, "cacheEndStepPercentage": 40}}, "invalidCacheStartStepPercentage", "acceleratorOptions.cacheStartStepPercentage"),
-    ({"acceleratorOptions": {"cacheEndStepPercentage": 101}}, "invalidCacheEndStepPercentage", "acceleratorOptions.cacheEndStepPercentage"),
+    _acc({"teaCacheDistance": 1.5}, "invalidTeaCacheDistance", "teaCacheDistance"),
+    _acc({"fbCacheThreshold": -0.1}, "invalidFbCacheThreshold", "fbCacheThreshold"),
+    _acc({"dbCacheSkipInterval": 0}, "invalidDbCacheSkipInterval", "dbCacheSkipInterval"),
+    _acc({"cacheMaxConsecutiveSteps": 6}, "invalidCacheMaxConsecutiveSteps", "cacheMaxConsecutiveSteps"),
+    _acc({"cacheEndStep": 11}, "invalidCacheEndStep", "cacheEndStep"),
+    _acc({"cacheStartStep": 5, "cacheEndStep": 5}, "invalidCacheStartStep", "cacheStartStep"),
+    _acc({"cacheStartStepPercentage": 50, "cacheEndStepPercentage": 40}, "invalidCacheStartStepPercentage",
+         "cacheStartStepPercentage"),
+    _acc({"cacheEndStepPercentage": 101}, "invalidCacheEndStepPercentage", "cacheEndStepPercentage"),
     ({"safety": {"mode": "full"}}, "invalidSafetyMode", "safety.mode"),
     ({"strength": 1.5}, "invalidStrength", "strength"),
     ({"taskUUID": "not-a-uuid"}, "invalidTaskUUID", "taskUUID"),
@@ -293,8 +298,8 @@ def test_task_without_task_type(server):
 
 @pytest.mark.parametrize(
     "body,code",
-    [(b"{not json", "invalidJSON"), (b'{"taskType": "imageInference"}', "invalidRequestBody"), (b"[]", "invalidRequestBody"),
-     (b"\xff\xfe", "invalidJSON")],
+    [(b"{not json", "invalidJSON"), (b'{"taskType": "imageInference"}', "invalidRequestBody"),
+     (b"[]", "invalidRequestBody"), (b"\xff\xfe", "invalidJSON")],
 )
 def test_malformed_bodies(server, body, code):
     resp = httpx.post(server.url + "/v1", content=body, headers={"content-type": "application/json"})
@@ -330,14 +335,16 @@ def test_missing_key_is_401(keyed_server):
 
 
 def test_bad_key_is_401(keyed_server):
-    err = only_error(keyed_server.post([task()], headers={"Authorization": "Bearer wrong-key-0000000000000000000"}), 401)
+    wrong = {"Authorization": "Bearer wrong-key-0000000000000000000"}
+    err = only_error(keyed_server.post([task()], headers=wrong), 401)
     assert err["code"] == "invalidApiKey" and "Invalid API key" in err["message"]
     err = only_error(keyed_server.post([{"taskType": "authentication", "apiKey": "nope"}, task()]), 401)
     assert err["code"] == "invalidApiKey"
 
 
 def test_bearer_key_and_model_alias(keyed_server):
-    resp = keyed_server.post([task(model="k5:lite@1", includeCost=True)], headers={"Authorization": f"Bearer {API_KEY}"})
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    resp = keyed_server.post([task(model="k5:lite@1", includeCost=True)], headers=bearer)
     item = only_item(resp)
     # price 3600 USD per GPU-hour = 1 USD per busy second
     assert 0.01 < item["cost"] < 120

@@ -11,9 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import task
+from PIL import Image
 from test_http_api import only_item
 
 RNG = np.random.default_rng(0)

@@ -16,7 +16,6 @@ import sysconfig
 import tomllib
 
 import pytest
-
 from conftest import ROOT
 
 CHECK = """

@@ -6,7 +6,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 from k5serve.pipelines.schedulers import SCHEDULER_NAMES as PIPELINE_SCHEDULERS
 from k5serve.server.protocol import SCHEDULER_NAMES as CONTRACT_SCHEDULERS
@@ -61,7 +60,8 @@ def layer_of(module: str) -> str:
 
 def test_the_import_graph_reads_the_whole_package():
     graph = import_graph()
-    assert {"k5serve.server.app", "k5serve.pipelines.engine", "k5serve.accel.hooks", "k5serve.weights.tiny"} <= set(graph)
+    assert {"k5serve.server.app", "k5serve.pipelines.engine", "k5serve.accel.hooks",
+            "k5serve.weights.tiny"} <= set(graph)
     assert "k5serve.pipelines.loader" in graph["k5serve.pipelines.engine"] or \
         "k5serve.pipelines.engine" in graph["k5serve.pipelines.loader"]  # the walker sees imports at all
     assert "k5serve.pipelines.lora" in graph["k5serve.pipelines.engine"]  # ... and function-level ones
@@ -123,9 +123,8 @@ def test_contract_scheduler_names_are_all_mapped():
 def test_failed_generation_fails_its_job_only(data_dir):
     from k5serve.pipelines.engine import K5Engine
     from k5serve.pipelines.loader import LoadConfig, load_t2i
-    from k5serve.pipelines.worker import GenerationSpec
     from k5serve.pipelines.local import LocalWorker
-    from k5serve.pipelines.worker import GenerationError
+    from k5serve.pipelines.worker import GenerationError, GenerationSpec
     from k5serve.weights.tiny import ensure_tiny
 
     pipe, info = load_t2i(LoadConfig(ensure_tiny(data_dir / "tiny"), "cpu"))

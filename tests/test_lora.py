@@ -15,9 +15,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-from safetensors.torch import save_file
-
 from k5serve.pipelines.k5 import K5T2IPipeline
 from k5serve.pipelines.lora import (
     LoraError,
@@ -30,6 +27,8 @@ from k5serve.pipelines.lora import (
 )
 from k5serve.pipelines.worker import GenerationSpec
 from k5serve.weights.tiny import ensure_tiny, make_transformer
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from safetensors.torch import save_file
 
 SPEC = GenerationSpec("a red fox in the snow", "blurry", width=1024, height=1024, seed=1, steps=10)
 BLOCKS = 4  # visual blocks of the tiny model

@@ -5,9 +5,8 @@ from __future__ import annotations
 import base64
 
 import pytest
-from safetensors.torch import save_file
-
 from conftest import task
+from safetensors.torch import save_file
 from test_lora import ATTN, FFN, peft_lora
 
 

@@ -12,9 +12,8 @@ import time
 import httpx
 import pytest
 import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import API_KEY, free_port, task
+from prometheus_client.parser import text_string_to_metric_families
 from test_cli import k5serve
 from test_delivery import Receiver
 from test_http_api import only_error, only_item
@@ -115,11 +114,10 @@ def test_safety_refused_without_a_classifier(start_server):
 
 def test_classifier_scores_and_labels(data_dir, tmp_path):
     import torch
-    from PIL import Image
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
     from k5serve.pipelines.safety import SafetyChecker
     from k5serve.weights.tiny import ensure_tiny
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     checker = SafetyChecker(ensure_tiny(data_dir / "tiny", "safety"), torch.device("cpu"), threshold=0.5)
     images = [Image.new("RGB", (64, 48), c) for c in ((0, 0, 0), (255, 200, 10), (30, 90, 250))]
@@ -144,8 +142,8 @@ class InProcessServer:
 
     def __init__(self, data_dir, tmp_path, load, max_queue: int = 64):
         from k5serve.server.app import create_app
-        from k5serve.server.slot import ModelSlot
         from k5serve.server.config import ServerConfig
+        from k5serve.server.slot import ModelSlot
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -184,6 +182,10 @@ def test_readiness_follows_loading_and_the_queue(data_dir, tmp_path):
         health, ready = httpx.get(srv.url + "/health"), httpx.get(srv.url + "/ready")
         assert health.status_code == 200 and health.json()["model"] == "loading"
         assert ready.status_code == 503 and ready.json()["reasons"] == ["the model is still loading"]
+        # What the model will serve is not known yet: a LoRA request is told to retry, not refused.
+        loading = only_error(httpx.post(srv.url + "/v1", json=[task(lora=[{"model": "a:1@1", "weight": 1}])]), 503)
+        assert loading["code"] == "modelNotReady"
+        assert only_error(httpx.post(srv.url + "/v1", json=[task(steps=5)]), 400)["code"] == "invalidSteps"
         assert value(metrics(srv), "k5serve_ready") == 0
         release.set()
         deadline = time.monotonic() + 60

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import API_KEY, RunningServer, own_data_dir, task
 from k5serve.pipelines.config import EngineConfig
 from k5serve.server import options as opt
@@ -42,6 +41,10 @@ def test_flag_beats_environment_beats_file(tmp_path):
     assert (values["image_ttl"], values["max_queue"]) == (200, 6)
     values = resolve([], {}, file, tmp_path)
     assert (values["image_ttl"], values["max_queue"], values["shutdown_timeout"]) == (100, 5, 60.0)
+    # A flag wins without its variable being read: Kubernetes sets K5SERVE_PORT=tcp://10.0.0.1:8080 for a
+    # Service named k5serve. An empty variable counts as unset.
+    values = resolve(["--port", "9000"], {"K5SERVE_PORT": "tcp://10.0.0.1:8080", "K5SERVE_LOG_FORMAT": ""})
+    assert values["port"] == 9000 and values["log_format"] is None
 
 
 def test_lists_switches_and_paths_from_every_source(tmp_path):

@@ -1,4 +1,5 @@
-"""server/safe_http.py, downloads.py, outbox.py: URL policy, pinned connections, image download limits and the webhook/upload outbox.
+"""server/safe_http.py, downloads.py, outbox.py: URL policy, pinned connections, image download limits and
+the webhook/upload outbox.
 
 Receivers are stdlib HTTP servers on 127.0.0.1 in threads; nothing leaves the machine. Tests that reach
 them pass allow_private=True, or patch the resolver / policy to pretend a loopback address is public.
@@ -14,7 +15,6 @@ import threading
 import time
 
 import pytest
-
 from k5serve.server import safe_http
 from k5serve.server.downloads import DownloadError, fetch_bytes
 from k5serve.server.outbox import Outbox

@@ -16,7 +16,6 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-
 from k5serve.pipelines.schedulers import (
     DEFAULT_SCHEDULER,
     SCHEDULER_NAMES,

@@ -15,9 +15,8 @@ os.environ.setdefault("RUNWARE_IMAGE_UPLOAD_TIMEOUT", "30000")
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
-from runware import IAsyncTaskResponse, IImageInference, Runware, RunwareAPIError  # noqa: E402
-
 from conftest import API_KEY, MODEL  # noqa: E402
+from runware import IAsyncTaskResponse, IImageInference, Runware, RunwareAPIError  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from k5serve.weights import tiny
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
@@ -111,7 +110,11 @@ def test_ensure_tiny_builds_once_and_rebuilds_when_stale(tmp_path, monkeypatch):
 def test_loads_through_the_real_pipeline_classes_with_the_real_component_classes(t2i, i2i):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Kandinsky5Transformer3DModel
     from transformers import (
-        CLIPTextModel, CLIPTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
+        CLIPTextModel,
+        CLIPTokenizer,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
     )
 
     for pipe in (t2i, i2i):

@@ -11,10 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from conftest import API_KEY, task
 from PIL import Image
 from websockets.sync.client import connect
-
-from conftest import API_KEY, task
 
 
 class Client:

@@ -53,7 +53,9 @@ def resolve_checkpoints(choice: CheckpointChoice, tiny_dir: Path, *, device: str
 
         t2i = ensure_tiny(tiny_dir, "t2i")
         device = "cpu" if device == "auto" else device
-    editing = _optional(choice.i2i_model, I2I_REPO, "editing model", "reference-image requests", tiny, tiny_dir,
+    # In test mode the editing model is the tiny one too (a real one cannot pair with the tiny T2I).
+    named_i2i = None if tiny and choice.i2i_model != NONE else choice.i2i_model
+    editing = _optional(named_i2i, I2I_REPO, "editing model", "reference-image requests", tiny, tiny_dir,
                         "i2i") if i2i else None
     classifier = _optional(choice.safety_model, SAFETY_REPO, "safety classifier", "safety-checked requests", tiny,
                            tiny_dir, "safety", marker="config.json") if safety else None
