@@ -30,6 +30,16 @@ class EngineConfig:
     offload: str = "none"  # the T2I pipeline's CPU offload mode; the I2I pipeline follows it
 
 
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Where generation runs: in this process, or on Ray Serve replicas (one engine on one device each)."""
+
+    kind: str = "local"  # "local" (a thread in this process) or "ray" (Ray Serve replicas)
+    replicas: int | None = None  # ray: None = one per visible CUDA device, or 1 on CPU
+    autoscale: tuple[int, int] | None = None  # ray: (min, max) replicas under Ray Serve's autoscaling
+    ray_address: str | None = None  # ray: join this cluster ("auto" or host:port); None = start a local Ray
+
+
 def engine_features(config: EngineConfig) -> frozenset[str]:
     """The optional request features an engine built from `config` serves; validation refuses the others
     (before any input image is fetched)."""

@@ -76,7 +76,7 @@ class K5Engine:
         feature is served at all, e.g. LoRA, editing or the safety check, was decided by validation from
         `features`, before any input image was fetched.)"""
         for index, (model, _) in enumerate(spec.loras):
-            from .lora import LoraError, resolve_lora_file  # peft is only imported once LoRAs are used
+            from .lora_files import LoraError, resolve_lora_file
 
             try:
                 resolve_lora_file(self.config.lora_dir, model)

@@ -14,7 +14,7 @@ from typing import Any
 from k5serve.logcontext import current_task
 
 from .engine import K5Engine
-from .worker import GenerationError, GenerationSpec, InvalidInput, ProgressCallback, QueueFull, Worker
+from .worker import GenerationError, GenerationOutput, GenerationSpec, InvalidInput, ProgressCallback, QueueFull, Worker
 
 log = logging.getLogger("k5serve.worker")
 
@@ -99,29 +99,38 @@ class LocalWorker(Worker):
             token = current_task.set(job.spec.task_id or None)
             waited = time.monotonic() - job.submitted
             try:
-                if self._fault_prompt and self._fault_prompt in job.spec.prompt:
-                    import torch
-
-                    raise torch.OutOfMemoryError("CUDA out of memory (injected by --inject-oom-prompt)")
-                output = self._engine.generate(job.spec, on_step=job.on_progress)
+                output = run_job(self._engine, job.spec, job.on_progress, self._fault_prompt)
                 output.queue_seconds = waited
-            except InvalidInput as exc:
+                output.worker = "local"
+            except (InvalidInput, GenerationError) as exc:
                 job.future.set_exception(exc)
-            except Exception as exc:  # noqa: BLE001 - any failure fails this job only
-                _release_accelerator_memory()
-                if type(exc).__name__ == "OutOfMemoryError":
-                    log.error("out of accelerator memory for task %s; memory released", job.spec.task_id)
-                    message = ("the accelerator ran out of memory for this task; try fewer images or a smaller "
-                               "size, or start the server with --offload model")
-                else:
-                    log.exception("generation failed for task %s", job.spec.task_id)
-                    message = f"{type(exc).__name__}: {exc}"
-                job.future.set_exception(GenerationError(message))
             else:
                 job.future.set_result(output)
             finally:
                 self._busy = 0
                 current_task.reset(token)
+
+
+def run_job(engine: K5Engine, spec: GenerationSpec, on_progress: ProgressCallback | None,
+            fault_prompt: str | None = None) -> GenerationOutput:
+    """One generation on `engine`, as every worker runs it: InvalidInput passes through; any other failure
+    releases accelerator memory and becomes a GenerationError that says why (this job fails, nothing else)."""
+    try:
+        if fault_prompt and fault_prompt in spec.prompt:
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by --inject-oom-prompt)")
+        return engine.generate(spec, on_step=on_progress)
+    except InvalidInput:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure fails this job only
+        _release_accelerator_memory()
+        if type(exc).__name__ == "OutOfMemoryError":
+            log.error("out of accelerator memory for task %s; memory released", spec.task_id)
+            raise GenerationError("the accelerator ran out of memory for this task; try fewer images or a smaller "
+                                  "size, or start the server with --offload model") from None
+        log.exception("generation failed for task %s", spec.task_id)
+        raise GenerationError(f"{type(exc).__name__}: {exc}") from None
 
 
 def _release_accelerator_memory() -> None:

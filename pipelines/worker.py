@@ -55,6 +55,7 @@ class GenerationOutput:
     nsfw: list[bool] | None = None  # per image, when check_content asked for it
     nsfw_scores: list[float] | None = None  # the classifier's NSFW probability per image
     queue_seconds: float = 0.0  # time the job waited in the worker's queue
+    worker: str = ""  # which worker ran it, for logs: "local", or a Ray replica's node/pid
 
 
 class InvalidInput(Exception):

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TOML file of serve options (keys as the flags without dashes: image-ttl = 3600) "
                             "[env K5SERVE_CONFIG]")
     opt.add_options(serve, opt.SERVE_OPTIONS)
-    serve.add_argument("--inject-oom-prompt", help=argparse.SUPPRESS)  # testing aid: see LocalWorker
+    serve.add_argument("--inject-oom-prompt", help=argparse.SUPPRESS)  # testing aid: see local.run_job
+    serve.add_argument("--inject-crash-prompt", help=argparse.SUPPRESS)  # testing aid: see replica.K5Replica
     serve.set_defaults(func=cmd_serve, options=opt.LOG_OPTIONS + opt.SERVE_OPTIONS)
 
     gen = sub.add_parser("generate", help="generate images offline from Runware tasks or flags")
@@ -165,6 +166,7 @@ def _load_engine(args: argparse.Namespace, found):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from k5serve.pipelines.config import LoadConfig, WorkerConfig
 
     from .app import create_app
     from .config import ListenConfig, ServerConfig
@@ -184,7 +186,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not config.api_keys and not _is_loopback(listen.host):
         log.warning("no --api-key given and bound to %s: anyone who can reach this port can use the GPU", listen.host)
 
+    workers = opt.build(WorkerConfig, args.options, vars(args))
+    if workers.kind == "local" and (workers.replicas or workers.autoscale or workers.ray_address):
+        raise SystemExit("error: --replicas, --autoscale and --ray-address need --workers ray")
+    if workers.replicas and workers.autoscale:
+        raise SystemExit("error: give --replicas or --autoscale, not both")
+
     def load_worker():
+        if workers.kind == "ray":
+            from k5serve.pipelines.ray_worker import RayWorker  # ray: only with --workers ray
+
+            load = opt.build(LoadConfig, args.options, vars(args) | {"device": found.device}, path=found.t2i)
+            return RayWorker(load, _engine_config(args, found), workers, max_queue=config.max_queue,
+                             info={"tiny_weights": found.tiny}, fault_prompt=args.inject_oom_prompt,
+                             crash_prompt=args.inject_crash_prompt)
         from k5serve.pipelines.local import LocalWorker
 
         engine, info = _load_engine(args, found)

@@ -59,8 +59,9 @@ class Delivery:
             log.exception("queueing the webhook/upload of task %s failed; its results are stored", task.taskUUID)
         if self.metrics is not None:
             self.metrics.generation_done(output)
-        log.info("task %s done: %d image(s) %dx%d, %d steps, %.2f s, %s", task.taskUUID, len(items),
-                 output.width, output.height, spec.steps, output.seconds, describe_passes(output.cache_stats))
+        log.info("task %s done: %d image(s) %dx%d, %d steps, %.2f s, %s, worker %s", task.taskUUID, len(items),
+                 output.width, output.height, spec.steps, output.seconds, describe_passes(output.cache_stats),
+                 output.worker or "?")
         return items
 
     def fail(self, task: ImageInferenceTask, err: TaskError) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from k5serve.accel import AccelSettings
-from k5serve.pipelines.config import EngineConfig, LoadConfig
+from k5serve.pipelines.config import EngineConfig, LoadConfig, WorkerConfig
 from k5serve.weights.checkpoints import CheckpointChoice
 
 from .config import ListenConfig, LogConfig, ServerConfig
@@ -125,6 +125,20 @@ def fraction(text: str) -> float:
     return value
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def replica_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition(":")
+    if not sep or not low.isdigit() or not high.isdigit() or not 0 <= int(low) <= int(high) or int(high) < 1:
+        raise argparse.ArgumentTypeError("expected MIN:MAX replicas, e.g. 1:4")
+    return int(low), int(high)
+
+
 def coefficients(path: str) -> tuple[float, ...]:
     """Read and check the TeaCache file when the options are read, not when the model has loaded."""
     from k5serve.accel.calibration import load_coefficients
@@ -196,6 +210,15 @@ SERVE_OPTIONS = MODEL_OPTIONS + (
            type=float),
     Option("safety-action", ServerConfig, "safety_action", "for safety-checked tasks: flag images (NSFWContent) "
            "or fail the task with nsfwContentDetected when any image is flagged", choices=("flag", "block")),
+    Option("workers", WorkerConfig, "kind", "where generation runs: local (a thread in this process) or ray "
+           "(Ray Serve replicas, one engine on one device each; pip install 'k5serve[ray]')",
+           choices=("local", "ray")),
+    Option("replicas", WorkerConfig, "replicas", "--workers ray: replicas (default: one per GPU in the Ray "
+           "cluster, or 1 without GPUs)", type=positive),
+    Option("autoscale", WorkerConfig, "autoscale", "--workers ray: MIN:MAX replicas under Ray Serve's "
+           "autoscaling, instead of --replicas", type=replica_range),
+    Option("ray-address", WorkerConfig, "ray_address", "--workers ray: join this Ray cluster (auto, or "
+           "host:port); default: start a local Ray instance and stop it on exit"),
     Option("fallback-tiny", CheckpointChoice, "fallback_tiny", "with no GPU or no downloaded weights, serve "
            "generated tiny weights on the CPU instead of failing", kind="switch"),
 )

@@ -1,0 +1,52 @@
+"""LoRA files by model id: ``<lora_dir>/<id>.safetensors``, with ids that could leave the folder refused. No torch,
+so a front-end can check a request's LoRAs before queueing it for a remote worker."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger("k5serve.lora")
+
+SUFFIX = ".safetensors"
+
+
+class LoraError(Exception):
+    """A LoRA that cannot be used as asked (bad id, missing file, wrong format, wrong model)."""
+
+    def __init__(self, model_id: str, message: str):
+        super().__init__(f"LoRA {model_id!r} {message}")
+        self.model_id = model_id
+
+
+def resolve_lora_file(lora_dir: Path, model_id: str) -> Path:
+    """``lora_dir / f"{model_id}.safetensors"``, refusing ids that could leave ``lora_dir``; raise if missing.
+
+    Returns the real path (symlinks resolved). The one place where a model id becomes a file: a mapping file
+    (e.g. ``loras.json``: AIR id -> file) would be added here.
+    """
+    if not isinstance(model_id, str) or not model_id:
+        raise LoraError(str(model_id), "is not a valid LoRA model id (empty)")
+    if any(c in model_id for c in ("/", "\\", "\x00")) or any(ord(c) < 32 or ord(c) == 127 for c in model_id):
+        raise LoraError(model_id, "is not a valid LoRA model id (it contains a path separator or control character)")
+    if model_id.startswith("."):  # ".", "..", ".hidden"
+        raise LoraError(model_id, "is not a valid LoRA model id (it starts with '.')")
+    if len((model_id + SUFFIX).encode()) > 255:
+        raise LoraError(model_id[:64] + "...", "is not a valid LoRA model id (too long)")
+    try:
+        base = Path(lora_dir).resolve(strict=True)
+        candidate = base / f"{model_id}{SUFFIX}"
+        if candidate.parent != base:  # belt and braces: the checks above already rule this out
+            raise LoraError(model_id, "is not a valid LoRA model id")
+        real = candidate.resolve()  # follows symlinks, also dangling ones
+    except LoraError:
+        raise
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.error("resolving LoRA %r in %s: %s", model_id, lora_dir, exc)
+        raise LoraError(model_id, "is not available on this server") from None
+    if not real.is_relative_to(base):
+        log.warning("LoRA %r resolves to %s, outside the LoRA folder %s: refused", model_id, real, base)
+        raise LoraError(model_id, "is not a valid LoRA model id (it points outside the LoRA folder)")
+    if not real.is_file():
+        raise LoraError(model_id, "not found on this server")
+    return real

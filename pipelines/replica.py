@@ -1,0 +1,83 @@
+"""A Ray Serve replica: one engine (T2I, shared-encoder I2I, LoRAs, step caching, safety) on one device, one
+generation at a time, its progress streamed back to the front-end while it runs.
+
+Imported only by `RayWorker` (the front-end) and by Ray inside each replica process; torch is imported in the
+replica's constructor, never at module level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .config import EngineConfig, LoadConfig
+from .worker import GenerationError, GenerationSpec, InvalidInput
+
+log = logging.getLogger("k5serve.replica")
+
+
+class K5Replica:
+    """The deployment's class (`serve.deployment(K5Replica, ...)` in ray_worker.py)."""
+
+    def __init__(self, load: LoadConfig, engine: EngineConfig, threads: int | None = None,
+                 fault_prompt: str | None = None, crash_prompt: str | None = None):
+        import ray
+        import torch
+
+        from .loader import load_engine
+
+        if threads:  # on the CPU each replica gets its share of the cores (Ray's num_cpus), and uses that many
+            torch.set_num_threads(threads)
+        self._engine, self._info = load_engine(load, engine)
+        self._fault_prompt = fault_prompt
+        self._crash_prompt = crash_prompt  # testing aid: a prompt with this text kills the replica mid-task
+        self.name = f"{ray.get_runtime_context().get_node_id()[:8]}/{os.getpid()}"
+        log.info("replica %s loaded %s on %s", self.name, load.path, self._info.get("device"))
+
+    def describe(self) -> dict[str, Any]:
+        return {"replica": self.name, "threads": self._threads(), **self._info, **self._engine.describe()}
+
+    async def generate(self, spec: GenerationSpec) -> AsyncIterator[tuple]:
+        """Yields ("progress", step, total) as steps finish, then one of ("output", GenerationOutput),
+        ("invalid", message, code, parameter) or ("failed", message). Failures travel as values: an exception
+        would have to survive pickling across processes."""
+        from .local import run_job
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_step(done: int, total: int) -> None:  # from the generation thread
+            loop.call_soon_threadsafe(events.put_nowait, ("progress", done, total))
+
+        def run() -> tuple:
+            if self._crash_prompt and self._crash_prompt in spec.prompt:
+                on_step(1, spec.steps)
+                os._exit(3)  # a replica process that dies mid-task (out of memory, a driver fault, a kill)
+            try:
+                output = run_job(self._engine, spec, on_step, self._fault_prompt)
+            except InvalidInput as exc:
+                return ("invalid", str(exc), exc.code, exc.parameter)
+            except GenerationError as exc:
+                return ("failed", str(exc))
+            output.worker = self.name
+            return ("output", output)
+
+        job = asyncio.ensure_future(asyncio.to_thread(run))
+        while not job.done():
+            step = asyncio.ensure_future(events.get())
+            await asyncio.wait({step, job}, return_when=asyncio.FIRST_COMPLETED)
+            if step.done():
+                yield step.result()
+            else:
+                step.cancel()
+        while not events.empty():  # progress reported just before the job ended
+            yield events.get_nowait()
+        yield job.result()
+
+    def _threads(self) -> int:
+        import torch
+
+        return torch.get_num_threads()

@@ -1,0 +1,127 @@
+"""`--workers ray`: the real server in front of a real local Ray instance with two Ray Serve replicas, each
+one engine on tiny weights on its own CPU core. One server (one Ray instance) for the module."""
+
+from __future__ import annotations
+
+import base64
+import re
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+from conftest import API_KEY, RunningServer, own_data_dir, task
+from test_http_api import only_error, only_item
+from test_sdk import request, run
+
+CRASH = "CRASH-THE-REPLICA"
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory, data_dir):
+    home = own_data_dir(tmp_path_factory, data_dir, "ray")
+    (home / "loras").mkdir()
+    srv = RunningServer(home, "--workers", "ray", "--replicas", "2", "--max-queue", "1", "--poll-wait", "0",
+                        "--lora-dir", str(home / "loras"), "--inject-crash-prompt", CRASH)
+    yield srv
+    srv.stop()
+
+
+def finished(srv, task_uuid: str, timeout: float = 300) -> list[dict]:
+    """getResponse until the task is done; -> every answer seen (processing items included)."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = srv.post([{"taskType": "getResponse", "taskUUID": task_uuid}]).json()
+        seen.append(body)
+        if "errors" in body or all(i.get("status") == "success" for i in body["data"]):
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_uuid} did not finish")
+
+
+def workers_in_log(srv) -> dict[str, str]:
+    return dict(re.findall(r"task (\S+) done: .*, worker (\S+)", srv.log()))
+
+
+def test_health_describes_the_replicas(ray_server):
+    body = httpx.get(ray_server.url + "/health").json()
+    assert body["status"] == "ok" and body["workers"] == "ray" and body["replicas"] == 2
+    assert body["threads_per_replica"] >= 1 and body["queueLimit"] == 1
+
+
+def test_two_tasks_run_in_parallel_one_per_replica(ray_server):
+    results: dict[str, dict] = {}
+
+    def one(t):
+        results[t["taskUUID"]] = only_item(ray_server.post([t]))
+
+    tasks = [task(seed=s) for s in (1, 2)]
+    threads = [threading.Thread(target=one, args=(t,)) for t in tasks]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(300)
+    assert set(results) == {t["taskUUID"] for t in tasks}
+    workers = workers_in_log(ray_server)
+    assert len({workers[t["taskUUID"]] for t in tasks}) == 2, workers  # both replicas did work
+
+
+def test_async_task_reports_progress_from_the_replica(ray_server):
+    t = task(deliveryMethod="async", steps=30)
+    assert only_item(ray_server.post([t]))["taskUUID"] == t["taskUUID"]
+    seen = finished(ray_server, t["taskUUID"])
+    progress = [i["progress"] for body in seen for i in body.get("data", []) if i.get("status") == "processing"]
+    assert any(0 < p < 100 for p in progress), progress
+    [item] = seen[-1]["data"]
+    assert item["status"] == "success" and httpx.get(item["imageURL"]).status_code == 200
+
+
+def test_a_full_queue_answers_429(ray_server):
+    """Two replicas and --max-queue 1: three tasks may be in flight; the fourth is refused, and none runs twice."""
+    tasks = [task(deliveryMethod="async", seed=10 + i) for i in range(4)]
+    resp = ray_server.post(tasks)
+    body = resp.json()
+    [err] = body["errors"]
+    assert err["code"] == "rateLimitExceeded" and len(body["data"]) == 3
+    accepted = [i["taskUUID"] for i in body["data"]]
+    for task_uuid in accepted:
+        assert "errors" not in finished(ray_server, task_uuid)[-1]
+    assert all(ray_server.log().count(f"task {u} done") == 1 for u in accepted)
+
+
+def test_a_bad_lora_is_refused_before_queueing(ray_server):
+    err = only_error(ray_server.post([task(lora=[{"model": "no-such-lora", "weight": 1.0}])]), 400)
+    assert err["code"] == "invalidLoraModel" and err["parameter"] == "lora[0].model"
+
+
+def test_a_replica_that_dies_fails_its_task_only(ray_server):
+    err = only_error(ray_server.post([task(positivePrompt=f"a fox {CRASH}")]), 500)
+    assert err["code"] == "inferenceError" and "stopped before it finished" in err["message"]
+    # The other replica (and the one Ray Serve starts in its place) go on serving.
+    assert only_item(ray_server.post([task(seed=5)]))["imageUUID"]
+    assert httpx.get(ray_server.url + "/health").json()["status"] == "ok"
+
+
+def test_same_bytes_as_the_local_worker(ray_server, tmp_path_factory, data_dir):
+    """Same device type, dtype and CPU thread count (float sums depend on it): the same bytes."""
+    threads = httpx.get(ray_server.url + "/health").json()["threads_per_replica"]
+    local_server = RunningServer(own_data_dir(tmp_path_factory, data_dir, "local"),
+                                 env={"OMP_NUM_THREADS": str(threads)})
+    try:
+        t = dict(task(seed=77, outputType="base64Data", outputFormat="PNG"))
+        local = only_item(local_server.post([dict(t, taskUUID=str(uuid.uuid4()))]))["imageBase64Data"]
+        remote = only_item(ray_server.post([dict(t, taskUUID=str(uuid.uuid4()))]))["imageBase64Data"]
+    finally:
+        local_server.stop()
+    assert base64.b64decode(local) == base64.b64decode(remote)
+
+
+def test_the_runware_sdk_over_websocket(tmp_path_factory, data_dir, ray_server):
+    """The unmodified SDK against --workers ray (the module's server has no key: pass any)."""
+    async def body(rw):
+        return await rw.imageInference(requestImage=request(numberResults=2, outputType="URL"))
+
+    images = run(body, ray_server, key=API_KEY)
+    assert len(images) == 2 and sorted(i.seed for i in images) == [42, 43]
