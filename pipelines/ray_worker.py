@@ -53,7 +53,8 @@ class RayWorker(Worker):
             high = workers.replicas or (gpus if on_gpu else 1)
             scaling = {"num_replicas": high}
         cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        threads = None if on_gpu else max(1, cpus // high)  # each CPU replica gets its share of the cores
+        # Each CPU replica gets its share of the cores (or the operator's count), as Ray CPUs and torch threads.
+        threads = None if on_gpu else workers.replica_threads or max(1, cpus // high)
         actor = {"num_gpus": 1} if on_gpu else {"num_cpus": threads}
         deployment = serve.deployment(K5Replica, name="K5Replica", max_ongoing_requests=1,
                                       ray_actor_options=actor, **scaling)

@@ -187,8 +187,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("no --api-key given and bound to %s: anyone who can reach this port can use the GPU", listen.host)
 
     workers = opt.build(WorkerConfig, args.options, vars(args))
-    if workers.kind == "local" and (workers.replicas or workers.autoscale or workers.ray_address):
-        raise SystemExit("error: --replicas, --autoscale and --ray-address need --workers ray")
+    if workers.kind == "local" and (workers.replicas or workers.autoscale or workers.ray_address
+                                    or workers.replica_threads):
+        raise SystemExit("error: --replicas, --autoscale, --ray-address and --replica-threads need --workers ray")
     if workers.replicas and workers.autoscale:
         raise SystemExit("error: give --replicas or --autoscale, not both")
 

@@ -219,6 +219,8 @@ SERVE_OPTIONS = MODEL_OPTIONS + (
            "autoscaling, instead of --replicas", type=replica_range),
     Option("ray-address", WorkerConfig, "ray_address", "--workers ray: join this Ray cluster (auto, or "
            "host:port); default: start a local Ray instance and stop it on exit"),
+    Option("replica-threads", WorkerConfig, "replica_threads", "--workers ray on the CPU: torch threads (and "
+           "Ray CPUs) per replica (default: the cluster's cores divided by the replicas)", type=positive),
     Option("fallback-tiny", CheckpointChoice, "fallback_tiny", "with no GPU or no downloaded weights, serve "
            "generated tiny weights on the CPU instead of failing", kind="switch"),
 )

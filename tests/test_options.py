@@ -90,9 +90,9 @@ def test_every_serve_option_has_a_variable_in_help():
 
 def test_cli_refuses_an_unknown_key_and_a_missing_file(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text('port = 9000\nworkers = "ray"\n')
+    bad.write_text('port = 9000\nwrokers = "ray"\n')
     res = k5serve("serve", "--tiny", "--data-dir", str(tmp_path), "--config", str(bad))
-    assert res.returncode == 2 and "unknown option 'workers'" in res.stderr
+    assert res.returncode == 2 and "unknown option 'wrokers'" in res.stderr
     res = k5serve("serve", "--tiny", "--data-dir", str(tmp_path), env=dict(ENV, K5SERVE_CONFIG=str(tmp_path / "no")))
     assert res.returncode == 2 and "cannot read the config file" in res.stderr
 

@@ -1,0 +1,160 @@
+"""Scaling over Ray Serve replicas: throughput and latency for 1 and N replicas, against the local worker.
+
+Starts real servers (`k5serve serve`, uvicorn on loopback) one after another, in the same run, on the same
+weights: `--workers local`, then `--workers ray --replicas 1`, then `--workers ray --replicas N`. Every worker
+gets the same torch thread count (`--threads`, default: the cores divided by N; the local worker gets it through
+OMP_NUM_THREADS), and every configuration runs the same task mix: `--tasks` tasks kept `replicas` in flight at a
+time (one per replica), after one warm-up task per replica.
+
+Prints, per configuration: tasks per second, p50/p99 latency (seconds from POST to the answer), and for N
+replicas the scaling figure: throughput(N) / (N x throughput(1)). The front-end overhead per task is the
+median latency of one task at a time on 1 replica minus the same on the local worker.
+
+    .venv/bin/python benchmarks/bench_scale.py --tiny --replicas 2 --tasks 24
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import common
+import httpx
+
+MODEL = "runware:kandinsky-5.0-image-lite@1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, data_dir: Path, args, *extra: str, threads: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        model = ["--tiny"] if args.model is None else ["--model", args.model]
+        cmd = [sys.executable, "-m", "k5serve.server.cli", "--log-level", "warning", "serve", *model,
+               "--port", str(self.port), "--data-dir", str(data_dir), "--max-queue", "256", *extra]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
+        self.log = open(data_dir / "server.log", "w")
+        self.proc = subprocess.Popen(cmd, cwd=common.ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited: {(data_dir / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit("server not ready after 600 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def run_tasks(url: str, n: int, in_flight: int, steps: int, width: int, height: int) -> tuple[float, list[float]]:
+    """n tasks, `in_flight` at a time -> (wall seconds, latency of each)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    left = list(range(n))
+
+    def client() -> None:
+        with httpx.Client(timeout=600) as http:
+            while True:
+                with lock:
+                    if not left:
+                        return
+                    i = left.pop()
+                body = [{"taskType": "imageInference", "taskUUID": str(uuid.uuid4()), "model": MODEL,
+                         "positivePrompt": f"a lighthouse at dusk, {i}", "width": width, "height": height,
+                         "steps": steps, "seed": i}]
+                started = time.perf_counter()
+                resp = http.post(url + "/v1", json=body)
+                if resp.status_code != 200 or "errors" in resp.json():
+                    raise SystemExit(f"task failed: {resp.text[:500]}")
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(in_flight)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started, latencies
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    ap = common.parser(__doc__)
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--tasks", type=int, default=24, help="tasks per configuration (after the warm-up)")
+    ap.add_argument("--threads", type=int, help="torch threads per worker (default: cores / replicas)")
+    ap.set_defaults(steps=10)
+    args = ap.parse_args()
+    width, height = common.size(args)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.replicas)
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    rows, sequential = [], {}
+    same = ["--replica-threads", str(threads)]
+    configs = [("local", 1, []), ("ray", 1, ["--workers", "ray", "--replicas", "1", *same]),
+               ("ray", args.replicas, ["--workers", "ray", "--replicas", str(args.replicas), *same])]
+    try:
+        for kind, replicas, extra in configs:
+            data_dir = work / f"{kind}-{replicas}"
+            data_dir.mkdir()
+            if (work / "tiny").exists():
+                shutil.copytree(work / "tiny", data_dir / "tiny")
+            server = Server(data_dir, args, *extra, threads=threads)
+            try:
+                if not (work / "tiny").exists() and (data_dir / "tiny").exists():
+                    shutil.copytree(data_dir / "tiny", work / "tiny")
+                run_tasks(server.url, replicas, replicas, args.steps, width, height)  # warm-up, one per worker
+                if replicas == 1:  # one task at a time: the front-end's own cost shows against the local worker
+                    _, alone = run_tasks(server.url, max(3, args.runs), 1, args.steps, width, height)
+                    sequential[kind] = statistics.median(alone)
+                wall, latencies = run_tasks(server.url, args.tasks, replicas, args.steps, width, height)
+            finally:
+                server.stop()
+            rows.append((f"--workers {kind}" + (f" --replicas {replicas}" if kind == "ray" else ""), replicas,
+                         args.tasks / wall, statistics.median(latencies), percentile(latencies, 99)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    one = next(r[2] for r in rows if r[0] == "--workers ray --replicas 1")
+    print(f"{args.tasks} tasks per configuration, {args.steps} steps at {width}x{height}, {threads} torch thread(s) "
+          f"per worker, one task in flight per worker\n")
+    print("| workers | replicas | tasks/s | p50 s | p99 s | vs N x 1 replica |")
+    print("|---|---|---|---|---|---|")
+    for name, replicas, rate, p50, p99 in rows:
+        ratio = f"{rate / (replicas * one):.2f}" if name.startswith("--workers ray") else "-"
+        print(f"| {name} | {replicas} | {rate:.3f} | {p50:.2f} | {p99:.2f} | {ratio} |")
+    overhead = sequential["ray"] - sequential["local"]
+    print(f"\nfront-end overhead per task (1 replica vs local worker, one task at a time, median): "
+          f"{overhead * 1000:+.0f} ms ({sequential['ray']:.3f} s vs {sequential['local']:.3f} s)")
+
+
+if __name__ == "__main__":
+    main()
