@@ -113,8 +113,8 @@ class RayWorker(Worker):
             except ray.exceptions.RayError as exc:
                 log.error("the replica running task %s stopped: %s", spec.task_id, type(exc).__name__)
                 future.set_exception(GenerationError(
-                    "the worker running this task stopped before it finished (Ray Serve restarts it); run it "
-                    "again"))
+                    f"the worker running this task stopped before it finished ({type(exc).__name__}: its process "
+                    "died or was killed; Ray Serve starts a new one); run it again"))
                 return
             if result is None:
                 future.set_exception(GenerationError("the worker ended this task without a result"))
@@ -154,11 +154,12 @@ class RayWorker(Worker):
         return dict(self._info)
 
     def close(self) -> None:
-        """Let jobs in flight finish, remove the deployment, and stop Ray if this process started it."""
+        """Remove the deployment and stop Ray if this process started it. The server has already waited for the
+        tasks in flight (up to --shutdown-timeout) and recorded the rest as failed; jobs not started are dropped."""
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             serve.delete(APP_NAME)
             if self._owns_ray:
