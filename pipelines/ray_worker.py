@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -70,6 +71,9 @@ class RayWorker(Worker):
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=self._capacity, thread_name_prefix="k5serve-ray")
         self._closed = False
+        self._tasks_done: Counter[str] = Counter()  # per replica (node/pid), from the outputs
+        self._states: dict[str, int] = {}
+        self._states_at = 0.0
         self._info = {**(info or {}), "workers": "ray", "replicas": high,
                       "autoscale": list(workers.autoscale) if workers.autoscale else None,
                       "ray_address": workers.ray_address, "threads_per_replica": threads,
@@ -120,6 +124,8 @@ class RayWorker(Worker):
                 future.set_exception(GenerationError("the worker ended this task without a result"))
             elif result[0] == "output":
                 output = result[1]
+                with self._lock:
+                    self._tasks_done[output.worker] += 1
                 output.queue_seconds = max(0.0, time.monotonic() - submitted - output.seconds)
                 future.set_result(output)
             elif result[0] == "invalid":
@@ -150,8 +156,33 @@ class RayWorker(Worker):
     def queue_full(self) -> bool:
         return self._inflight >= self._capacity
 
+    def unready(self) -> str | None:
+        states = self.replica_states()
+        if states and not states.get("RUNNING"):
+            return f"no replica is running ({', '.join(f'{n} {s.lower()}' for s, n in sorted(states.items()))})"
+        return None
+
+    def replica_states(self) -> dict[str, int]:
+        """Replicas by Ray Serve state (RUNNING, STARTING, RECOVERING, ...), read from the controller at most
+        once a second."""
+        now = time.monotonic()
+        if now - self._states_at >= 1.0:
+            self._states_at = now
+            try:
+                app = serve.status().applications.get(APP_NAME)
+                deployment = app.deployments.get("K5Replica") if app is not None else None
+                if deployment is not None:
+                    self._states = {str(getattr(s, "value", s)): n for s, n in deployment.replica_states.items()}
+            except Exception:  # noqa: BLE001 - the last answer stands; the log says why
+                log.warning("reading the replicas' states from Ray Serve failed", exc_info=True)
+        return dict(self._states)
+
     def describe(self) -> dict[str, Any]:
-        return dict(self._info)
+        with self._lock:
+            done = dict(self._tasks_done)
+        replicas = [{"id": name, "node": name.split("/")[0], "pid": int(name.split("/")[1]), "tasksDone": n}
+                    for name, n in sorted(done.items()) if "/" in name]
+        return {**self._info, "replicaStates": self.replica_states(), "replicasSeen": replicas}
 
     def close(self) -> None:
         """Remove the deployment and stop Ray if this process started it. The server has already waited for the

@@ -107,6 +107,10 @@ class Worker(ABC):
     def queue_full(self) -> bool:
         return False
 
+    def unready(self) -> str | None:
+        """Why the worker cannot take work right now although it is alive (e.g. no replica running), or None."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {}
 

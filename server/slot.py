@@ -71,6 +71,9 @@ class ModelSlot:
         reasons = []
         if not worker.alive:
             reasons.append("the generation worker has stopped")
+        unready = worker.unready()
+        if unready:
+            reasons.append(unready)
         if worker.queue_full:
             reasons.append(f"the queue is full ({worker.max_queue} waiting besides the running task)")
         body: dict[str, Any] = {"workerAlive": worker.alive, "queue": worker.queue_depth,

@@ -42,13 +42,16 @@ def finished(srv, task_uuid: str, timeout: float = 300) -> list[dict]:
 
 
 def workers_in_log(srv) -> dict[str, str]:
-    return dict(re.findall(r"task (\S+) done: .*, worker (\S+)", srv.log()))
+    return dict(re.findall(r'task (\S+) done: .*, worker ([^\s",]+)', srv.log()))
 
 
 def test_health_describes_the_replicas(ray_server):
     body = httpx.get(ray_server.url + "/health").json()
     assert body["status"] == "ok" and body["workers"] == "ray" and body["replicas"] == 2
     assert body["threads_per_replica"] >= 1 and body["queueLimit"] == 1
+    assert body["replicaStates"] == {"RUNNING": 2}
+    ready = httpx.get(ray_server.url + "/ready")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
 
 
 def test_two_tasks_run_in_parallel_one_per_replica(ray_server):
@@ -66,6 +69,9 @@ def test_two_tasks_run_in_parallel_one_per_replica(ray_server):
     assert set(results) == {t["taskUUID"] for t in tasks}
     workers = workers_in_log(ray_server)
     assert len({workers[t["taskUUID"]] for t in tasks}) == 2, workers  # both replicas did work
+    seen = httpx.get(ray_server.url + "/health").json()["replicasSeen"]
+    assert {r["id"] for r in seen} >= {workers[t["taskUUID"]] for t in tasks}
+    assert all(r["tasksDone"] >= 1 and r["pid"] > 0 for r in seen)
 
 
 def test_async_task_reports_progress_from_the_replica(ray_server):

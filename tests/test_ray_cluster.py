@@ -35,7 +35,7 @@ def test_a_replica_on_each_node_of_a_joined_cluster(cluster, tmp_path_factory, d
         for th in threads:
             th.join(300)
         assert set(done) == {t["taskUUID"] for t in tasks}
-        workers = dict(re.findall(r"task (\S+) done: .*, worker (\S+)", srv.log()))
+        workers = dict(re.findall(r'task (\S+) done: .*, worker ([^\s",]+)', srv.log()))
         nodes = {workers[t["taskUUID"]].split("/")[0] for t in tasks}
         assert len(nodes) == 2, workers  # one replica per node, both did work
     finally:
