@@ -44,7 +44,8 @@ class RayWorker(Worker):
             self._ray_thread = _RayOwner(workers.ray_address)
         self._engine_config = engine
         self.features = engine_features(engine)
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
         on_gpu = gpus > 0 and load.device != "cpu"
         if workers.autoscale is not None:
             low, high = workers.autoscale
@@ -53,7 +54,7 @@ class RayWorker(Worker):
         else:
             high = workers.replicas or (gpus if on_gpu else 1)
             scaling = {"num_replicas": high}
-        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        cpus = int(resources.get("CPU", os.cpu_count() or 1))
         # Each CPU replica gets its share of the cores (or the operator's count), as Ray CPUs and torch threads.
         threads = None if on_gpu else workers.replica_threads or max(1, cpus // high)
         actor = {"num_gpus": 1} if on_gpu else {"num_cpus": threads}

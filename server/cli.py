@@ -156,17 +156,22 @@ def _engine_config(args: argparse.Namespace, found):
                      safety_path=found and found.safety, accel=accel)
 
 
-def _load_engine(args: argparse.Namespace, found):
+def _load_config(args: argparse.Namespace, found):
+    """Where and how the T2I checkpoint loads: the resolved folder, on the device the run really uses."""
     from k5serve.pipelines.config import LoadConfig
+
+    return opt.build(LoadConfig, args.options, vars(args) | {"device": found.device}, path=found.t2i)
+
+
+def _load_engine(args: argparse.Namespace, found):
     from k5serve.pipelines.loader import load_engine
 
-    load = opt.build(LoadConfig, args.options, vars(args) | {"device": found.device}, path=found.t2i)
-    return load_engine(load, _engine_config(args, found))
+    return load_engine(_load_config(args, found), _engine_config(args, found))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-    from k5serve.pipelines.config import LoadConfig, WorkerConfig
+    from k5serve.pipelines.config import WorkerConfig
 
     from .app import create_app
     from .config import ListenConfig, ServerConfig
@@ -197,10 +202,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if workers.kind == "ray":
             from k5serve.pipelines.ray_worker import RayWorker  # ray: only with --workers ray
 
-            load = opt.build(LoadConfig, args.options, vars(args) | {"device": found.device}, path=found.t2i)
-            return RayWorker(load, _engine_config(args, found), workers, max_queue=config.max_queue,
-                             info={"tiny_weights": found.tiny}, fault_prompt=args.inject_oom_prompt,
-                             crash_prompt=args.inject_crash_prompt)
+            return RayWorker(_load_config(args, found), _engine_config(args, found), workers,
+                             max_queue=config.max_queue, info={"tiny_weights": found.tiny},
+                             fault_prompt=args.inject_oom_prompt, crash_prompt=args.inject_crash_prompt)
         from k5serve.pipelines.local import LocalWorker
 
         engine, info = _load_engine(args, found)

@@ -20,6 +20,7 @@ from k5serve.logcontext import current_task
 
 from .config import ServerConfig
 from .delivery import Delivery
+from .images import Limits
 from .inference import ImageInference
 from .metrics import Metrics
 from .model_search import model_search
@@ -84,11 +85,14 @@ class Dispatcher:
         metrics: Metrics | None = None,
     ):
         self.metrics = metrics
-        self.inference = ImageInference(config, slot, images, tasks, Delivery(config, images, tasks, outbox, metrics))
+        limits = Limits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
+                        allow_private_urls=config.allow_private_urls)  # for every input image, whatever the task
+        self.inference = ImageInference(config, slot, images, tasks, Delivery(config, images, tasks, outbox, metrics),
+                                        limits)
         self.handlers: dict[str, Handler] = {
             "imageInference": self.inference,
             "getResponse": GetResponse(tasks, config.poll_wait),
-            "imageUpload": ImageUpload(config, images),
+            "imageUpload": ImageUpload(config, images, limits),
             "modelSearch": model_search,
             "authentication": authentication,
             "ping": ping,

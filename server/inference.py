@@ -34,7 +34,7 @@ RUNNING_FOREVER = 365 * 86400  # a record in flight does not expire before it fi
 
 class ImageInference:
     def __init__(self, config: ServerConfig, slot: ModelSlot, images: ImageStore, tasks: TaskStore,
-                 delivery: Delivery):
+                 delivery: Delivery, limits: Limits):
         self.config = config
         self.slot = slot
         self.images = images
@@ -42,8 +42,7 @@ class ImageInference:
         self.delivery = delivery
         self.accepting = True  # False while shutting down
         self._jobs: set[asyncio.Task] = set()
-        self._limits = Limits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
-                              allow_private_urls=config.allow_private_urls)
+        self._limits = limits
 
     async def __call__(self, raw: dict[str, Any], base_url: str) -> list[dict]:
         worker = self.slot.worker

@@ -27,13 +27,6 @@ class ModelSlot:
         self._thread: threading.Thread | None = None
         self.error: str | None = None  # why loading failed
 
-    @classmethod
-    def holding(cls, worker: Worker) -> ModelSlot:
-        """A slot whose model is already loaded."""
-        slot = cls(lambda: worker)
-        slot._worker = worker
-        return slot
-
     def start(self) -> None:
         """Load in a background thread (the real weights take minutes; /health answers meanwhile)."""
         if self._worker is None and self._thread is None:

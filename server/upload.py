@@ -14,11 +14,10 @@ from .validation import parse
 
 
 class ImageUpload:
-    def __init__(self, config: ServerConfig, images: ImageStore):
+    def __init__(self, config: ServerConfig, images: ImageStore, limits: Limits):
         self.config = config
         self.images = images
-        self._limits = Limits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
-                              allow_private_urls=config.allow_private_urls)
+        self._limits = limits
 
     async def __call__(self, raw: dict[str, Any], base_url: str) -> list[dict]:
         task = parse(ImageUploadTask, raw)

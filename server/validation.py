@@ -391,7 +391,7 @@ def _check_accelerator_options(task: ImageInferenceTask, fail) -> None:
 # The one place a requested feature is checked against what this server serves (`features`: the
 # server's own plus its worker's), before any input image is fetched or decoded.
 def _check_features(task: ImageInferenceTask, features: frozenset[str], fail) -> None:
-    edit = _edit_param(task)
+    edit, image = _edit_param(task), _image_param(task)
     wanted: list[tuple[str, str, str, bool]] = [  # feature, error code's name, parameter, requested
         ("lora", "lora", "lora", bool(task.lora)),
         ("acceleration", "acceleratorOptions", "acceleratorOptions",
@@ -400,7 +400,7 @@ def _check_features(task: ImageInferenceTask, features: frozenset[str], fail) ->
         ("webhook", "webhookURL", "webhookURL", task.webhookURL is not None),
         ("async", "deliveryMethod", "deliveryMethod", task.deliveryMethod == "async"),
         ("upload", "uploadEndpoint", "uploadEndpoint", task.uploadEndpoint is not None),
-        ("image_input", _image_param(task).split(".")[0], _image_param(task), task.has_image_input),
+        ("image_input", image.split(".")[0], image, task.has_image_input),
         ("edit", "referenceImages", edit or "referenceImages", edit is not None),
     ]
     for feature, name, parameter, requested in wanted:
