@@ -103,6 +103,7 @@ class LocalWorker(Worker):
                 output.queue_seconds = waited
                 output.worker = "local"
             except (InvalidInput, GenerationError) as exc:
+                exc.worker = "local"
                 job.future.set_exception(exc)
             else:
                 job.future.set_result(output)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -31,12 +33,15 @@ from .worker import GenerationError, GenerationSpec, InvalidInput, ProgressCallb
 log = logging.getLogger("k5serve.ray")
 
 APP_NAME = "k5serve"
+DEPLOYMENT = "K5Replica"
 
 
 class RayWorker(Worker):
     def __init__(self, load: LoadConfig, engine: EngineConfig, workers: WorkerConfig, *, max_queue: int = 64,
                  info: dict[str, Any] | None = None, fault_prompt: str | None = None,
-                 crash_prompt: str | None = None):
+                 crash_prompt: str | None = None, on_status: Callable[[str], None] | None = None):
+        """Deploys the replicas and waits until they all run. `on_status(text)` hears what Ray Serve says of
+        the deployment while it waits (e.g. that a replica cannot be scheduled on the cluster's resources)."""
         started = time.perf_counter()
         self._owns_ray = not ray.is_initialized() and workers.ray_address is None
         self._ray_thread: _RayOwner | None = None
@@ -55,16 +60,28 @@ class RayWorker(Worker):
             high = workers.replicas or (gpus if on_gpu else 1)
             scaling = {"num_replicas": high}
         cpus = int(resources.get("CPU", os.cpu_count() or 1))
-        # Each CPU replica gets its share of the cores (or the operator's count), as Ray CPUs and torch threads.
-        threads = None if on_gpu else workers.replica_threads or max(1, cpus // high)
+        # Each CPU replica gets its share of the cores (or the operator's count), as Ray CPUs and torch threads;
+        # never more than the largest node has, or no node could ever take it.
+        largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=cpus)
+        threads = None if on_gpu else workers.replica_threads or max(1, min(cpus // high, largest))
         actor = {"num_gpus": 1} if on_gpu else {"num_cpus": threads}
-        deployment = serve.deployment(K5Replica, name="K5Replica", max_ongoing_requests=1,
+        deployment = serve.deployment(K5Replica, name=DEPLOYMENT, max_ongoing_requests=1,
                                       ray_actor_options=actor, **scaling)
+        # Lives as long as this process (not detached): replicas report their device and load errors to it.
+        self._registry = ReplicaRegistry.options(num_cpus=0).remote()
         serve.start(proxy_location="Disabled")  # the front-end serves HTTP, not Ray's proxy
-        handle = serve.run(deployment.bind(load, engine, threads, fault_prompt, crash_prompt), name=APP_NAME,
-                           route_prefix=None)
+        watching = _DeploymentWatch(on_status) if on_status is not None else None
+        try:
+            handle = serve.run(deployment.bind(load, engine, threads, self._registry, fault_prompt, crash_prompt),
+                               name=APP_NAME, route_prefix=None)
+        except Exception as exc:
+            reason = self._load_failure() or f"{type(exc).__name__}: {exc}"
+            self._shutdown()
+            raise RuntimeError(f"the Ray Serve replicas failed to load: {reason}") from None
+        finally:
+            if watching is not None:
+                watching.stop()
         self._stream = handle.options(stream=True)
-        self._describe = handle.describe
         self._replicas = high
         self._max_queue = max_queue
         self._capacity = high + max_queue
@@ -72,10 +89,10 @@ class RayWorker(Worker):
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=self._capacity, thread_name_prefix="k5serve-ray")
         self._closed = False
-        self._tasks_done: Counter[str] = Counter()  # per replica (node/pid), from the outputs
-        self._states: dict[str, int] = {}
-        self._states_at = 0.0
-        self._info = {**(info or {}), "workers": "ray", "replicas": high,
+        self._tasks_done: Counter[str] = Counter()  # per replica id, from the outputs
+        self._view: dict[str, Any] = {}  # the replicas as Ray Serve and the registry last described them
+        self._view_at = 0.0
+        self._info = {**(info or {}), "workers": "ray", "replicaTarget": high,
                       "autoscale": list(workers.autoscale) if workers.autoscale else None,
                       "ray_address": workers.ray_address, "threads_per_replica": threads,
                       "gpus_per_replica": 1 if on_gpu else 0,
@@ -116,10 +133,12 @@ class RayWorker(Worker):
                     else:
                         result = event
             except ray.exceptions.RayError as exc:
-                log.error("the replica running task %s stopped: %s", spec.task_id, type(exc).__name__)
+                replica = _replica_named_in(exc)
+                log.error("the replica running task %s stopped: %s, worker %s", spec.task_id, type(exc).__name__,
+                          replica or "?")
                 future.set_exception(GenerationError(
                     f"the worker running this task stopped before it finished ({type(exc).__name__}: its process "
-                    "died or was killed; Ray Serve starts a new one); run it again"))
+                    "died or was killed; Ray Serve starts a new one); run it again", worker=replica))
                 return
             if result is None:
                 future.set_exception(GenerationError("the worker ended this task without a result"))
@@ -130,9 +149,9 @@ class RayWorker(Worker):
                 output.queue_seconds = max(0.0, time.monotonic() - submitted - output.seconds)
                 future.set_result(output)
             elif result[0] == "invalid":
-                future.set_exception(InvalidInput(result[1], code=result[2], parameter=result[3]))
+                future.set_exception(InvalidInput(result[1], code=result[2], parameter=result[3], worker=result[4]))
             else:
-                future.set_exception(GenerationError(result[1]))
+                future.set_exception(GenerationError(result[1], worker=result[2]))
         except Exception as exc:  # noqa: BLE001 - never leave a future unresolved
             log.exception("task %s failed in the Ray worker", spec.task_id)
             if not future.done():
@@ -158,32 +177,69 @@ class RayWorker(Worker):
         return self._inflight >= self._capacity
 
     def unready(self) -> str | None:
-        states = self.replica_states()
-        if states and not states.get("RUNNING"):
-            return f"no replica is running ({', '.join(f'{n} {s.lower()}' for s, n in sorted(states.items()))})"
+        view = self._replica_view()
+        states = view.get("replicaStates")
+        if states is not None and not states.get("RUNNING"):
+            counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none left"
+            why = view.get("loadFailures") and view["loadFailures"][-1]["error"] or view.get("deploymentMessage")
+            return f"no replica is running ({counts})" + (f"; last failure: {why}" if why else "")
         return None
 
     def replica_states(self) -> dict[str, int]:
-        """Replicas by Ray Serve state (RUNNING, STARTING, RECOVERING, ...), read from the controller at most
-        once a second."""
-        now = time.monotonic()
-        if now - self._states_at >= 1.0:
-            self._states_at = now
-            try:
-                app = serve.status().applications.get(APP_NAME)
-                deployment = app.deployments.get("K5Replica") if app is not None else None
-                if deployment is not None:
-                    self._states = {str(getattr(s, "value", s)): n for s, n in deployment.replica_states.items()}
-            except Exception:  # noqa: BLE001 - the last answer stands; the log says why
-                log.warning("reading the replicas' states from Ray Serve failed", exc_info=True)
-        return dict(self._states)
+        """Replicas by Ray Serve state (RUNNING, STARTING, RECOVERING, ...)."""
+        return dict(self._replica_view().get("replicaStates") or {})
 
-    def describe(self) -> dict[str, Any]:
+    def _replica_view(self) -> dict[str, Any]:
+        """One row per live replica (Ray Serve's id, node, process, state; the device it reported; the tasks it
+        finished here), the recent load failures, and the deployment's status: read at most once a second.
+
+        The rows come from the Serve controller's instance details, the data behind Ray's dashboard and
+        `serve status` (`ServeInstanceDetails`, a stable schema); Ray's public `serve.status()` has only counts.
+        """
+        now = time.monotonic()
+        if now - self._view_at < 1.0:
+            return self._view
+        self._view_at = now
+        try:
+            from ray.serve.context import _get_global_client
+
+            details = _get_global_client().get_serve_details()
+            deployment = details["applications"][APP_NAME]["deployments"][DEPLOYMENT]
+            reports = ray.get(self._registry.rows.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - the last view stands; the log says why
+            log.warning("reading the replicas from Ray Serve failed", exc_info=True)
+            return self._view
         with self._lock:
             done = dict(self._tasks_done)
-        replicas = [{"id": name, "node": name.split("/")[0], "pid": int(name.split("/")[1]), "tasksDone": n}
-                    for name, n in sorted(done.items()) if "/" in name]
-        return {**self._info, "replicaStates": self.replica_states(), "replicasSeen": replicas}
+        rows, states = [], Counter()
+        for replica in deployment["replicas"]:
+            state = str(getattr(replica["state"], "value", replica["state"]))
+            states[state] += 1
+            report = reports.get(replica["replica_id"], {})
+            rows.append({"id": replica["replica_id"], "state": state, "node": replica.get("node_ip"),
+                         "nodeId": replica.get("node_id"), "pid": replica.get("pid"),
+                         "device": report.get("device"), "threads": report.get("threads"),
+                         "tasksDone": done.get(replica["replica_id"], 0)})
+        live = {row["id"] for row in rows}
+        failures = [{"id": name, "error": report["error"]} for name, report in reports.items()
+                    if report.get("state") == "failed" and name not in live][-5:]
+        status = str(getattr(deployment["status"], "value", deployment["status"]))
+        self._view = {"replicaStates": dict(states), "replicas": rows, "loadFailures": failures,
+                      "deploymentStatus": status, "deploymentMessage": deployment.get("message") or None}
+        return self._view
+
+    def _load_failure(self) -> str | None:
+        """The error the last replica that failed to load reported, if one did."""
+        try:
+            reports = ray.get(self._registry.rows.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - no report: the caller has Ray Serve's own error
+            return None
+        failed = [r["error"] for r in reports.values() if r.get("state") == "failed"]
+        return failed[-1] if failed else None
+
+    def describe(self) -> dict[str, Any]:
+        view = {k: v for k, v in self._replica_view().items() if v or k == "replicas"}
+        return {**self._info, **view}
 
     def close(self) -> None:
         """Remove the deployment and stop Ray if this process started it. The server has already waited for the
@@ -192,6 +248,9 @@ class RayWorker(Worker):
             return
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
         try:
             serve.delete(APP_NAME)
             if self._owns_ray:
@@ -201,6 +260,58 @@ class RayWorker(Worker):
             log.exception("stopping Ray Serve failed")
         if self._ray_thread is not None:
             self._ray_thread.release()
+
+
+@ray.remote
+class ReplicaRegistry:
+    """What each replica says of itself that Ray Serve does not keep: its device and thread count once loaded,
+    or the error it failed to load with. Keyed by Ray Serve's replica id; the newest few hundred kept."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, dict[str, Any]] = {}
+
+    def report(self, replica: str, row: dict[str, Any]) -> None:
+        self._rows.setdefault(replica, {}).update(row, at=time.time())
+        self._rows[replica] = self._rows.pop(replica)  # newest last
+        while len(self._rows) > 256:
+            del self._rows[next(iter(self._rows))]
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        return self._rows
+
+
+def _replica_named_in(exc: BaseException) -> str:
+    """The replica id in a Ray error about a replica actor (its actor name is SERVE_REPLICA::app#deployment#id)."""
+    found = re.search(rf"{APP_NAME}#{DEPLOYMENT}#(\w+)", str(exc))
+    return found.group(1) if found else ""
+
+
+class _DeploymentWatch(threading.Thread):
+    """While `serve.run` waits for the replicas: hands Ray Serve's message about the deployment (replicas
+    waiting for resources, constructors failing and retried) to `on_status`, and logs it, whenever it changes."""
+
+    def __init__(self, on_status: Callable[[str], None]):
+        super().__init__(name="k5serve-ray-watch", daemon=True)
+        self._on_status = on_status
+        self._stop = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        said = ""
+        while not self._stop.wait(2.0):
+            try:
+                app = serve.status().applications.get(APP_NAME)
+                deployment = app.deployments.get(DEPLOYMENT) if app is not None else None
+                message = deployment.message if deployment is not None else ""
+            except Exception:  # noqa: BLE001 - Serve is still starting; ask again
+                continue
+            if message and message != said:
+                said = message
+                log.warning("Ray Serve: %s", message)
+                self._on_status(message)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class _RayOwner(threading.Thread):

@@ -22,28 +22,46 @@ log = logging.getLogger("k5serve.replica")
 class K5Replica:
     """The deployment's class (`serve.deployment(K5Replica, ...)` in ray_worker.py)."""
 
-    def __init__(self, load: LoadConfig, engine: EngineConfig, threads: int | None = None,
+    def __init__(self, load: LoadConfig, engine: EngineConfig, threads: int | None = None, registry: Any = None,
                  fault_prompt: str | None = None, crash_prompt: str | None = None):
         import ray
         import torch
+        from ray import serve
 
         from .loader import load_engine
 
+        self.name = serve.get_replica_context().replica_id.unique_id  # Ray Serve's replica id
+        self._registry = registry  # ray_worker.ReplicaRegistry: where the front-end reads device and load errors
+        self._report(state="loading")
         if threads:  # on the CPU each replica gets its share of the cores (Ray's num_cpus), and uses that many
             torch.set_num_threads(threads)
-        self._engine, self._info = load_engine(load, engine)
+        try:
+            self._engine, self._info = load_engine(load, engine)
+        except Exception as exc:
+            self._report(wait=True, state="failed", error=f"{type(exc).__name__}: {exc}")
+            raise
         self._fault_prompt = fault_prompt
         self._crash_prompt = crash_prompt  # testing aid: a prompt with this text kills the replica mid-task
-        self.name = f"{ray.get_runtime_context().get_node_id()[:8]}/{os.getpid()}"
-        log.info("replica %s loaded %s on %s", self.name, load.path, self._info.get("device"))
+        device = self._info.get("device", "?")
+        if device.startswith("cuda"):
+            device += f" ({torch.cuda.get_device_name()}, Ray GPU {','.join(map(str, ray.get_gpu_ids()))})"
+        self._report(state="loaded", device=device, threads=torch.get_num_threads(),
+                     loadSeconds=self._info.get("load_seconds"))
+        log.info("replica %s loaded %s on %s", self.name, load.path, device)
 
-    def describe(self) -> dict[str, Any]:
-        return {"replica": self.name, "threads": self._threads(), **self._info, **self._engine.describe()}
+    def _report(self, *, wait: bool = False, **row: Any) -> None:
+        if self._registry is None:
+            return
+        ref = self._registry.report.remote(self.name, row)
+        if wait:  # the process is about to fail: let the report land first
+            import ray
+
+            ray.wait([ref], timeout=10)
 
     async def generate(self, spec: GenerationSpec) -> AsyncIterator[tuple]:
         """Yields ("progress", step, total) as steps finish, then one of ("output", GenerationOutput),
-        ("invalid", message, code, parameter) or ("failed", message). Failures travel as values: an exception
-        would have to survive pickling across processes."""
+        ("invalid", message, code, parameter, replica) or ("failed", message, replica). Failures travel as
+        values: an exception would have to survive pickling across processes."""
         from .local import run_job
 
         loop = asyncio.get_running_loop()
@@ -59,9 +77,9 @@ class K5Replica:
             try:
                 output = run_job(self._engine, spec, on_step, self._fault_prompt)
             except InvalidInput as exc:
-                return ("invalid", str(exc), exc.code, exc.parameter)
+                return ("invalid", str(exc), exc.code, exc.parameter, self.name)
             except GenerationError as exc:
-                return ("failed", str(exc))
+                return ("failed", str(exc), self.name)
             output.worker = self.name
             return ("output", output)
 
@@ -76,8 +94,3 @@ class K5Replica:
         while not events.empty():  # progress reported just before the job ended
             yield events.get_nowait()
         yield job.result()
-
-    def _threads(self) -> int:
-        import torch
-
-        return torch.get_num_threads()

@@ -55,16 +55,17 @@ class GenerationOutput:
     nsfw: list[bool] | None = None  # per image, when check_content asked for it
     nsfw_scores: list[float] | None = None  # the classifier's NSFW probability per image
     queue_seconds: float = 0.0  # time the job waited in the worker's queue
-    worker: str = ""  # which worker ran it, for logs: "local", or a Ray replica's node/pid
+    worker: str = ""  # which worker ran it, for logs and metrics: "local", or a Ray Serve replica id
 
 
 class InvalidInput(Exception):
     """A request the worker cannot serve as asked (e.g. an unknown LoRA); fails its task with `code`."""
 
-    def __init__(self, message: str, *, code: str, parameter: str | None = None):
+    def __init__(self, message: str, *, code: str, parameter: str | None = None, worker: str = ""):
         super().__init__(message)
         self.code = code
         self.parameter = parameter
+        self.worker = worker  # which worker refused it, when one did (for logs and metrics)
 
 
 # Called from the worker as steps finish: (step_done, total_steps).
@@ -77,6 +78,10 @@ class QueueFull(Exception):
 
 class GenerationError(Exception):
     """A generation failed; the message says why. Only its own task fails."""
+
+    def __init__(self, message: str, *, worker: str = ""):
+        super().__init__(message)
+        self.worker = worker  # which worker it failed on, when known (for logs and metrics)
 
 
 class Worker(ABC):

@@ -204,15 +204,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             return RayWorker(_load_config(args, found), _engine_config(args, found), workers,
                              max_queue=config.max_queue, info={"tiny_weights": found.tiny},
-                             fault_prompt=args.inject_oom_prompt, crash_prompt=args.inject_crash_prompt)
+                             fault_prompt=args.inject_oom_prompt, crash_prompt=args.inject_crash_prompt,
+                             on_status=slot.note)
         from k5serve.pipelines.local import LocalWorker
 
         engine, info = _load_engine(args, found)
         return LocalWorker(engine, max_queue=config.max_queue, info=info | {"tiny_weights": found.tiny},
                            fault_prompt=args.inject_oom_prompt)
 
+    slot = ModelSlot(load_worker)
     uvicorn.run(
-        create_app(config, ModelSlot(load_worker)),
+        create_app(config, slot),
         host=listen.host,
         port=listen.port,
         log_level=args.log_level.lower(),

@@ -64,7 +64,7 @@ class Delivery:
                  output.worker or "?")
         return items
 
-    def fail(self, task: ImageInferenceTask, err: TaskError) -> None:
+    def fail(self, task: ImageInferenceTask, err: TaskError, worker: str = "") -> None:
         """Record the task's error (with its HTTP status, kept for getResponse, never sent) and queue its
         webhook."""
         self.tasks.update(task.taskUUID, status=ERROR,
@@ -73,8 +73,8 @@ class Delivery:
         if task.webhookURL and self.outbox is not None:
             self.outbox.enqueue_webhook(task.webhookURL, {"errors": [err.item.wire()]}, task.taskUUID)
         if self.metrics is not None:
-            self.metrics.generation_failed()
-        log.warning("task %s failed: %s", task.taskUUID, err.item.message)
+            self.metrics.generation_failed(worker)
+        log.warning("task %s failed: %s, worker %s", task.taskUUID, err.item.message, worker or "?")
 
     def _store(self, task: ImageInferenceTask, output: GenerationOutput, base_url: str,
                stored: list[StoredImage]) -> list[tuple[dict[str, Any], bytes, str]]:

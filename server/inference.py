@@ -123,12 +123,15 @@ class ImageInference:
     async def _finish(self, task: ImageInferenceTask, spec: GenerationSpec, future, base_url: str) -> list[dict]:
         """Await the generation, then deliver or record the failure. Runs to the end even if the requester
         went away."""
+        worker = ""  # which worker failed it, when one did
         try:
             try:
                 output = await asyncio.wrap_future(future)
             except InvalidInput as exc:
+                worker = exc.worker
                 raise input_error(exc, task.taskType, task.taskUUID) from None
             except GenerationError as exc:
+                worker = exc.worker
                 raise task_error("inferenceError", f"Image generation failed: {exc}", task_type=task.taskType,
                                  task_uuid=task.taskUUID, http_status=500) from None
             if output.nsfw is not None and any(output.nsfw) and self.config.safety_action == "block":
@@ -144,7 +147,7 @@ class ImageInference:
                 task_type=task.taskType, task_uuid=task.taskUUID, http_status=503))
             raise
         except TaskError as err:
-            self.delivery.fail(task, err)
+            self.delivery.fail(task, err, worker)
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. disk full while storing: fail this task only
             log.exception("delivering task %s failed", task.taskUUID)

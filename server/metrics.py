@@ -44,13 +44,14 @@ class Metrics:
                                              registry=r)
         self.tasks = Counter("k5serve_tasks", "Tasks answered, by taskType and outcome (success or the error code)",
                              ["type", "outcome"], registry=r)
-        self.generations = Counter("k5serve_generations", "imageInference generations finished, by outcome",
-                                   ["outcome"], registry=r)
+        self.generations = Counter("k5serve_generations", "imageInference generations finished, by outcome and "
+                                   "the worker that ran them (local, or a Ray Serve replica id; unknown when it "
+                                   "failed before a worker took it)", ["outcome", "replica"], registry=r)
         self.queue_wait = Histogram("k5serve_queue_wait_seconds", "Time a generation waited for the worker",
                                     buckets=_SECONDS, registry=r)
         self.generation_seconds = Histogram(
             "k5serve_generation_seconds", "Worker time per imageInference task (queue wait excluded, safety check "
-            "included)", buckets=_SECONDS, registry=r)
+            "included), by the worker that ran it", ["replica"], buckets=_SECONDS, registry=r)
         self.step_seconds = Histogram("k5serve_step_seconds", "Seconds per denoising step",
                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4), registry=r)
         self.images = Counter("k5serve_images", "Images produced", registry=r)
@@ -72,9 +73,10 @@ class Metrics:
         self.tasks.labels(known_type, outcome).inc()
 
     def generation_done(self, output) -> None:
-        self.generations.labels("success").inc()
+        replica = output.worker or "unknown"
+        self.generations.labels("success", replica).inc()
         self.queue_wait.observe(output.queue_seconds)
-        self.generation_seconds.observe(output.seconds)
+        self.generation_seconds.labels(replica).observe(output.seconds)
         for seconds in output.step_seconds:
             self.step_seconds.observe(seconds)
         self.images.inc(len(output.images))
@@ -87,8 +89,8 @@ class Metrics:
                 self.passes.labels(method, branch, "computed").inc(counts["computed"])
                 self.passes.labels(method, branch, "skipped").inc(counts["skipped"])
 
-    def generation_failed(self) -> None:
-        self.generations.labels("error").inc()
+    def generation_failed(self, worker: str = "") -> None:
+        self.generations.labels("error", worker or "unknown").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

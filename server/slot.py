@@ -26,6 +26,7 @@ class ModelSlot:
         self._worker: Worker | None = None
         self._thread: threading.Thread | None = None
         self.error: str | None = None  # why loading failed
+        self.loading_note: str | None = None  # what the loader last said while loading (see `note`)
 
     def start(self) -> None:
         """Load in a background thread (the real weights take minutes; /health answers meanwhile)."""
@@ -39,6 +40,10 @@ class ModelSlot:
         except Exception as exc:  # noqa: BLE001 - reported by /health and the log
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("model loading failed")
+
+    def note(self, text: str) -> None:
+        """For the loader: what it is waiting for (e.g. replicas waiting for a GPU), shown by /ready."""
+        self.loading_note = text
 
     @property
     def worker(self) -> Worker | None:
@@ -60,7 +65,8 @@ class ModelSlot:
         if self.error:
             return [f"model loading failed: {self.error}"], {}
         if worker is None:
-            return ["the model is still loading"], {}
+            note = self.loading_note
+            return ["the model is still loading" + (f" ({note})" if note else "")], {}
         reasons = []
         if not worker.alive:
             reasons.append("the generation worker has stopped")

@@ -26,7 +26,8 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None):
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None, ready: bool = True):
+        """Starts the server and waits until /ready says 200 (`ready=False`: until it answers at all)."""
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -38,15 +39,15 @@ class RunningServer:
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait_ready()
+        self._wait_ready(statuses=(200,) if ready else (200, 503))
 
-    def _wait_ready(self, timeout: float = 300) -> None:
+    def _wait_ready(self, timeout: float = 300, statuses: tuple[int, ...] = (200,)) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/ready", timeout=2).status_code in statuses:
                     return
             except httpx.HTTPError:
                 pass

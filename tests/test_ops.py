@@ -242,6 +242,8 @@ def test_out_of_memory_fails_its_task_and_the_server_stays_ready(flagging):
     only_item(flagging.post([task()], headers=HEADERS))
     lines = [json.loads(line) for line in flagging.log().splitlines() if line.startswith("{")]
     assert any(e.get("taskUUID") == boom["taskUUID"] and "out of accelerator memory" in e["message"] for e in lines)
+    assert any(e.get("taskUUID") == boom["taskUUID"] and e["message"].endswith("worker local") for e in lines)
+    assert value(metrics(flagging), "k5serve_generations_total", outcome="error", replica="local") >= 1
 
 
 def test_offload_needs_cuda(tmp_path, data_dir):
@@ -279,9 +281,10 @@ def test_metrics_move_when_tasks_run(flagging):
     assert moved("k5serve_tasks_total", type="imageInference", outcome="invalidWidth") == 1
     assert moved("k5serve_http_requests_total", route="/v1", status="200") == 1
     assert moved("k5serve_http_requests_total", route="/v1", status="400") == 1
-    assert moved("k5serve_generations_total", outcome="success") == 1
+    assert moved("k5serve_generations_total", outcome="success", replica="local") == 1
     assert moved("k5serve_images_total") == 2 and moved("k5serve_images_flagged_nsfw_total") == 2
-    assert moved("k5serve_step_seconds_count") == 10 and moved("k5serve_generation_seconds_count") == 1
+    assert moved("k5serve_step_seconds_count") == 10
+    assert moved("k5serve_generation_seconds_count", replica="local") == 1
     assert moved("k5serve_queue_wait_seconds_count") == 1
     assert moved("k5serve_transformer_passes_total", cache="none", branch="cond", outcome="computed") == 10
     assert moved("k5serve_outbound_deliveries_total", kind="webhook", outcome="delivered") == 2

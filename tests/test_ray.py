@@ -47,9 +47,13 @@ def workers_in_log(srv) -> dict[str, str]:
 
 def test_health_describes_the_replicas(ray_server):
     body = httpx.get(ray_server.url + "/health").json()
-    assert body["status"] == "ok" and body["workers"] == "ray" and body["replicas"] == 2
+    assert body["status"] == "ok" and body["workers"] == "ray" and body["replicaTarget"] == 2
     assert body["threads_per_replica"] >= 1 and body["queueLimit"] == 1
-    assert body["replicaStates"] == {"RUNNING": 2}
+    assert body["replicaStates"] == {"RUNNING": 2} and body["deploymentStatus"] == "HEALTHY"
+    rows = body["replicas"]  # one row per replica, also before it has run a task
+    assert len({r["id"] for r in rows}) == 2 and len({r["pid"] for r in rows}) == 2
+    assert all(r["state"] == "RUNNING" and r["device"] == "cpu" and r["threads"] == body["threads_per_replica"]
+               and r["nodeId"] and r["tasksDone"] >= 0 for r in rows)
     ready = httpx.get(ray_server.url + "/ready")
     assert ready.status_code == 200 and ready.json()["ready"] is True
 
@@ -69,9 +73,13 @@ def test_two_tasks_run_in_parallel_one_per_replica(ray_server):
     assert set(results) == {t["taskUUID"] for t in tasks}
     workers = workers_in_log(ray_server)
     assert len({workers[t["taskUUID"]] for t in tasks}) == 2, workers  # both replicas did work
-    seen = httpx.get(ray_server.url + "/health").json()["replicasSeen"]
-    assert {r["id"] for r in seen} >= {workers[t["taskUUID"]] for t in tasks}
-    assert all(r["tasksDone"] >= 1 and r["pid"] > 0 for r in seen)
+    time.sleep(1.1)  # the replica view is read at most once a second
+    rows = {r["id"]: r for r in httpx.get(ray_server.url + "/health").json()["replicas"]}
+    assert all(rows[workers[t["taskUUID"]]]["tasksDone"] >= 1 for t in tasks)
+    text = httpx.get(ray_server.url + "/metrics").text
+    for replica in {workers[t["taskUUID"]] for t in tasks}:  # generation metrics carry the replica id
+        assert f'k5serve_generations_total{{outcome="success",replica="{replica}"}}' in text
+        assert f'k5serve_generation_seconds_count{{replica="{replica}"}}' in text
 
 
 def test_async_task_reports_progress_from_the_replica(ray_server):
@@ -103,8 +111,11 @@ def test_a_bad_lora_is_refused_before_queueing(ray_server):
 
 
 def test_a_replica_that_dies_fails_its_task_only(ray_server):
-    err = only_error(ray_server.post([task(positivePrompt=f"a fox {CRASH}")]), 500)
+    crash = task(positivePrompt=f"a fox {CRASH}")
+    err = only_error(ray_server.post([crash]), 500)
     assert err["code"] == "inferenceError" and "stopped before it finished" in err["message"]
+    failed = re.search(rf'task {crash["taskUUID"]} failed: .*, worker ([^\s",]+)', ray_server.log())
+    assert failed and failed.group(1) != "?", ray_server.log()[-2000:]  # the log names the replica that died
     # The other replica (and the one Ray Serve starts in its place) go on serving.
     assert only_item(ray_server.post([task(seed=5)]))["imageUUID"]
     assert httpx.get(ray_server.url + "/health").json()["status"] == "ok"

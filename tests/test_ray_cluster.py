@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 
+import httpx
 import pytest
 from conftest import RunningServer, own_data_dir, task
 from test_http_api import only_item
@@ -36,9 +38,46 @@ def test_a_replica_on_each_node_of_a_joined_cluster(cluster, tmp_path_factory, d
             th.join(300)
         assert set(done) == {t["taskUUID"] for t in tasks}
         workers = dict(re.findall(r'task (\S+) done: .*, worker ([^\s",]+)', srv.log()))
-        nodes = {workers[t["taskUUID"]].split("/")[0] for t in tasks}
-        assert len(nodes) == 2, workers  # one replica per node, both did work
+        rows = {r["id"]: r for r in httpx.get(srv.url + "/health").json()["replicas"]}
+        nodes = {rows[workers[t["taskUUID"]]]["nodeId"] for t in tasks}
+        assert len(nodes) == 2, (workers, rows)  # one replica per node, both did work
+        assert all(r["state"] == "RUNNING" and r["device"] == "cpu" and r["tasksDone"] == 1 for r in rows.values())
     finally:
         srv.stop()
     # The server joined a cluster it did not start: stopping it leaves the cluster running.
     assert len(cluster.list_all_nodes()) == 2
+
+
+def test_replicas_that_cannot_load_their_weights_are_reported(cluster, tmp_path_factory, data_dir):
+    """Weights that do not load on the replicas (a truncated file: the front-end never reads it) are reported by
+    /ready and /health with the replica's own error, and the server stays up to say so."""
+    home = own_data_dir(tmp_path_factory, data_dir, "broken")
+    weights = home / "tiny" / "t2i" / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    srv = RunningServer(home, "--workers", "ray", "--replicas", "1", "--ray-address", cluster.address, ready=False)
+    try:
+        deadline = time.monotonic() + 240
+        while (body := httpx.get(srv.url + "/ready").json())["model"] == "loading" and time.monotonic() < deadline:
+            time.sleep(1)
+        assert httpx.get(srv.url + "/ready").status_code == 503
+        [reason] = body["reasons"]
+        assert "replicas failed to load: OSError: Unable to load weights" in reason and weights.name in reason
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+    finally:
+        srv.stop()
+
+
+def test_replicas_the_cluster_cannot_place_are_reported_while_loading(cluster, tmp_path_factory, data_dir):
+    """A replica asking for more than any node has (4 CPUs; the nodes have 1) waits for resources: /ready says
+    so, in Ray Serve's words, instead of a bare "still loading"."""
+    srv = RunningServer(own_data_dir(tmp_path_factory, data_dir, "unplaced"), "--workers", "ray", "--replicas",
+                        "1", "--replica-threads", "4", "--ray-address", cluster.address, ready=False)
+    try:
+        deadline = time.monotonic() + 120
+        while "resources" not in str(body := httpx.get(srv.url + "/ready").json()) and time.monotonic() < deadline:
+            time.sleep(1)
+        [reason] = body["reasons"]
+        assert reason.startswith("the model is still loading (") and "CPU" in reason, body
+    finally:
+        srv.stop()
