@@ -8,7 +8,11 @@ time (one per replica), after one warm-up task per replica.
 
 Prints, per configuration: tasks per second, p50/p99 latency (seconds from POST to the answer), and for N
 replicas the scaling figure: throughput(N) / (N x throughput(1)). The front-end overhead per task is the
-median latency of one task at a time on 1 replica minus the same on the local worker.
+median latency of one task at a time on 1 replica minus the same on the local worker, broken down with the
+server's own metrics into the worker's time (generation and safety, as the worker measured it), the hop
+(from handing the job to the worker until its result is back in the front-end, less the worker's time: Ray
+Serve's routing, the streamed progress events, the result's transfer) and the rest (HTTP, validation,
+encoding and storing the images).
 
     .venv/bin/python benchmarks/bench_scale.py --tiny --replicas 2 --tasks 24
 """
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import common
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "runware:kandinsky-5.0-image-lite@1"
 
@@ -102,6 +107,16 @@ def run_tasks(url: str, n: int, in_flight: int, steps: int, width: int, height: 
     return time.perf_counter() - started, latencies
 
 
+def worker_sums(url: str) -> tuple[float, float]:
+    """(generation seconds, queue/hop seconds) summed over every task so far, from /metrics."""
+    sums = {"k5serve_generation_seconds_sum": 0.0, "k5serve_queue_wait_seconds_sum": 0.0}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name in sums:
+                sums[sample.name] += sample.value
+    return sums["k5serve_generation_seconds_sum"], sums["k5serve_queue_wait_seconds_sum"]
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -133,8 +148,12 @@ def main() -> None:
                     shutil.copytree(data_dir / "tiny", work / "tiny")
                 run_tasks(server.url, replicas, replicas, args.steps, width, height)  # warm-up, one per worker
                 if replicas == 1:  # one task at a time: the front-end's own cost shows against the local worker
-                    _, alone = run_tasks(server.url, max(3, args.runs), 1, args.steps, width, height)
-                    sequential[kind] = statistics.median(alone)
+                    before = worker_sums(server.url)
+                    n = max(3, args.runs)
+                    _, alone = run_tasks(server.url, n, 1, args.steps, width, height)
+                    after = worker_sums(server.url)
+                    work_s, hop_s = ((a - b) / n for a, b in zip(after, before, strict=True))
+                    sequential[kind] = (statistics.median(alone), statistics.fmean(alone), work_s, hop_s)
                 wall, latencies = run_tasks(server.url, args.tasks, replicas, args.steps, width, height)
             finally:
                 server.stop()
@@ -151,9 +170,14 @@ def main() -> None:
     for name, replicas, rate, p50, p99 in rows:
         ratio = f"{rate / (replicas * one):.2f}" if name.startswith("--workers ray") else "-"
         print(f"| {name} | {replicas} | {rate:.3f} | {p50:.2f} | {p99:.2f} | {ratio} |")
-    overhead = sequential["ray"] - sequential["local"]
+    overhead = sequential["ray"][0] - sequential["local"][0]
     print(f"\nfront-end overhead per task (1 replica vs local worker, one task at a time, median): "
-          f"{overhead * 1000:+.0f} ms ({sequential['ray']:.3f} s vs {sequential['local']:.3f} s)")
+          f"{overhead * 1000:+.0f} ms ({sequential['ray'][0]:.3f} s vs {sequential['local'][0]:.3f} s)\n")
+    print("| one task at a time, mean per task | latency s | worker s | hop s | rest s |")
+    print("|---|---|---|---|---|")
+    for kind in ("local", "ray"):
+        _, mean, work_s, hop_s = sequential[kind]
+        print(f"| --workers {kind} | {mean:.3f} | {work_s:.3f} | {hop_s:.3f} | {mean - work_s - hop_s:.3f} |")
 
 
 if __name__ == "__main__":
