@@ -12,7 +12,10 @@ import uuid
 import httpx
 import pytest
 from conftest import API_KEY, RunningServer, own_data_dir, task
+from safetensors.torch import save_file
 from test_http_api import only_error, only_item
+from test_image_inputs import data_uri, encoded
+from test_lora import ATTN, peft_lora
 from test_sdk import request, run
 
 CRASH = "CRASH-THE-REPLICA"
@@ -22,6 +25,7 @@ CRASH = "CRASH-THE-REPLICA"
 def ray_server(tmp_path_factory, data_dir):
     home = own_data_dir(tmp_path_factory, data_dir, "ray")
     (home / "loras").mkdir()
+    save_file(peft_lora(ATTN, seed=3), home / "loras" / "style.safetensors")
     srv = RunningServer(home, "--workers", "ray", "--replicas", "2", "--max-queue", "1", "--poll-wait", "0",
                         "--lora-dir", str(home / "loras"), "--inject-crash-prompt", CRASH)
     yield srv
@@ -122,17 +126,33 @@ def test_a_replica_that_dies_fails_its_task_only(ray_server):
 
 
 def test_same_bytes_as_the_local_worker(ray_server, tmp_path_factory, data_dir):
-    """Same device type, dtype and CPU thread count (float sums depend on it): the same bytes."""
+    """Same device type, dtype and CPU thread count (float sums depend on it): the same bytes, for a plain
+    request and for each feature the replicas run (LoRA, step caching, editing, image-to-image, safety)."""
     threads = httpx.get(ray_server.url + "/health").json()["threads_per_replica"]
-    local_server = RunningServer(own_data_dir(tmp_path_factory, data_dir, "local"),
-                                 env={"OMP_NUM_THREADS": str(threads)})
+    local_server = RunningServer(own_data_dir(tmp_path_factory, data_dir, "local"), "--lora-dir",
+                                 str(ray_server.data_dir / "loras"), env={"OMP_NUM_THREADS": str(threads)})
+    picture = data_uri(encoded((300, 200)))
+    variants = {
+        "plain": {},
+        "lora": {"lora": [{"model": "style", "weight": 0.8}]},
+        "fbCache": {"acceleratorOptions": {"fbCache": True, "cacheStartStep": 1}},
+        "editing": {"inputs": {"referenceImages": [picture]}},
+        "image-to-image": {"seedImage": picture, "strength": 0.6},
+        "safety": {"safety": {"checkContent": True}},
+    }
     try:
-        t = dict(task(seed=77, outputType="base64Data", outputFormat="PNG"))
-        local = only_item(local_server.post([dict(t, taskUUID=str(uuid.uuid4()))]))["imageBase64Data"]
-        remote = only_item(ray_server.post([dict(t, taskUUID=str(uuid.uuid4()))]))["imageBase64Data"]
+        for name, fields in variants.items():
+            t = dict(task(seed=77, outputType="base64Data", outputFormat="PNG", steps=10, **fields))
+            local = only_item(local_server.post([dict(t, taskUUID=str(uuid.uuid4()))]))
+            remote = only_item(ray_server.post([dict(t, taskUUID=str(uuid.uuid4()))]))
+            assert base64.b64decode(local.pop("imageBase64Data")) == base64.b64decode(
+                remote.pop("imageBase64Data")), name
+            for item in (local, remote):
+                item.pop("taskUUID")
+                item.pop("imageUUID", None)
+            assert local == remote, name  # every other result field too (seed, NSFWContent, cost...)
     finally:
         local_server.stop()
-    assert base64.b64decode(local) == base64.b64decode(remote)
 
 
 def test_the_runware_sdk_over_websocket(tmp_path_factory, data_dir, ray_server):
