@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 import time
 
 from fastapi import FastAPI, Request
@@ -27,17 +30,41 @@ from .outbox import Outbox
 from .protocol import TASK_TYPES, ErrorItem
 from .slot import ModelSlot
 from .store import ImageStore
-from .tasks import SQLiteTaskStore
+from .tasks import SQLiteTaskStore, StoreUnavailable
 from .validation import error_codes
 from .wire import WireResponse
 
 log = logging.getLogger("k5serve.app")
 
+FRONTEND_LOST = ("The front-end running this task stopped before it finished (it stopped renewing its lease); "
+                 "run it again.")
+
+
+class SharedStores:
+    """Task records and the outbox in a server database (`--database`), shared by several front-ends."""
+
+    def __init__(self, config: ServerConfig):
+        from . import postgres  # psycopg: only with --database
+
+        self.instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.db = postgres.Database(config.database)
+        self.tasks = postgres.PostgresTaskStore(self.db, self.instance, lease=config.task_lease)
+        self.outbox = postgres.PostgresOutboxStore(self.db, self.instance)
+        log.info("task records and outbox in PostgreSQL (schema version %d), this front-end is %s",
+                 self.db.version, self.instance)
+
+    def close(self) -> None:
+        self.db.close()
+
 
 def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     images = ImageStore(config.image_dir)
-    tasks = SQLiteTaskStore(config.task_db)
-    outbox = Outbox(config.outbox_db, allow_private=config.allow_private_urls)
+    shared = SharedStores(config) if config.database else None
+    if shared is not None:
+        tasks, outbox_store = shared.tasks, shared.outbox
+    else:
+        tasks, outbox_store = SQLiteTaskStore(config.task_db), config.outbox_db
+    outbox = Outbox(outbox_store, allow_private=config.allow_private_urls)
     metrics = Metrics(TASK_TYPES, error_codes())
     dispatcher = Dispatcher(config, slot, images, tasks, outbox, metrics)
     sessions = ws.Sessions(config.ws_resume_window, config.ws_resume_buffer)
@@ -45,10 +72,28 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     async def sweep_forever() -> None:
         while True:
             await asyncio.sleep(config.sweep_interval)
-            removed = await asyncio.to_thread(images.sweep) + await asyncio.to_thread(tasks.sweep)
-            sessions.sweep()
+            try:
+                removed = await asyncio.to_thread(images.sweep) + await asyncio.to_thread(tasks.sweep)
+            except StoreUnavailable as exc:
+                log.warning("sweeping expired task records: %s", exc)
+                continue
+            finally:
+                sessions.sweep()
             if removed:
                 log.info("removed %d expired image(s)/task record(s)", removed)
+
+    async def heartbeat_forever() -> None:
+        """Shared stores: keep this front-end's tasks alive, and fail those of front-ends that stopped."""
+        while True:
+            await asyncio.sleep(config.task_lease / 3)
+            try:
+                await asyncio.to_thread(tasks.heartbeat)
+                lost = await asyncio.to_thread(tasks.expire_stale, FRONTEND_LOST)
+            except StoreUnavailable as exc:
+                log.warning("task heartbeat: %s", exc)
+                continue
+            if lost:
+                log.warning("%d task(s) of a front-end that stopped were marked as failed", lost)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -57,11 +102,14 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
             log.warning("%d task(s) were in flight when the server last stopped; marked as failed", lost)
         slot.start()
         await outbox.start()
-        sweeper = asyncio.create_task(sweep_forever())
+        background = [asyncio.create_task(sweep_forever())]
+        if shared is not None:
+            background.append(asyncio.create_task(heartbeat_forever()))
         try:
             yield
         finally:
-            sweeper.cancel()
+            for job in background:
+                job.cancel()
             unfinished = await dispatcher.drain(config.shutdown_timeout)
             if unfinished:
                 log.warning("%d task(s) did not finish before shutdown; recorded as failed", unfinished)
@@ -69,6 +117,8 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
             await outbox.close()
             await asyncio.to_thread(slot.close)
             tasks.close()
+            if shared is not None:
+                shared.close()
 
     app = FastAPI(title="k5serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   default_response_class=WireResponse,
@@ -79,6 +129,7 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     app.state.store = images
     app.state.slot = slot
     app.state.outbox = outbox
+    app.state.database = shared.db if shared is not None else None
     app.state.dispatcher = dispatcher
     app.state.sessions = sessions
     app.state.metrics = metrics

@@ -176,10 +176,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .config import ListenConfig, ServerConfig
     from .slot import ModelSlot
+    from .tasks import SchemaError, StoreUnavailable
 
     config = opt.build(ServerConfig, args.options, vars(args))
     listen = opt.build(ListenConfig, args.options, vars(args))
-    _lock_data_dir(config.data_dir)
+    if config.database is None:  # a server database is shared by design: no folder to hold alone
+        _lock_data_dir(config.data_dir)
     if args.log_format == "json":  # progress bars would break one-JSON-object-per-line (building tiny weights)
         from diffusers.utils import logging as diffusers_logging
 
@@ -213,8 +215,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            fault_prompt=args.inject_oom_prompt)
 
     slot = ModelSlot(load_worker)
+    try:
+        app = create_app(config, slot)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("psycopg"):
+            raise SystemExit("error: --database needs psycopg: pip install 'k5serve[postgres]'") from None
+        raise
+    except (StoreUnavailable, SchemaError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     uvicorn.run(
-        create_app(config, slot),
+        app,
         host=listen.host,
         port=listen.port,
         log_level=args.log_level.lower(),

@@ -33,10 +33,13 @@ class ServerConfig:
     ws_resume_buffer: int = 256  # frames kept per disconnected session
     shutdown_timeout: float = 60.0  # seconds SIGTERM waits for tasks in flight
     safety_action: str = "flag"  # "flag": NSFWContent per image; "block": fail the task if any image is flagged
+    database: str | None = None  # PostgreSQL URL: task records and outbox shared by front-ends; None = SQLite
+    image_store: Path | None = None  # folder for images (a shared mount for several front-ends); None = data_dir
+    task_lease: float = 30.0  # with a database: seconds without a heartbeat before a front-end's tasks fail
 
     @property
     def image_dir(self) -> Path:
-        return self.data_dir / "images"
+        return self.image_store if self.image_store is not None else self.data_dir / "images"
 
     @property
     def task_db(self) -> Path:

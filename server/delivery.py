@@ -42,8 +42,8 @@ class Delivery:
         try:
             results = await asyncio.to_thread(self._store, task, output, base_url, stored)
             items = [item for item, _, _ in results]
-            self.tasks.update(task.taskUUID, status=SUCCESS, step=spec.steps, total_steps=spec.steps,
-                              items=items, expires_at=time.time() + self.ttl(task))
+            await asyncio.to_thread(self.tasks.update, task.taskUUID, status=SUCCESS, step=spec.steps,
+                                    total_steps=spec.steps, items=items, expires_at=time.time() + self.ttl(task))
         except BaseException:
             for image in stored:  # the task fails whole: none of its images stays behind
                 self.images.delete(image)

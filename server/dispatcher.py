@@ -29,7 +29,7 @@ from .protocol import TASK_TYPES, TaskError, task_error
 from .responses import GetResponse
 from .slot import ModelSlot
 from .store import ImageStore
-from .tasks import TaskStore
+from .tasks import StoreUnavailable, TaskStore
 from .upload import ImageUpload
 from .validation import check_task_uuid, well_formed_uuid
 from .wire import encodable
@@ -123,6 +123,13 @@ class Dispatcher:
             items, error = await self._route(raw)(raw, base_url), None
         except TaskError as err:
             items, error = [], err
+        except StoreUnavailable as exc:  # the task database is away: this task fails now, it does not hang
+            log.warning("task failed: %s", exc)
+            items, error = [], task_error(
+                "serviceUnavailable", f"{str(exc)[0].upper()}{str(exc)[1:]}; retry shortly.",
+                task_type=task_type if isinstance(task_type, str) else None,
+                task_uuid=task_uuid if isinstance(task_uuid, str) else None, http_status=503,
+            )
         except Exception:  # noqa: BLE001 - a bug must fail its task, not the connection
             log.exception("task failed unexpectedly")
             items, error = [], task_error(

@@ -8,7 +8,6 @@ it, async callers get an acknowledgement and poll `getResponse`.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from typing import Any
@@ -23,7 +22,7 @@ from .results import input_error, to_spec
 from .safe_http import OutboundURLError, check_url
 from .slot import ModelSlot
 from .store import ImageStore
-from .tasks import RUNNING, TaskRecord, TaskStore
+from .tasks import TaskRecord, TaskStore
 from .validation import FEATURES, image_input, parse_image_inference
 
 log = logging.getLogger("k5serve.dispatcher")
@@ -74,24 +73,22 @@ class ImageInference:
         now = time.time()
         record = TaskRecord(task.taskUUID, task.taskType, expected_items=task.numberResults,
                             created_at=now, expires_at=now + RUNNING_FOREVER)
-        if not self.tasks.create(record):
+        if not await asyncio.to_thread(self.tasks.create, record):
             raise fail("conflictTaskUUID",
                        f"taskUUID {task.taskUUID} was already used; use getResponse to read its results.",
                        409, parameter="taskUUID")
         loop = asyncio.get_running_loop()
 
         def on_progress(step: int, total: int) -> None:  # called from the worker's thread
-            update = functools.partial(self.tasks.update, task.taskUUID, status=RUNNING, step=step,
-                                       total_steps=total)
-            loop.call_soon_threadsafe(update)
+            loop.call_soon_threadsafe(self._record_progress, task.taskUUID, step, total)
 
         try:
             future = worker.submit(spec, on_progress)
         except InvalidInput as exc:
-            self.tasks.delete(task.taskUUID)
+            await asyncio.to_thread(self.tasks.delete, task.taskUUID)
             raise input_error(exc, task.taskType, task.taskUUID) from None
         except QueueFull as exc:
-            self.tasks.delete(task.taskUUID)  # never ran: the client may retry with the same taskUUID
+            await asyncio.to_thread(self.tasks.delete, task.taskUUID)  # never ran: the client may retry it
             raise fail("rateLimitExceeded", f"The server is busy ({exc}); retry after "
                        f"{self.config.retry_after} s.", 429) from None
         job = asyncio.ensure_future(self._finish(task, spec, future, base_url))
@@ -114,6 +111,11 @@ class ImageInference:
             raise task_error(given.code, f"Invalid value for {given.parameter} parameter: {exc}.",
                              parameter=given.parameter, task_type=task.taskType, task_uuid=task.taskUUID) from None
         return {"reference_image" if given.edit else "init_image": image}
+
+    def _record_progress(self, task_uuid: str, step: int, total: int) -> None:
+        """On the loop: write the step off it (a database round trip); a lost update is only a stale percent."""
+        job = asyncio.ensure_future(asyncio.to_thread(self.tasks.progress, task_uuid, step, total))
+        job.add_done_callback(lambda j: j.cancelled() or j.exception())  # StoreUnavailable: the next step retries
 
     def _job_done(self, job: asyncio.Task) -> None:
         self._jobs.discard(job)
@@ -147,13 +149,13 @@ class ImageInference:
                 task_type=task.taskType, task_uuid=task.taskUUID, http_status=503))
             raise
         except TaskError as err:
-            self.delivery.fail(task, err, worker)
+            await asyncio.to_thread(self.delivery.fail, task, err, worker)  # a database write: off the loop
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. disk full while storing: fail this task only
             log.exception("delivering task %s failed", task.taskUUID)
             err = task_error("internalServerError", f"Storing the result failed: {type(exc).__name__}",
                              task_type=task.taskType, task_uuid=task.taskUUID, http_status=500)
-            self.delivery.fail(task, err)
+            await asyncio.to_thread(self.delivery.fail, task, err)
             raise err from None
 
     async def drain(self, timeout: float) -> int:

@@ -119,3 +119,12 @@ class _StateCollector(Collector):
             for outcome, value in counts.items():
                 deliveries.add_metric([kind, outcome], float(value))
         yield deliveries
+        database = state.get("database")
+        if database is not None:
+            yield CounterMetricFamily("k5serve_database_errors", "Task database errors (failed queries, the server "
+                                      "unreachable)", value=float(database["errors"]))
+            pool = GaugeMetricFamily("k5serve_database_pool_connections", "Task database connection pool: open "
+                                     "connections, idle ones, requests waiting for one", labels=["state"])
+            for kind in ("size", "available", "waiting"):
+                pool.add_metric([kind], float(database[kind]))
+            yield pool

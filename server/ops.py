@@ -8,6 +8,8 @@ the reasons. Both carry the model's state and the worker's description in the bo
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from typing import Any
 
@@ -23,21 +25,41 @@ router = APIRouter()
 
 
 def readiness(app: FastAPI) -> dict[str, Any]:
+    """The model's, the worker's and the stores' state. The database's reachability is the last probe's
+    (`probe_stores`, run by /health and /ready before this, off the event loop)."""
     state = app.state
     reasons, worker = state.slot.readiness()
     if not state.dispatcher.accepting:
         reasons.append("shutting down")
+    stores: dict[str, Any] = {}
+    db = state.database
+    if db is not None:
+        error = db.probe_error
+        stores["database"] = {"kind": "postgresql", "reachable": error is None, "schemaVersion": db.version,
+                              "pool": db.stats()} | ({"error": error} if error else {})
+        if error:
+            reasons.append(error)
+    writable = os.access(state.store.root, os.W_OK)
+    stores["imageStore"] = {"kind": "directory", "writable": writable}
+    if not writable:
+        reasons.append(f"the image store {state.store.root} is not writable")
     body: dict[str, Any] = {"ready": not reasons, "model": state.slot.state,
                             "uptimeSeconds": round(time.time() - state.started, 1)}
     if reasons:
         body["reasons"] = reasons
-    return body | worker
+    return body | worker | stores
+
+
+async def probe_stores(app: FastAPI) -> None:
+    if app.state.database is not None:
+        await asyncio.to_thread(app.state.database.probe)
 
 
 @router.get("/health")
 async def health(request: Request) -> WireResponse:
     """Liveness: 200 while the process can still become or stay useful (loading counts); 503 when only a
     restart helps (the model failed to load, the worker thread died). /ready says whether to send work."""
+    await probe_stores(request.app)
     body = readiness(request.app)
     broken = body["model"] == FAILED or body.get("workerAlive") is False
     return WireResponse({"status": "error" if broken else "ok", **body}, status_code=503 if broken else 200)
@@ -45,12 +67,14 @@ async def health(request: Request) -> WireResponse:
 
 @router.get("/ready")
 async def ready(request: Request) -> WireResponse:
+    await probe_stores(request.app)
     body = readiness(request.app)
     return WireResponse(body, status_code=200 if body["ready"] else 503)
 
 
 @router.get("/metrics")
 async def prometheus_metrics(request: Request) -> Response:
+    await probe_stores(request.app)
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -61,7 +85,8 @@ def install(app: FastAPI) -> None:
         body = readiness(app)  # one look at the worker per scrape
         return {"ready": body["ready"], "queue_depth": body.get("queue", 0), "queue_limit": body.get("queueLimit", 0),
                 "memory": body.get("gpuMemoryBytes", {}), "outbox": app.state.outbox.stats,
-                "websockets": ws.open_connections(app)}
+                "websockets": ws.open_connections(app),
+                "database": body["database"]["pool"] if "database" in body else None}
 
     app.state.metrics.watch(metric_state)
 

@@ -125,6 +125,20 @@ def fraction(text: str) -> float:
     return value
 
 
+def image_folder(text: str) -> Path:
+    if "://" in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: only a folder is supported (S3-compatible image stores are "
+                                         "not implemented yet)")
+    return Path(text)
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return value
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -210,6 +224,13 @@ SERVE_OPTIONS = MODEL_OPTIONS + (
            type=float),
     Option("safety-action", ServerConfig, "safety_action", "for safety-checked tasks: flag images (NSFWContent) "
            "or fail the task with nsfwContentDetected when any image is flagged", choices=("flag", "block")),
+    Option("database", ServerConfig, "database", "PostgreSQL URL (postgresql://user:password@host/db) for task "
+           "records and the webhook/upload outbox, shared by several front-ends (pip install "
+           "'k5serve[postgres]'); default: SQLite files under --data-dir", env_name="K5SERVE_DATABASE_URL"),
+    Option("image-store", ServerConfig, "image_store", "folder for generated and uploaded images; a shared mount "
+           "lets several front-ends serve the same files (default: images/ under --data-dir)", type=image_folder),
+    Option("task-lease", ServerConfig, "task_lease", "with --database: seconds a front-end may go without "
+           "renewing its running tasks' heartbeat before another front-end fails them", type=positive_float),
     Option("workers", WorkerConfig, "kind", "where generation runs: local (a thread in this process) or ray "
            "(Ray Serve replicas, one engine on one device each; pip install 'k5serve[ray]')",
            choices=("local", "ray")),

@@ -1,7 +1,9 @@
 """The `Outbox` delivers webhooks (POST, JSON) and uploads (PUT, raw bytes) in the background, with retries
-and exponential backoff, from a SQLite file so that a restart resumes pending deliveries. Delivery is at
+and exponential backoff, from a durable store so that a restart resumes pending deliveries. Delivery is at
 least once: an entry is deleted only after a 2xx, so a delivery cut short by a shutdown is sent again.
-Use one Outbox per database file.
+
+Entries live behind `OutboxStore`: `SQLiteOutboxStore` (one file, one process: use one Outbox per file) or
+`postgres.PostgresOutboxStore` (shared by several front-ends, each entry claimed by one of them at a time).
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import random
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
 from k5serve.logcontext import current_task
 
 from .safe_http import OutboundURLError, origin_of, parse_url, redact, safe_client
+from .tasks import StoreUnavailable
 
 log = logging.getLogger("k5serve.outbound")
 
@@ -42,21 +47,127 @@ CREATE TABLE IF NOT EXISTS outbox (
 _METHODS = {"webhook": "POST", "upload": "PUT"}
 
 
-class Outbox:
-    """Background delivery of webhooks and uploads, persisted in SQLite, with retries and backoff.
+class OutboxEntry(NamedTuple):
+    id: int
+    kind: str
+    url: str
+    content_type: str
+    created: float
+    attempts: int
+    task_uuid: str | None
 
-    enqueue_* only insert a row and wake the loop; they may be called from any thread, before or after
+
+class OutboxStore(ABC):
+    """Where outbox entries wait. Calls may block (run them off the event loop); a store that cannot reach its
+    database raises tasks.StoreUnavailable."""
+
+    #: seconds between looks for due entries that nobody woke this process for (entries of other processes)
+    poll_interval: float | None = None
+
+    @abstractmethod
+    def add(self, kind: str, url: str, body: bytes, content_type: str, task_uuid: str | None) -> None: ...
+
+    @abstractmethod
+    def claim(self, limit: int, exclude: set[int], busy: set[str]) -> list[OutboxEntry]:
+        """Up to `limit` due entries, oldest first, now this process's to deliver until they are removed,
+        rescheduled or released; none in `exclude` (being delivered here) nor to an origin in `busy` (at its
+        per-origin limit here)."""
+
+    def release(self, ids: list[int]) -> None:
+        """Give back claimed entries this process will not deliver now."""
+
+    @abstractmethod
+    def next_due(self) -> float | None:
+        """Wall-clock time the next entry not yet due becomes due (None: none)."""
+
+    @abstractmethod
+    def body(self, id_: int) -> bytes: ...
+
+    @abstractmethod
+    def reschedule(self, id_: int, attempts: int, next_at: float) -> None: ...
+
+    @abstractmethod
+    def remove(self, id_: int) -> None: ...
+
+    @abstractmethod
+    def pending(self) -> int:
+        """Entries not yet delivered or dropped (those in flight included)."""
+
+    def close(self) -> None:
+        pass
+
+
+class SQLiteOutboxStore(OutboxStore):
+    """One SQLite file (WAL), one process; calls are short and serialised by a lock."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()  # enqueue may come from worker threads
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+        if "task_uuid" not in {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}:
+            self._db.execute("ALTER TABLE outbox ADD COLUMN task_uuid TEXT")  # a file from an older version
+
+    def add(self, kind: str, url: str, body: bytes, content_type: str, task_uuid: str | None) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO outbox (kind, url, body, content_type, created, next_at, task_uuid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", (kind, url, body, content_type, now, now, task_uuid))
+
+    def claim(self, limit: int, exclude: set[int], busy: set[str]) -> list[OutboxEntry]:
+        with self._lock:  # one process: what it is delivering (`exclude`) is the only claim there is
+            rows = self._db.execute(
+                "SELECT id, kind, url, content_type, created, attempts, task_uuid FROM outbox "
+                "WHERE next_at <= ? ORDER BY next_at LIMIT 1000", (time.time(),)).fetchall()
+        entries = (OutboxEntry(*row) for row in rows if row[0] not in exclude and origin_of(row[2]) not in busy)
+        return [entry for entry, _ in zip(entries, range(limit))]
+
+    def next_due(self) -> float | None:
+        with self._lock:
+            return self._db.execute("SELECT MIN(next_at) FROM outbox WHERE next_at > ?", (time.time(),)).fetchone()[0]
+
+    def body(self, id_: int) -> bytes:
+        with self._lock:
+            row = self._db.execute("SELECT body FROM outbox WHERE id = ?", (id_,)).fetchone()
+        return row[0] if row else b""
+
+    def reschedule(self, id_: int, attempts: int, next_at: float) -> None:
+        with self._lock:
+            self._db.execute("UPDATE outbox SET attempts = ?, next_at = ? WHERE id = ?", (attempts, next_at, id_))
+
+    def remove(self, id_: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (id_,))
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class Outbox:
+    """Background delivery of webhooks and uploads from an `OutboxStore`, with retries and backoff.
+
+    enqueue_* only insert an entry and wake the loop; they may be called from any thread, before or after
     start(). Up to `concurrency` deliveries run at once, at most `per_origin` of them to one
     scheme://host:port, so one slow receiver cannot hold up the others. A failed attempt (connection
     error, timeout, non-2xx, including a redirect, which is never followed) is retried after
     initial_delay, doubling up to max_delay, with ±10 % jitter, until retry_for seconds after enqueue;
     then the entry is dropped with a warning. A URL refused by the policy is dropped at once. An entry
-    found past its deadline after a restart gets one last attempt.
+    found past its deadline after a restart gets one last attempt. `store` is an OutboxStore or the path of
+    a SQLite file.
     """
 
-    def __init__(self, path: Path, *, allow_private: bool, retry_for: float = 600.0, initial_delay: float = 1.0,
-                 max_delay: float = 60.0, timeout: float = 10.0, concurrency: int = 8, per_origin: int = 4):
-        self.path = Path(path)
+    def __init__(self, store: OutboxStore | Path, *, allow_private: bool, retry_for: float = 600.0,
+                 initial_delay: float = 1.0, max_delay: float = 60.0, timeout: float = 10.0, concurrency: int = 8,
+                 per_origin: int = 4):
+        self.store = store if isinstance(store, OutboxStore) else SQLiteOutboxStore(store)
         self.allow_private = allow_private
         self.retry_for = retry_for
         self.initial_delay = initial_delay
@@ -65,13 +176,6 @@ class Outbox:
         self.concurrency = concurrency
         self.per_origin = per_origin
         self.stats: dict[str, dict[str, int]] = {k: {"delivered": 0, "retried": 0, "failed": 0} for k in KINDS}
-        self._db_lock = threading.Lock()  # enqueue may come from worker threads
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
-        if "task_uuid" not in {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}:
-            self._db.execute("ALTER TABLE outbox ADD COLUMN task_uuid TEXT")  # a file from an older version
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None      # new entries or a free slot: look for due entries
         self._progress: asyncio.Event | None = None  # an entry was delivered or dropped: flush() rechecks
@@ -103,22 +207,24 @@ class Outbox:
 
     def pending(self) -> int:
         """Number of entries not yet delivered or dropped (including those in flight)."""
-        with self._db_lock:
-            return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        return self.store.pending()
 
     async def flush(self, timeout: float) -> bool:
         """Wait until the outbox is empty or `timeout` seconds pass; True if it is empty."""
-        if self._progress is None:
-            return self.pending() == 0
         try:
-            async with asyncio.timeout(timeout):
-                while self.pending():
-                    self._progress.clear()
-                    if self.pending():
-                        await self._progress.wait()
-        except TimeoutError:
-            pass
-        return self.pending() == 0
+            if self._progress is None:
+                return self.pending() == 0
+            try:
+                async with asyncio.timeout(timeout):
+                    while self.pending():
+                        self._progress.clear()
+                        if self.pending():
+                            await self._progress.wait()
+            except TimeoutError:
+                pass
+            return self.pending() == 0
+        except StoreUnavailable:  # the entries stay where they are, for the next start
+            return False
 
     async def close(self) -> None:
         """Stop delivering; entries not yet delivered stay in the file for the next start."""
@@ -130,19 +236,12 @@ class Outbox:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-        with self._db_lock:
-            self._db.close()
+        self.store.close()
 
     # -- internals
 
     def _enqueue(self, kind: str, url: str, body: bytes, content_type: str, task_uuid: str | None) -> None:
-        now = time.time()
-        with self._db_lock:
-            self._db.execute(
-                "INSERT INTO outbox (kind, url, body, content_type, created, next_at, task_uuid) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (kind, url, body, content_type, now, now, task_uuid),
-            )
+        self.store.add(kind, url, body, content_type, task_uuid)
         self._notify(self._wake)
 
     def _notify(self, event: asyncio.Event | None) -> None:
@@ -160,57 +259,82 @@ class Outbox:
     async def _schedule(self) -> None:
         while True:
             self._wake.clear()
-            now = time.time()
-            with self._db_lock:
-                due = self._db.execute(
-                    "SELECT id, kind, url, content_type, created, attempts, task_uuid FROM outbox "
-                    "WHERE next_at <= ? ORDER BY next_at LIMIT 1000", (now,)).fetchall()
-                later = self._db.execute("SELECT MIN(next_at) FROM outbox WHERE next_at > ?", (now,)).fetchone()[0]
-            per_origin = Counter(origin for origin, _ in self._inflight.values())
-            for entry in due:
-                if len(self._inflight) >= self.concurrency:
-                    break
-                id_, origin = entry[0], origin_of(entry[2])
-                if id_ in self._inflight or per_origin[origin] >= self.per_origin:
-                    continue  # a slow receiver may not take every slot; it is picked up when one frees
-                per_origin[origin] += 1
-                self._inflight[id_] = (origin, asyncio.create_task(self._deliver(*entry)))
+            again = await self._start_due()
+            if again:
+                continue
+            try:
+                later = await asyncio.to_thread(self.store.next_due)
+            except StoreUnavailable:
+                later = None
+            wait = None if later is None else later - time.time()
+            if self.store.poll_interval is not None:
+                wait = self.store.poll_interval if wait is None else min(wait, self.store.poll_interval)
             try:  # until the next retry is due, an enqueue, or a delivery freeing a slot
-                async with asyncio.timeout(None if later is None else later - now):
+                async with asyncio.timeout(None if wait is None else max(0.0, wait)):
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+    async def _start_due(self) -> bool:
+        """Claim due entries for the free slots and start them; True when an origin filled up on the way
+        (its extra entries were given back), so that another look may find entries to other origins."""
+        free = self.concurrency - len(self._inflight)
+        if free <= 0:
+            return False
+        per_origin = Counter(origin for origin, _ in self._inflight.values())
+        busy = {origin for origin, n in per_origin.items() if n >= self.per_origin}
+        try:
+            due = await asyncio.to_thread(self.store.claim, free, set(self._inflight), busy)
+        except StoreUnavailable as exc:  # the database is away: the next look (poll or wake) tries again
+            log.warning("outbox: %s", exc)
+            return False
+        skipped = []
+        for entry in due:
+            origin = origin_of(entry.url)
+            if per_origin[origin] >= self.per_origin:
+                skipped.append(entry.id)  # a slow receiver may not take every slot; picked up when one frees
+                continue
+            per_origin[origin] += 1
+            self._inflight[entry.id] = (origin, asyncio.create_task(self._deliver(*entry)))
+        if skipped:
+            await asyncio.to_thread(self._release, skipped)
+        return bool(skipped) and len(self._inflight) < self.concurrency
+
+    def _release(self, ids: list[int]) -> None:
+        try:
+            self.store.release(ids)
+        except StoreUnavailable as exc:  # the claims lapse by themselves
+            log.warning("outbox: %s", exc)
 
     async def _deliver(self, id_: int, kind: str, url: str, content_type: str, created: float,
                        attempts: int, task_uuid: str | None) -> None:
         current_task.set(task_uuid)  # this delivery runs as its own asyncio task: its lines name the task
         where = redact(url)
         try:
-            with self._db_lock:
-                body = self._db.execute("SELECT body FROM outbox WHERE id = ?", (id_,)).fetchone()[0]
+            body = await asyncio.to_thread(self.store.body, id_)
             error = await self._attempt(kind, url, body, content_type)
             if error is None:
-                self._remove(id_)
+                await self._remove(id_)
                 self.stats[kind]["delivered"] += 1
                 log.debug("outbox: %s to %s delivered after %d attempts", kind, where, attempts + 1)
             elif isinstance(error, OutboundURLError):
-                self._remove(id_)
+                await self._remove(id_)
                 self.stats[kind]["failed"] += 1
                 log.warning("outbox: %s to %s refused by the URL policy, dropped: %s", kind, where, error)
             else:
                 delay = min(self.max_delay, self.initial_delay * 2 ** attempts) * random.uniform(0.9, 1.1)
                 next_at = time.time() + delay
                 if next_at > created + self.retry_for:
-                    self._remove(id_)
+                    await self._remove(id_)
                     self.stats[kind]["failed"] += 1
                     log.warning("outbox: %s to %s given up after %d attempts in %.0f s: %s",
                                 kind, where, attempts + 1, time.time() - created, error)
                 else:
-                    with self._db_lock:
-                        self._db.execute("UPDATE outbox SET attempts = ?, next_at = ? WHERE id = ?",
-                                         (attempts + 1, next_at, id_))
+                    await asyncio.to_thread(self.store.reschedule, id_, attempts + 1, next_at)
                     self.stats[kind]["retried"] += 1
                     log.info("outbox: %s to %s failed (%s), retry in %.1f s", kind, where, error, delay)
+        except StoreUnavailable as exc:  # the entry stays; it is tried again once its claim lapses
+            log.warning("outbox: %s to %s: %s", kind, where, exc)
         except Exception:
             log.exception("outbox: unexpected error delivering %s to %s", kind, where)
         finally:
@@ -235,7 +359,6 @@ class Outbox:
             return f"{type(exc).__name__}: {exc}"
         return None if response.is_success else f"HTTP {response.status_code}"
 
-    def _remove(self, id_: int) -> None:
-        with self._db_lock:
-            self._db.execute("DELETE FROM outbox WHERE id = ?", (id_,))
+    async def _remove(self, id_: int) -> None:
+        await asyncio.to_thread(self.store.remove, id_)
         self._progress.set()

@@ -18,11 +18,11 @@ class GetResponse:
 
     async def __call__(self, raw: dict[str, Any], base_url: str) -> list[dict]:
         task_uuid = parse(GetResponseTask, raw).taskUUID
-        record = self.tasks.get(task_uuid)
+        record = await asyncio.to_thread(self.tasks.get, task_uuid)
         deadline = time.monotonic() + self.poll_wait
         while record is not None and not record.done and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-            record = self.tasks.get(task_uuid)
+            record = await asyncio.to_thread(self.tasks.get, task_uuid)
         if record is None:
             raise task_error("taskFailedOrNotFound", f"No task with taskUUID {task_uuid} (unknown or expired).",
                              parameter="taskUUID", task_type="getResponse", task_uuid=task_uuid, http_status=404)

@@ -2,9 +2,11 @@
 
 A record moves queued -> running (step k of N) -> success | error and keeps its result items and error
 items until it expires. `TaskStore` is the interface; `SQLiteTaskStore` is the single-machine
-implementation (a server database can take its place later). A process that dies mid-task leaves
-`queued`/`running` records behind; `recover()` at the next start turns them into errors, so a client
-polling `getResponse` learns the task failed instead of waiting forever.
+implementation, `postgres.PostgresTaskStore` the one several front-ends share. A process that dies mid-task
+leaves `queued`/`running` records behind: with SQLite, `recover()` at the next start turns them into
+errors; with PostgreSQL, `expire_stale()` does once their front-end's heartbeat lapses. Either way a client
+polling `getResponse` learns the task failed instead of waiting forever. Calls may block (a database
+round trip): the server makes them off the event loop.
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ class TaskRecord:
         return int(100 * self.step / self.total_steps) if self.total_steps else 0
 
 
+class StoreUnavailable(Exception):
+    """The store's database cannot be reached; the message says why. The task at hand fails with it."""
+
+
+class SchemaError(Exception):
+    """The database holds a schema this version cannot use (one from a newer k5serve)."""
+
+
 class TaskStore(ABC):
     @abstractmethod
     def create(self, record: TaskRecord) -> bool:
@@ -59,6 +69,11 @@ class TaskStore(ABC):
         """Set status/step/total_steps/items/errors/expires_at."""
 
     @abstractmethod
+    def progress(self, task_uuid: str, step: int, total: int) -> None:
+        """Mark it running at `step` of `total`; never moves a finished task, nor a step backwards (progress
+        updates may arrive out of order)."""
+
+    @abstractmethod
     def delete(self, task_uuid: str) -> None: ...
 
     @abstractmethod
@@ -68,6 +83,13 @@ class TaskStore(ABC):
     @abstractmethod
     def sweep(self) -> int:
         """Delete expired records; returns how many."""
+
+    def heartbeat(self) -> None:
+        """Say this process is still running its queued/running tasks (shared stores; called periodically)."""
+
+    def expire_stale(self, message: str) -> int:
+        """Fail the queued/running tasks of processes that stopped heartbeating (shared stores); -> how many."""
+        return 0
 
     def close(self) -> None:
         pass
@@ -124,6 +146,11 @@ class SQLiteTaskStore(TaskStore):
         values = [json.dumps(v) if k in _JSON else v for k, v in fields.items()]
         with self._lock:
             self._db.execute(f"UPDATE tasks SET {sets} WHERE task_uuid = ?", (*values, task_uuid))
+
+    def progress(self, task_uuid: str, step: int, total: int) -> None:
+        with self._lock:
+            self._db.execute("UPDATE tasks SET status = ?, step = ?, total_steps = ? WHERE task_uuid = ? AND "
+                             "status IN (?, ?) AND step <= ?", (RUNNING, step, total, task_uuid, QUEUED, RUNNING, step))
 
     def delete(self, task_uuid: str) -> None:
         with self._lock:

@@ -116,6 +116,23 @@ def test_the_serving_layer_loads_no_torch(tmp_path):
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_the_default_server_imports_no_database_driver(tmp_path, data_dir):
+    """Without --database the app is built on SQLite and never imports psycopg (an optional extra)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from pathlib import Path\n"
+            "from k5serve.server.app import create_app\n"
+            "from k5serve.server.config import ServerConfig\n"
+            "from k5serve.server.slot import ModelSlot\n"
+            f"create_app(ServerConfig(data_dir=Path({str(tmp_path)!r})), ModelSlot(lambda: None))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('psycopg', 'psycopg_pool', 'ray')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_contract_scheduler_names_are_all_mapped():
     assert tuple(CONTRACT_SCHEDULERS) == tuple(PIPELINE_SCHEDULERS)
 

@@ -1,0 +1,274 @@
+"""Task records and the webhook/upload outbox in PostgreSQL, shared by several front-ends (`--database`).
+
+psycopg 3 with a psycopg_pool connection pool (the `postgres` extra: `pip install 'k5serve[postgres]'`);
+imported only when `--database` is given. The schema is created and upgraded here (`MIGRATIONS`, one
+`k5serve_schema` row with the version), under an advisory lock, so front-ends starting together never race.
+
+What several front-ends need that one does not:
+- `create` is an INSERT ... ON CONFLICT DO NOTHING: of two front-ends given the same taskUUID at the same
+  moment, one inserts (and runs it), the other gets `conflictTaskUUID`.
+- Each record of a task still queued or running carries its front-end (`owner`) and a heartbeat the owner
+  renews; `expire_stale` (every front-end's sweep) fails the tasks whose owner stopped renewing (it died),
+  once, for every front-end to read. A restarting front-end never touches other front-ends' tasks.
+- Outbox rows are claimed with `FOR UPDATE SKIP LOCKED` plus a lease (`claimed_by`, `claimed_until`): one
+  front-end delivers each; a claim left by a front-end that died is taken over when its lease runs out.
+Leases and heartbeats use the database's clock, so front-ends' clocks need not agree; record expiry (TTL) is
+the wall-clock time each front-end writes, as with SQLite.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from .outbox import OutboxEntry, OutboxStore
+from .safe_http import origin_of
+from .tasks import ERROR, QUEUED, RUNNING, SchemaError, StoreUnavailable, TaskRecord, TaskStore
+
+log = logging.getLogger("k5serve.postgres")
+
+_NOW = "extract(epoch from clock_timestamp())"
+_LOCK = 0x6B357365  # pg_advisory_xact_lock key for schema changes ("k5se")
+
+MIGRATIONS: list[str] = [
+    # 1: task records and the outbox
+    """
+    CREATE TABLE k5serve_tasks (
+        task_uuid TEXT PRIMARY KEY,
+        task_type TEXT NOT NULL,
+        status TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        total_steps INTEGER NOT NULL,
+        expected_items INTEGER NOT NULL,
+        items JSONB NOT NULL,
+        errors JSONB NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        owner TEXT,                          -- the front-end running it (while queued or running)
+        heartbeat_at DOUBLE PRECISION        -- database time of the owner's last heartbeat
+    );
+    CREATE INDEX k5serve_tasks_expiry ON k5serve_tasks (expires_at);
+    CREATE INDEX k5serve_tasks_live ON k5serve_tasks (owner, heartbeat_at) WHERE status IN ('queued', 'running');
+    CREATE TABLE k5serve_outbox (
+        id BIGSERIAL PRIMARY KEY,
+        kind TEXT NOT NULL,
+        url TEXT NOT NULL,
+        origin TEXT NOT NULL,                -- scheme://host:port of url: deliveries are capped per origin
+        body BYTEA NOT NULL,
+        content_type TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at DOUBLE PRECISION NOT NULL,
+        task_uuid TEXT,
+        claimed_by TEXT,
+        claimed_until DOUBLE PRECISION       -- database time the claim lapses
+    );
+    CREATE INDEX k5serve_outbox_due ON k5serve_outbox (next_at);
+    """,
+]
+
+_COLUMNS = ("task_uuid", "task_type", "status", "step", "total_steps", "expected_items", "items", "errors",
+            "created_at", "expires_at")
+_JSON = {"items", "errors"}
+
+
+class Database:
+    """The connection pool, the schema, and the errors counted for /metrics and /ready."""
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 5.0):
+        self.errors = 0  # database errors seen (failed queries, unreachable server)
+        self.last_error: str | None = None
+        self.probe_error: str | None = None  # what the last `probe` found: None = reachable
+        self._probed_at = 0.0
+        self._url = url
+        self.pool = ConnectionPool(url, min_size=min_size, max_size=max_size, timeout=timeout, open=False,
+                                   kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout))},
+                                   check=ConnectionPool.check_connection, reconnect_timeout=86400,
+                                   name="k5serve")
+        try:
+            self.pool.open(wait=True, timeout=timeout)
+            self.version = self._migrate()
+        except (PoolTimeout, psycopg.Error) as exc:
+            self.pool.close()
+            raise StoreUnavailable(f"the task database is unreachable ({_describe(exc)})") from None
+        except SchemaError:
+            self.pool.close()
+            raise
+
+    def _migrate(self) -> int:
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS k5serve_schema (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM k5serve_schema").fetchone()
+            version = row[0] if row else 0
+            if version > len(MIGRATIONS):
+                raise SchemaError(f"the database's k5serve schema is version {version}, newer than this "
+                                   f"k5serve knows ({len(MIGRATIONS)}); upgrade k5serve")
+            for number in range(version + 1, len(MIGRATIONS) + 1):
+                conn.execute(MIGRATIONS[number - 1])
+                log.info("database schema upgraded to version %d", number)
+            if row is None:
+                conn.execute("INSERT INTO k5serve_schema (version) VALUES (%s)", (len(MIGRATIONS),))
+            else:
+                conn.execute("UPDATE k5serve_schema SET version = %s", (len(MIGRATIONS),))
+        return len(MIGRATIONS)
+
+    def run(self, sql: str, params: Any = (), *, fetch: str | None = None) -> Any:
+        """One statement on a pooled connection -> its rows ("all"), first row ("one") or row count.
+        Any database failure becomes StoreUnavailable (counted), so the caller fails its task clearly."""
+        try:
+            with self.pool.connection() as conn:
+                cur = conn.execute(sql, params)
+                if fetch == "all":
+                    return cur.fetchall()
+                if fetch == "one":
+                    return cur.fetchone()
+                return cur.rowcount
+        except (psycopg.Error, OSError) as exc:  # psycopg_pool.PoolTimeout is a psycopg.OperationalError
+            self.errors += 1
+            self.last_error = _describe(exc)
+            raise StoreUnavailable(f"the task database is unreachable ({self.last_error})") from None
+
+    def probe(self, max_age: float = 1.0) -> None:
+        """Whether the server answers, on a connection of its own (the pool may be busy reconnecting), at most
+        once per `max_age` seconds: the answer is `probe_error` (None when it answered)."""
+        now = time.monotonic()
+        if now - self._probed_at < max_age:
+            return
+        self._probed_at = now
+        try:
+            with psycopg.connect(self._url, connect_timeout=2, autocommit=True) as conn:
+                conn.execute("SELECT 1")
+            self.probe_error = None
+        except (psycopg.Error, OSError) as exc:
+            self.errors += 1
+            self.probe_error = f"the task database is unreachable ({_describe(exc)})"
+
+    def check(self) -> str | None:
+        """Probe now: None when the database answers, else why not."""
+        self.probe(max_age=0)
+        return self.probe_error
+
+    def stats(self) -> dict[str, int]:
+        s = self.pool.get_stats()
+        return {"size": s.get("pool_size", 0), "available": s.get("pool_available", 0),
+                "waiting": s.get("requests_waiting", 0), "errors": self.errors}
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+class PostgresTaskStore(TaskStore):
+    def __init__(self, db: Database, owner: str, lease: float = 30.0):
+        self.db = db
+        self.owner = owner  # this front-end's id
+        self.lease = lease  # seconds without a heartbeat after which another front-end fails its tasks
+
+    def create(self, record: TaskRecord) -> bool:
+        values = [Jsonb(getattr(record, c)) if c in _JSON else getattr(record, c) for c in _COLUMNS]
+        return self.db.run(
+            f"INSERT INTO k5serve_tasks ({', '.join(_COLUMNS)}, owner, heartbeat_at) "
+            f"VALUES ({', '.join(['%s'] * len(_COLUMNS))}, %s, {_NOW}) ON CONFLICT (task_uuid) DO NOTHING",
+            (*values, self.owner)) == 1
+
+    def get(self, task_uuid: str) -> TaskRecord | None:
+        row = self.db.run(f"SELECT {', '.join(_COLUMNS)} FROM k5serve_tasks WHERE task_uuid = %s AND "
+                          "expires_at > %s", (task_uuid, time.time()), fetch="one")
+        return TaskRecord(**dict(zip(_COLUMNS, row, strict=True))) if row else None
+
+    def update(self, task_uuid: str, **fields: Any) -> None:
+        unknown = set(fields) - set(_COLUMNS[2:])
+        if unknown:
+            raise ValueError(f"unknown task fields {unknown}")
+        sets = ", ".join(f"{k} = %s" for k in fields)
+        values = [Jsonb(v) if k in _JSON else v for k, v in fields.items()]
+        self.db.run(f"UPDATE k5serve_tasks SET {sets} WHERE task_uuid = %s", (*values, task_uuid))
+
+    def progress(self, task_uuid: str, step: int, total: int) -> None:
+        self.db.run("UPDATE k5serve_tasks SET status = %s, step = %s, total_steps = %s WHERE task_uuid = %s "
+                    "AND status IN (%s, %s) AND step <= %s", (RUNNING, step, total, task_uuid, QUEUED, RUNNING, step))
+
+    def delete(self, task_uuid: str) -> None:
+        self.db.run("DELETE FROM k5serve_tasks WHERE task_uuid = %s", (task_uuid,))
+
+    def recover(self, message: str) -> int:
+        """Nothing to do at start-up: another front-end's tasks are not ours to fail, and ours from an earlier
+        run (a different owner id) are failed by `expire_stale` once their heartbeat lapses."""
+        return 0
+
+    def heartbeat(self) -> None:
+        self.db.run(f"UPDATE k5serve_tasks SET heartbeat_at = {_NOW} WHERE owner = %s AND status IN (%s, %s)",
+                    (self.owner, QUEUED, RUNNING))
+
+    def expire_stale(self, message: str) -> int:
+        rows = self.db.run(
+            f"UPDATE k5serve_tasks SET status = %s, errors = jsonb_build_array(jsonb_build_object("
+            f"'code', 'inferenceError', 'message', %s::text, 'status', 'error', 'httpStatus', 500, "
+            f"'taskType', task_type, 'taskUUID', task_uuid)) WHERE status IN (%s, %s) AND heartbeat_at < "
+            f"{_NOW} - %s RETURNING task_uuid", (ERROR, message, QUEUED, RUNNING, self.lease), fetch="all")
+        return len(rows)
+
+    def sweep(self) -> int:
+        return self.db.run("DELETE FROM k5serve_tasks WHERE expires_at <= %s", (time.time(),))
+
+
+class PostgresOutboxStore(OutboxStore):
+    """Outbox rows shared by every front-end; `claim` hands each due row to one of them for `lease` seconds
+    (longer than one delivery attempt can take)."""
+
+    poll_interval = 2.0  # other front-ends' rows become due without waking this one: look this often
+
+    def __init__(self, db: Database, owner: str, lease: float = 60.0):
+        self.db = db
+        self.owner = owner
+        self.lease = lease
+
+    def add(self, kind: str, url: str, body: bytes, content_type: str, task_uuid: str | None) -> None:
+        now = time.time()
+        self.db.run("INSERT INTO k5serve_outbox (kind, url, origin, body, content_type, created, next_at, task_uuid) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    (kind, url, origin_of(url), body, content_type, now, now, task_uuid))
+
+    def claim(self, limit: int, exclude: set[int], busy: set[str]) -> list[OutboxEntry]:
+        # Rows this process delivers hold a live claim, so `exclude` needs no clause of its own.
+        rows = self.db.run(
+            f"UPDATE k5serve_outbox SET claimed_by = %s, claimed_until = {_NOW} + %s WHERE id IN ("
+            f"SELECT id FROM k5serve_outbox WHERE next_at <= %s AND (claimed_until IS NULL OR claimed_until < "
+            f"{_NOW}) AND NOT (origin = ANY(%s)) ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED) "
+            "RETURNING id, kind, url, content_type, created, attempts, task_uuid, next_at",
+            (self.owner, self.lease, time.time(), list(busy), limit), fetch="all")
+        return [OutboxEntry(*row[:7]) for row in sorted(rows, key=lambda r: r[7])]
+
+    def release(self, ids: list[int]) -> None:
+        if ids:
+            self.db.run("UPDATE k5serve_outbox SET claimed_until = NULL WHERE id = ANY(%s) AND claimed_by = %s",
+                        (ids, self.owner))
+
+    def next_due(self) -> float | None:
+        row = self.db.run("SELECT MIN(next_at) FROM k5serve_outbox WHERE next_at > %s", (time.time(),),
+                          fetch="one")
+        return row[0] if row else None
+
+    def body(self, id_: int) -> bytes:
+        row = self.db.run("SELECT body FROM k5serve_outbox WHERE id = %s", (id_,), fetch="one")
+        return bytes(row[0]) if row else b""
+
+    def reschedule(self, id_: int, attempts: int, next_at: float) -> None:
+        self.db.run("UPDATE k5serve_outbox SET attempts = %s, next_at = %s, claimed_until = NULL WHERE id = %s",
+                    (attempts, next_at, id_))
+
+    def remove(self, id_: int) -> None:
+        self.db.run("DELETE FROM k5serve_outbox WHERE id = %s", (id_,))
+
+    def pending(self) -> int:
+        return self.db.run("SELECT COUNT(*) FROM k5serve_outbox", fetch="one")[0]
