@@ -185,10 +185,6 @@ class RayWorker(Worker):
             return f"no replica is running ({counts})" + (f"; last failure: {why}" if why else "")
         return None
 
-    def replica_states(self) -> dict[str, int]:
-        """Replicas by Ray Serve state (RUNNING, STARTING, RECOVERING, ...)."""
-        return dict(self._replica_view().get("replicaStates") or {})
-
     def _replica_view(self) -> dict[str, Any]:
         """One row per live replica (Ray Serve's id, node, process, state; the device it reported; the tasks it
         finished here), the recent load failures, and the deployment's status: read at most once a second.
@@ -221,8 +217,7 @@ class RayWorker(Worker):
                          "device": report.get("device"), "threads": report.get("threads"),
                          "tasksDone": done.get(replica["replica_id"], 0)})
         live = {row["id"] for row in rows}
-        failures = [{"id": name, "error": report["error"]} for name, report in reports.items()
-                    if report.get("state") == "failed" and name not in live][-5:]
+        failures = [{"id": name, "error": error} for name, error in _load_errors(reports) if name not in live][-5:]
         status = str(getattr(deployment["status"], "value", deployment["status"]))
         self._view = {"replicaStates": dict(states), "replicas": rows, "loadFailures": failures,
                       "deploymentStatus": status, "deploymentMessage": deployment.get("message") or None}
@@ -234,8 +229,8 @@ class RayWorker(Worker):
             reports = ray.get(self._registry.rows.remote(), timeout=5)
         except Exception:  # noqa: BLE001 - no report: the caller has Ray Serve's own error
             return None
-        failed = [r["error"] for r in reports.values() if r.get("state") == "failed"]
-        return failed[-1] if failed else None
+        failed = _load_errors(reports)
+        return failed[-1][1] if failed else None
 
     def describe(self) -> dict[str, Any]:
         view = {k: v for k, v in self._replica_view().items() if v or k == "replicas"}
@@ -278,6 +273,11 @@ class ReplicaRegistry:
 
     def rows(self) -> dict[str, dict[str, Any]]:
         return self._rows
+
+
+def _load_errors(reports: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """(replica id, error) of each replica that reported it failed to load, oldest first."""
+    return [(name, report["error"]) for name, report in reports.items() if report.get("state") == "failed"]
 
 
 def _replica_named_in(exc: BaseException) -> str:

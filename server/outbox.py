@@ -68,8 +68,8 @@ class OutboxStore(ABC):
     def add(self, kind: str, url: str, body: bytes, content_type: str, task_uuid: str | None) -> None: ...
 
     @abstractmethod
-    def claim(self, limit: int, exclude: set[int], busy: set[str]) -> list[OutboxEntry]:
-        """Up to `limit` due entries, oldest first, now this process's to deliver until they are removed,
+    def claim(self, limit: int, exclude: set[int], busy: set[str], now: float) -> list[OutboxEntry]:
+        """Up to `limit` entries due at `now`, oldest first, now this process's to deliver until they are removed,
         rescheduled or released; none in `exclude` (being delivered here) nor to an origin in `busy` (at its
         per-origin limit here)."""
 
@@ -77,8 +77,9 @@ class OutboxStore(ABC):
         """Give back claimed entries this process will not deliver now."""
 
     @abstractmethod
-    def next_due(self) -> float | None:
-        """Wall-clock time the next entry not yet due becomes due (None: none)."""
+    def next_due(self, now: float) -> float | None:
+        """The earliest next_at after `now` (None: none). With the `now` that `claim` was given, every entry is
+        either claimed or counted here: none falls between the two looks."""
 
     @abstractmethod
     def body(self, id_: int) -> bytes: ...
@@ -117,17 +118,17 @@ class SQLiteOutboxStore(OutboxStore):
                 "INSERT INTO outbox (kind, url, body, content_type, created, next_at, task_uuid) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)", (kind, url, body, content_type, now, now, task_uuid))
 
-    def claim(self, limit: int, exclude: set[int], busy: set[str]) -> list[OutboxEntry]:
+    def claim(self, limit: int, exclude: set[int], busy: set[str], now: float) -> list[OutboxEntry]:
         with self._lock:  # one process: what it is delivering (`exclude`) is the only claim there is
             rows = self._db.execute(
                 "SELECT id, kind, url, content_type, created, attempts, task_uuid FROM outbox "
-                "WHERE next_at <= ? ORDER BY next_at LIMIT 1000", (time.time(),)).fetchall()
+                "WHERE next_at <= ? ORDER BY next_at LIMIT 1000", (now,)).fetchall()
         entries = (OutboxEntry(*row) for row in rows if row[0] not in exclude and origin_of(row[2]) not in busy)
         return [entry for entry, _ in zip(entries, range(limit))]
 
-    def next_due(self) -> float | None:
+    def next_due(self, now: float) -> float | None:
         with self._lock:
-            return self._db.execute("SELECT MIN(next_at) FROM outbox WHERE next_at > ?", (time.time(),)).fetchone()[0]
+            return self._db.execute("SELECT MIN(next_at) FROM outbox WHERE next_at > ?", (now,)).fetchone()[0]
 
     def body(self, id_: int) -> bytes:
         with self._lock:
@@ -201,6 +202,7 @@ class Outbox:
         self._wake, self._progress = asyncio.Event(), asyncio.Event()
         self._client = safe_client(self.allow_private, self.timeout, max(16, self.concurrency))
         self._scheduler = asyncio.create_task(self._schedule(), name="k5serve-outbox")
+        self._scheduler.add_done_callback(_report_stop)
         n = self.pending()
         if n:
             log.info("outbox: resuming %d pending deliveries", n)
@@ -259,11 +261,12 @@ class Outbox:
     async def _schedule(self) -> None:
         while True:
             self._wake.clear()
-            again = await self._start_due()
+            now = time.time()
+            again = await self._start_due(now)
             if again:
                 continue
             try:
-                later = await asyncio.to_thread(self.store.next_due)
+                later = await asyncio.to_thread(self.store.next_due, now)
             except StoreUnavailable:
                 later = None
             wait = None if later is None else later - time.time()
@@ -275,7 +278,7 @@ class Outbox:
             except TimeoutError:
                 pass
 
-    async def _start_due(self) -> bool:
+    async def _start_due(self, now: float) -> bool:
         """Claim due entries for the free slots and start them; True when an origin filled up on the way
         (its extra entries were given back), so that another look may find entries to other origins."""
         free = self.concurrency - len(self._inflight)
@@ -284,7 +287,7 @@ class Outbox:
         per_origin = Counter(origin for origin, _ in self._inflight.values())
         busy = {origin for origin, n in per_origin.items() if n >= self.per_origin}
         try:
-            due = await asyncio.to_thread(self.store.claim, free, set(self._inflight), busy)
+            due = await asyncio.to_thread(self.store.claim, free, set(self._inflight), busy, now)
         except StoreUnavailable as exc:  # the database is away: the next look (poll or wake) tries again
             log.warning("outbox: %s", exc)
             return False
@@ -362,3 +365,8 @@ class Outbox:
     async def _remove(self, id_: int) -> None:
         await asyncio.to_thread(self.store.remove, id_)
         self._progress.set()
+
+
+def _report_stop(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("outbox: the delivery loop stopped", exc_info=task.exception())

@@ -28,7 +28,18 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .outbox import OutboxEntry, OutboxStore
 from .safe_http import origin_of
-from .tasks import ERROR, QUEUED, RUNNING, SchemaError, StoreUnavailable, TaskRecord, TaskStore
+from .tasks import (
+    COLUMNS,
+    ERROR,
+    JSON_COLUMNS,
+    QUEUED,
+    RUNNING,
+    SchemaError,
+    StoreUnavailable,
+    TaskRecord,
+    TaskStore,
+    check_fields,
+)
 
 log = logging.getLogger("k5serve.postgres")
 
@@ -72,9 +83,6 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-_COLUMNS = ("task_uuid", "task_type", "status", "step", "total_steps", "expected_items", "items", "errors",
-            "created_at", "expires_at")
-_JSON = {"items", "errors"}
 
 
 class Database:
@@ -82,7 +90,6 @@ class Database:
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 5.0):
         self.errors = 0  # database errors seen (failed queries, unreachable server)
-        self.last_error: str | None = None
         self.probe_error: str | None = None  # what the last `probe` found: None = reachable
         self._probed_at = 0.0
         self._url = url
@@ -131,8 +138,7 @@ class Database:
                 return cur.rowcount
         except (psycopg.Error, OSError) as exc:  # psycopg_pool.PoolTimeout is a psycopg.OperationalError
             self.errors += 1
-            self.last_error = _describe(exc)
-            raise StoreUnavailable(f"the task database is unreachable ({self.last_error})") from None
+            raise StoreUnavailable(f"the task database is unreachable ({_describe(exc)})") from None
 
     def probe(self, max_age: float = 1.0) -> None:
         """Whether the server answers, on a connection of its own (the pool may be busy reconnecting), at most
@@ -175,23 +181,21 @@ class PostgresTaskStore(TaskStore):
         self.lease = lease  # seconds without a heartbeat after which another front-end fails its tasks
 
     def create(self, record: TaskRecord) -> bool:
-        values = [Jsonb(getattr(record, c)) if c in _JSON else getattr(record, c) for c in _COLUMNS]
+        values = [Jsonb(getattr(record, c)) if c in JSON_COLUMNS else getattr(record, c) for c in COLUMNS]
         return self.db.run(
-            f"INSERT INTO k5serve_tasks ({', '.join(_COLUMNS)}, owner, heartbeat_at) "
-            f"VALUES ({', '.join(['%s'] * len(_COLUMNS))}, %s, {_NOW}) ON CONFLICT (task_uuid) DO NOTHING",
+            f"INSERT INTO k5serve_tasks ({', '.join(COLUMNS)}, owner, heartbeat_at) "
+            f"VALUES ({', '.join(['%s'] * len(COLUMNS))}, %s, {_NOW}) ON CONFLICT (task_uuid) DO NOTHING",
             (*values, self.owner)) == 1
 
     def get(self, task_uuid: str) -> TaskRecord | None:
-        row = self.db.run(f"SELECT {', '.join(_COLUMNS)} FROM k5serve_tasks WHERE task_uuid = %s AND "
+        row = self.db.run(f"SELECT {', '.join(COLUMNS)} FROM k5serve_tasks WHERE task_uuid = %s AND "
                           "expires_at > %s", (task_uuid, time.time()), fetch="one")
-        return TaskRecord(**dict(zip(_COLUMNS, row, strict=True))) if row else None
+        return TaskRecord(**dict(zip(COLUMNS, row, strict=True))) if row else None
 
     def update(self, task_uuid: str, **fields: Any) -> None:
-        unknown = set(fields) - set(_COLUMNS[2:])
-        if unknown:
-            raise ValueError(f"unknown task fields {unknown}")
+        check_fields(fields)
         sets = ", ".join(f"{k} = %s" for k in fields)
-        values = [Jsonb(v) if k in _JSON else v for k, v in fields.items()]
+        values = [Jsonb(v) if k in JSON_COLUMNS else v for k, v in fields.items()]
         self.db.run(f"UPDATE k5serve_tasks SET {sets} WHERE task_uuid = %s", (*values, task_uuid))
 
     def progress(self, task_uuid: str, step: int, total: int) -> None:
@@ -239,14 +243,14 @@ class PostgresOutboxStore(OutboxStore):
                     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                     (kind, url, origin_of(url), body, content_type, now, now, task_uuid))
 
-    def claim(self, limit: int, exclude: set[int], busy: set[str]) -> list[OutboxEntry]:
+    def claim(self, limit: int, exclude: set[int], busy: set[str], now: float) -> list[OutboxEntry]:
         # Rows this process delivers hold a live claim, so `exclude` needs no clause of its own.
         rows = self.db.run(
             f"UPDATE k5serve_outbox SET claimed_by = %s, claimed_until = {_NOW} + %s WHERE id IN ("
             f"SELECT id FROM k5serve_outbox WHERE next_at <= %s AND (claimed_until IS NULL OR claimed_until < "
             f"{_NOW}) AND NOT (origin = ANY(%s)) ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED) "
             "RETURNING id, kind, url, content_type, created, attempts, task_uuid, next_at",
-            (self.owner, self.lease, time.time(), list(busy), limit), fetch="all")
+            (self.owner, self.lease, now, list(busy), limit), fetch="all")
         return [OutboxEntry(*row[:7]) for row in sorted(rows, key=lambda r: r[7])]
 
     def release(self, ids: list[int]) -> None:
@@ -254,8 +258,8 @@ class PostgresOutboxStore(OutboxStore):
             self.db.run("UPDATE k5serve_outbox SET claimed_until = NULL WHERE id = ANY(%s) AND claimed_by = %s",
                         (ids, self.owner))
 
-    def next_due(self) -> float | None:
-        row = self.db.run("SELECT MIN(next_at) FROM k5serve_outbox WHERE next_at > %s", (time.time(),),
+    def next_due(self, now: float) -> float | None:
+        row = self.db.run("SELECT MIN(next_at) FROM k5serve_outbox WHERE next_at > %s", (now,),
                           fetch="one")
         return row[0] if row else None
 

@@ -95,9 +95,17 @@ class TaskStore(ABC):
         pass
 
 
-_COLUMNS = ("task_uuid", "task_type", "status", "step", "total_steps", "expected_items", "items", "errors",
+# A record's columns, in every store; the JSON ones hold lists of items.
+COLUMNS = ("task_uuid", "task_type", "status", "step", "total_steps", "expected_items", "items", "errors",
             "created_at", "expires_at")
-_JSON = {"items", "errors"}
+JSON_COLUMNS = {"items", "errors"}
+
+
+def check_fields(fields: dict[str, Any]) -> None:
+    """`TaskStore.update` may set these, and nothing else (never the taskUUID or the taskType)."""
+    unknown = set(fields) - set(COLUMNS[2:])
+    if unknown:
+        raise ValueError(f"unknown task fields {unknown}")
 
 
 class SQLiteTaskStore(TaskStore):
@@ -119,31 +127,29 @@ class SQLiteTaskStore(TaskStore):
             self._db.execute("CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at)")
 
     def create(self, record: TaskRecord) -> bool:
-        row = [getattr(record, c) for c in _COLUMNS]
-        row = [json.dumps(v) if c in _JSON else v for c, v in zip(_COLUMNS, row)]
+        row = [getattr(record, c) for c in COLUMNS]
+        row = [json.dumps(v) if c in JSON_COLUMNS else v for c, v in zip(COLUMNS, row)]
         with self._lock:
             cur = self._db.execute(
-                f"INSERT OR IGNORE INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", row
+                f"INSERT OR IGNORE INTO tasks ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", row
             )
         return cur.rowcount == 1
 
     def get(self, task_uuid: str) -> TaskRecord | None:
         with self._lock:
             row = self._db.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM tasks WHERE task_uuid = ? AND expires_at > ?",
+                f"SELECT {', '.join(COLUMNS)} FROM tasks WHERE task_uuid = ? AND expires_at > ?",
                 (task_uuid, time.time()),
             ).fetchone()
         if row is None:
             return None
-        values = {c: (json.loads(v) if c in _JSON else v) for c, v in zip(_COLUMNS, row)}
+        values = {c: (json.loads(v) if c in JSON_COLUMNS else v) for c, v in zip(COLUMNS, row)}
         return TaskRecord(**values)
 
     def update(self, task_uuid: str, **fields: Any) -> None:
-        unknown = set(fields) - set(_COLUMNS[2:])
-        if unknown:
-            raise ValueError(f"unknown task fields {unknown}")
+        check_fields(fields)
         sets = ", ".join(f"{k} = ?" for k in fields)
-        values = [json.dumps(v) if k in _JSON else v for k, v in fields.items()]
+        values = [json.dumps(v) if k in JSON_COLUMNS else v for k, v in fields.items()]
         with self._lock:
             self._db.execute(f"UPDATE tasks SET {sets} WHERE task_uuid = ?", (*values, task_uuid))
 

@@ -113,12 +113,12 @@ def test_outbox_entries_are_claimed_by_one_front_end_and_taken_over_after_the_le
     for i in range(6):
         a.add("webhook", f"http://127.0.0.1:9/{i}", b"{}", "application/json", None)
     a.add("webhook", "http://127.0.0.2:9/other", b"{}", "application/json", None)
-    assert [e.url for e in a.claim(10, set(), {"http://127.0.0.1:9"})] == ["http://127.0.0.2:9/other"]
-    got_a, got_b = a.claim(4, set(), set()), b.claim(4, set(), set())
+    assert [e.url for e in a.claim(10, set(), {"http://127.0.0.1:9"}, time.time())] == ["http://127.0.0.2:9/other"]
+    got_a, got_b = a.claim(4, set(), set(), time.time()), b.claim(4, set(), set(), time.time())
     assert len(got_a) == 4 and len(got_b) == 2 and not {e.id for e in got_a} & {e.id for e in got_b}
-    assert a.claim(4, set(), set()) == [] and b.claim(4, set(), set()) == []  # all claimed
+    assert a.claim(4, set(), set(), time.time()) == [] and b.claim(4, set(), set(), time.time()) == []  # all claimed
     time.sleep(1.2)  # a "died": its claims lapse, b takes them over
-    taken = b.claim(10, set(), set())
+    taken = b.claim(10, set(), set(), time.time())
     assert {e.id for e in taken} >= {e.id for e in got_a} | {e.id for e in got_b} and len(taken) == 7
     got_a = taken
     for entry in got_a + got_b:
