@@ -179,7 +179,7 @@ class Outbox:
         self.stats: dict[str, dict[str, int]] = {k: {"delivered": 0, "retried": 0, "failed": 0} for k in KINDS}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None      # new entries or a free slot: look for due entries
-        self._progress: asyncio.Event | None = None  # an entry was delivered or dropped: flush() rechecks
+        self._progress: asyncio.Event | None = None  # an entry left the store or a delivery ended: flush() rechecks
         self._scheduler: asyncio.Task | None = None
         self._inflight: dict[int, tuple[str, asyncio.Task]] = {}  # id -> (origin, delivery task)
         self._client: httpx.AsyncClient | None = None
@@ -216,15 +216,15 @@ class Outbox:
         try:
             if self._progress is None:
                 return self.pending() == 0
-            try:
+            try:  # an entry leaves the store before its delivery has finished counting: wait for both
                 async with asyncio.timeout(timeout):
-                    while self.pending():
+                    while self._inflight or self.pending():
                         self._progress.clear()
-                        if self.pending():
+                        if self._inflight or self.pending():
                             await self._progress.wait()
             except TimeoutError:
                 pass
-            return self.pending() == 0
+            return not self._inflight and self.pending() == 0
         except StoreUnavailable:  # the entries stay where they are, for the next start
             return False
 
@@ -343,6 +343,7 @@ class Outbox:
         finally:
             self._inflight.pop(id_, None)
             self._wake.set()
+            self._progress.set()
 
     async def _attempt(self, kind: str, url: str, body: bytes, content_type: str) -> Exception | str | None:
         """One request; None on 2xx, else the error (an exception, or a short text for a non-2xx)."""
