@@ -19,7 +19,10 @@ COPY server ./server
 COPY pipelines ./pipelines
 COPY accel ./accel
 COPY weights ./weights
-RUN pip install --no-cache-dir .
+# The extras for several front-ends (PostgreSQL, S3) are small; Ray is not included (pip install .[ray]).
+# The extras' versions are pinned in pyproject.toml, which hadolint does not read:
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[postgres,s3]"
 
 USER 1000:1000
 RUN mkdir -p /home/k5/.cache/huggingface /home/k5/data

@@ -10,7 +10,7 @@ PORT ?= 8080
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade --quiet pip
-	$(VENV)/bin/pip install --quiet -e ".[test,ray,postgres]"
+	$(VENV)/bin/pip install --quiet -e ".[test,ray,postgres,s3]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,43 +33,6 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "runware:kandinsky-5.0-image-lite@1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, data_dir: Path, args, *extra: str, threads: int):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        model = ["--tiny"] if args.model is None else ["--model", args.model]
-        cmd = [sys.executable, "-m", "k5serve.server.cli", "--log-level", "warning", "serve", *model,
-               "--port", str(self.port), "--data-dir", str(data_dir), "--max-queue", "256", *extra]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
-        self.log = open(data_dir / "server.log", "w")
-        self.proc = subprocess.Popen(cmd, cwd=common.ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited: {(data_dir / 'server.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit("server not ready after 600 s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 def run_tasks(url: str, n: int, in_flight: int, steps: int, width: int, height: int) -> tuple[float, list[float]]:
@@ -142,7 +102,7 @@ def main() -> None:
             data_dir.mkdir()
             if (work / "tiny").exists():
                 shutil.copytree(work / "tiny", data_dir / "tiny")
-            server = Server(data_dir, args, *extra, threads=threads)
+            server = common.Server(data_dir, args, *extra, threads=threads)
             try:
                 if not (work / "tiny").exists() and (data_dir / "tiny").exists():
                     shutil.copytree(data_dir / "tiny", work / "tiny")

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -26,3 +32,42 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
 def size(args: argparse.Namespace) -> tuple[int, int]:
     width, height = map(int, args.size.split("x"))
     return width, height
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`k5serve serve` on a free loopback port, started and waited for until /ready is 200."""
+
+    def __init__(self, data_dir: Path, args, *extra: str, threads: int, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        model = ["--tiny"] if args.model is None else ["--model", args.model]
+        cmd = [sys.executable, "-m", "k5serve.server.cli", "--log-level", "warning", "serve", *model,
+               "--port", str(self.port), "--data-dir", str(data_dir), "--max-queue", "256", *extra]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), **(env or {}))
+        self.log = open(data_dir / "server.log", "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited: {(data_dir / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit("server not ready after 600 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()

@@ -38,6 +38,7 @@ class WorkerConfig:
     replicas: int | None = None  # ray: None = one per visible CUDA device, or 1 on CPU
     autoscale: tuple[int, int] | None = None  # ray: (min, max) replicas under Ray Serve's autoscaling
     ray_address: str | None = None  # ray: join this cluster ("auto" or host:port); None = start a local Ray
+    ray_app: str = "k5serve"  # ray: the Serve application of this front-end's replicas (one per front-end)
     replica_threads: int | None = None  # ray on CPU: torch threads (and Ray CPUs) per replica; None = cores / replicas
 
 

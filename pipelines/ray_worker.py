@@ -32,7 +32,6 @@ from .worker import GenerationError, GenerationSpec, InvalidInput, ProgressCallb
 
 log = logging.getLogger("k5serve.ray")
 
-APP_NAME = "k5serve"
 DEPLOYMENT = "K5Replica"
 
 
@@ -47,6 +46,7 @@ class RayWorker(Worker):
         self._ray_thread: _RayOwner | None = None
         if not ray.is_initialized():
             self._ray_thread = _RayOwner(workers.ray_address)
+        self._app = workers.ray_app  # several front-ends on one cluster: one application (and replicas) each
         self._engine_config = engine
         self.features = engine_features(engine)
         resources = ray.cluster_resources()
@@ -70,10 +70,10 @@ class RayWorker(Worker):
         # Lives as long as this process (not detached): replicas report their device and load errors to it.
         self._registry = ReplicaRegistry.options(num_cpus=0).remote()
         serve.start(proxy_location="Disabled")  # the front-end serves HTTP, not Ray's proxy
-        watching = _DeploymentWatch(on_status) if on_status is not None else None
+        watching = _DeploymentWatch(on_status, self._app) if on_status is not None else None
         try:
             handle = serve.run(deployment.bind(load, engine, threads, self._registry, fault_prompt, crash_prompt),
-                               name=APP_NAME, route_prefix=None)
+                               name=self._app, route_prefix=None)
         except Exception as exc:
             reason = self._load_failure() or f"{type(exc).__name__}: {exc}"
             self._shutdown()
@@ -133,7 +133,7 @@ class RayWorker(Worker):
                     else:
                         result = event
             except ray.exceptions.RayError as exc:
-                replica = _replica_named_in(exc)
+                replica = _replica_named_in(exc, self._app)
                 log.error("the replica running task %s stopped: %s, worker %s", spec.task_id, type(exc).__name__,
                           replica or "?")
                 future.set_exception(GenerationError(
@@ -200,7 +200,7 @@ class RayWorker(Worker):
             from ray.serve.context import _get_global_client
 
             details = _get_global_client().get_serve_details()
-            deployment = details["applications"][APP_NAME]["deployments"][DEPLOYMENT]
+            deployment = details["applications"][self._app]["deployments"][DEPLOYMENT]
             reports = ray.get(self._registry.rows.remote(), timeout=5)
         except Exception:  # noqa: BLE001 - the last view stands; the log says why
             log.warning("reading the replicas from Ray Serve failed", exc_info=True)
@@ -247,7 +247,7 @@ class RayWorker(Worker):
 
     def _shutdown(self) -> None:
         try:
-            serve.delete(APP_NAME)
+            serve.delete(self._app)
             if self._owns_ray:
                 serve.shutdown()
                 ray.shutdown()
@@ -280,9 +280,9 @@ def _load_errors(reports: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
     return [(name, report["error"]) for name, report in reports.items() if report.get("state") == "failed"]
 
 
-def _replica_named_in(exc: BaseException) -> str:
+def _replica_named_in(exc: BaseException, app: str) -> str:
     """The replica id in a Ray error about a replica actor (its actor name is SERVE_REPLICA::app#deployment#id)."""
-    found = re.search(rf"{APP_NAME}#{DEPLOYMENT}#(\w+)", str(exc))
+    found = re.search(rf"{re.escape(app)}#{DEPLOYMENT}#(\w+)", str(exc))
     return found.group(1) if found else ""
 
 
@@ -290,9 +290,10 @@ class _DeploymentWatch(threading.Thread):
     """While `serve.run` waits for the replicas: hands Ray Serve's message about the deployment (replicas
     waiting for resources, constructors failing and retried) to `on_status`, and logs it, whenever it changes."""
 
-    def __init__(self, on_status: Callable[[str], None]):
+    def __init__(self, on_status: Callable[[str], None], app: str):
         super().__init__(name="k5serve-ray-watch", daemon=True)
         self._on_status = on_status
+        self._app = app
         self._stop = threading.Event()
         self.start()
 
@@ -300,7 +301,7 @@ class _DeploymentWatch(threading.Thread):
         said = ""
         while not self._stop.wait(2.0):
             try:
-                app = serve.status().applications.get(APP_NAME)
+                app = serve.status().applications.get(self._app)
                 deployment = app.deployments.get(DEPLOYMENT) if app is not None else None
                 message = deployment.message if deployment is not None else ""
             except Exception:  # noqa: BLE001 - Serve is still starting; ask again

@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,8 +29,9 @@ from .dispatcher import Dispatcher
 from .metrics import Metrics
 from .outbox import Outbox
 from .protocol import TASK_TYPES, ErrorItem
+from .sessions import Sessions
 from .slot import ModelSlot
-from .store import ImageStore
+from .store import DirectoryImageStore, ImageStore
 from .tasks import SQLiteTaskStore, StoreUnavailable
 from .validation import error_codes
 from .wire import WireResponse
@@ -41,7 +43,8 @@ FRONTEND_LOST = ("The front-end running this task stopped before it finished (it
 
 
 class SharedStores:
-    """Task records and the outbox in a server database (`--database`), shared by several front-ends."""
+    """Task records, the outbox and WebSocket sessions in a server database (`--database`), shared by several
+    front-ends."""
 
     def __init__(self, config: ServerConfig):
         from . import postgres  # psycopg: only with --database
@@ -50,6 +53,7 @@ class SharedStores:
         self.db = postgres.Database(config.database)
         self.tasks = postgres.PostgresTaskStore(self.db, self.instance, lease=config.task_lease)
         self.outbox = postgres.PostgresOutboxStore(self.db, self.instance)
+        self.sessions = postgres.PostgresSessionBuffer(self.db)
         log.info("task records and outbox in PostgreSQL (schema version %d), this front-end is %s",
                  self.db.version, self.instance)
 
@@ -57,8 +61,18 @@ class SharedStores:
         self.db.close()
 
 
+def open_image_store(config: ServerConfig) -> ImageStore:
+    """The store `--image-store` names: an s3:// location or a folder (default: images/ under --data-dir)."""
+    location = config.image_store
+    if location is not None and location.startswith("s3://"):
+        from .s3 import S3ImageStore  # boto3: only with an s3:// image store
+
+        return S3ImageStore(location, endpoint=config.s3_endpoint, presigned=config.image_urls == "presigned")
+    return DirectoryImageStore(Path(location) if location is not None else config.data_dir / "images")
+
+
 def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
-    images = ImageStore(config.image_dir)
+    images = open_image_store(config)
     shared = SharedStores(config) if config.database else None
     if shared is not None:
         tasks, outbox_store = shared.tasks, shared.outbox
@@ -67,7 +81,7 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     outbox = Outbox(outbox_store, allow_private=config.allow_private_urls)
     metrics = Metrics(TASK_TYPES, error_codes())
     dispatcher = Dispatcher(config, slot, images, tasks, outbox, metrics)
-    sessions = ws.Sessions(config.ws_resume_window, config.ws_resume_buffer)
+    sessions = Sessions(config.ws_resume_window, config.ws_resume_buffer, shared.sessions if shared else None)
 
     async def sweep_forever() -> None:
         while True:
@@ -75,10 +89,13 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
             try:
                 removed = await asyncio.to_thread(images.sweep) + await asyncio.to_thread(tasks.sweep)
             except StoreUnavailable as exc:
-                log.warning("sweeping expired task records: %s", exc)
+                log.warning("sweeping expired images and task records: %s", exc)
                 continue
             finally:
                 sessions.sweep()
+            if shared is not None:
+                with contextlib.suppress(StoreUnavailable):
+                    await asyncio.to_thread(shared.sessions.sweep, config.ws_resume_window)
             if removed:
                 log.info("removed %d expired image(s)/task record(s)", removed)
 
@@ -95,6 +112,15 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
             if lost:
                 log.warning("%d task(s) of a front-end that stopped were marked as failed", lost)
 
+    async def relay_forever() -> None:
+        """Shared stores: results other front-ends left for WebSocket sessions connected here."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await sessions.relay()
+            except StoreUnavailable as exc:
+                log.warning("relaying WebSocket results: %s", exc)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         lost = tasks.recover("The server restarted before this task finished; run it again.")
@@ -104,7 +130,7 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
         await outbox.start()
         background = [asyncio.create_task(sweep_forever())]
         if shared is not None:
-            background.append(asyncio.create_task(heartbeat_forever()))
+            background += [asyncio.create_task(heartbeat_forever()), asyncio.create_task(relay_forever())]
         try:
             yield
         finally:
@@ -127,6 +153,7 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     app.state.config = config
     app.state.auth = Authenticator(config.api_keys)
     app.state.store = images
+    app.state.image_store_status = None
     app.state.slot = slot
     app.state.outbox = outbox
     app.state.database = shared.db if shared is not None else None

@@ -180,6 +180,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = opt.build(ServerConfig, args.options, vars(args))
     listen = opt.build(ListenConfig, args.options, vars(args))
+    on_s3 = config.image_store is not None and config.image_store.startswith("s3://")
+    if not on_s3 and (config.s3_endpoint or config.image_urls != "proxy"):
+        raise SystemExit("error: --s3-endpoint and --image-urls need an s3:// --image-store")
     if config.database is None:  # a server database is shared by design: no folder to hold alone
         _lock_data_dir(config.data_dir)
     if args.log_format == "json":  # progress bars would break one-JSON-object-per-line (building tiny weights)
@@ -195,8 +198,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     workers = opt.build(WorkerConfig, args.options, vars(args))
     if workers.kind == "local" and (workers.replicas or workers.autoscale or workers.ray_address
-                                    or workers.replica_threads):
-        raise SystemExit("error: --replicas, --autoscale, --ray-address and --replica-threads need --workers ray")
+                                    or workers.replica_threads or workers.ray_app != WorkerConfig.ray_app):
+        raise SystemExit("error: --replicas, --autoscale, --ray-address, --ray-app and --replica-threads need "
+                         "--workers ray")
     if workers.replicas and workers.autoscale:
         raise SystemExit("error: give --replicas or --autoscale, not both")
 
@@ -220,6 +224,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("psycopg"):
             raise SystemExit("error: --database needs psycopg: pip install 'k5serve[postgres]'") from None
+        if exc.name and exc.name.startswith(("boto3", "botocore")):
+            raise SystemExit("error: an s3:// --image-store needs boto3: pip install 'k5serve[s3]'") from None
         raise
     except (StoreUnavailable, SchemaError) as exc:
         raise SystemExit(f"error: {exc}") from None

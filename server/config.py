@@ -34,12 +34,11 @@ class ServerConfig:
     shutdown_timeout: float = 60.0  # seconds SIGTERM waits for tasks in flight
     safety_action: str = "flag"  # "flag": NSFWContent per image; "block": fail the task if any image is flagged
     database: str | None = None  # PostgreSQL URL: task records and outbox shared by front-ends; None = SQLite
-    image_store: Path | None = None  # folder for images (a shared mount for several front-ends); None = data_dir
+    image_store: str | None = None  # a folder (a shared mount for several front-ends) or s3://bucket/prefix;
+    #                                 None = images/ under data_dir
+    s3_endpoint: str | None = None  # an S3-compatible server (MinIO, R2, Ceph); None = AWS S3
+    image_urls: str = "proxy"  # S3: "proxy" (imageURL on this server, streamed) or "presigned" (on the bucket)
     task_lease: float = 30.0  # with a database: seconds without a heartbeat before a front-end's tasks fail
-
-    @property
-    def image_dir(self) -> Path:
-        return self.image_store if self.image_store is not None else self.data_dir / "images"
 
     @property
     def task_db(self) -> Path:

@@ -81,11 +81,10 @@ class Delivery:
         """Encode and store each image (in a thread: encoding is CPU work); each image stored is appended to
         `stored` at once, so the caller can remove them all if the task fails."""
         ttl = self.ttl(task)
-        url_base = (self.config.public_url or base_url).rstrip("/")
 
         def save(data: bytes, ext: str) -> tuple[str, str]:
             image = self.images.put(data, ext, ttl)
             stored.append(image)
-            return image.image_uuid, f"{url_base}/image/{image.name}"
+            return image.image_uuid, self.images.url(image, self.config.public_url or base_url)
 
         return result_items(task, output, save, self.config.price_per_gpu_hour)

@@ -10,6 +10,7 @@ task is an `authentication` task with a valid key, and is answered 401 past that
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import logging
@@ -17,11 +18,11 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from . import wire
-from .encoding import MEDIA_TYPES
 from .protocol import ErrorItem, invalid_api_key
+from .store import ImageStoreError, LiveImage
 from .validation import batch_error
 
 log = logging.getLogger("k5serve.http")
@@ -114,12 +115,27 @@ async def post_tasks(request: Request) -> wire.WireResponse:
 
 @router.get("/image/{name}")
 async def get_image(name: str, request: Request):
-    found = request.app.state.store.lookup(name)
+    try:
+        found = await asyncio.to_thread(request.app.state.store.lookup, name)
+    except ImageStoreError as exc:
+        log.warning("GET /image/%s: %s", name[:64], exc)
+        return _errors(503, ErrorItem(code="serviceUnavailable", message=f"{exc}; try again later."))
     if found is None:
         return _errors(404, ErrorItem(code="imageNotFound", message="No such image, or it has expired."))
-    path, expires_at = found
     headers = {
-        "Cache-Control": f"private, max-age={max(0, int(expires_at - time.time()))}",
-        "Expires": email.utils.formatdate(expires_at, usegmt=True),
+        "Cache-Control": f"private, max-age={max(0, int(found.expires_at - time.time()))}",
+        "Expires": email.utils.formatdate(found.expires_at, usegmt=True),
     }
-    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix[1:]], headers=headers)
+    if found.path is not None:
+        return FileResponse(found.path, media_type=found.media_type, headers=headers)
+    if found.size is not None:
+        headers["Content-Length"] = str(found.size)
+    return StreamingResponse(_streamed(found), media_type=found.media_type, headers=headers)
+
+
+def _streamed(found: LiveImage):
+    """The object's bytes as they come from the store (read in Starlette's thread pool), released after."""
+    try:
+        yield from found.chunks
+    finally:
+        found.close()

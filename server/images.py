@@ -48,10 +48,10 @@ async def load_image_bytes(ref: str, store: ImageStore, limits: Limits) -> bytes
     """The raw file bytes behind an image reference."""
     ref = ref.strip()
     if _is_uuid(ref):
-        path = store.find(ref)
-        if path is None:
+        data = await asyncio.to_thread(store.read, ref)
+        if data is None:
             raise ImageInputError(f"no stored image with imageUUID {ref} (unknown or expired)")
-        return await asyncio.to_thread(path.read_bytes)
+        return data
     if ref.startswith(("http://", "https://")):
         try:
             data, _ = await fetch_bytes(ref, allow_private=limits.allow_private_urls, max_bytes=limits.max_bytes)

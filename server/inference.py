@@ -21,7 +21,7 @@ from .protocol import ALLOWED_SIZES, ImageInferenceTask, TaskError, error_code, 
 from .results import input_error, to_spec
 from .safe_http import OutboundURLError, check_url
 from .slot import ModelSlot
-from .store import ImageStore
+from .store import ImageStore, ImageStoreError
 from .tasks import TaskRecord, TaskStore
 from .validation import FEATURES, image_input, parse_image_inference
 
@@ -151,6 +151,12 @@ class ImageInference:
         except TaskError as err:
             await asyncio.to_thread(self.delivery.fail, task, err, worker)  # a database write: off the loop
             raise
+        except ImageStoreError as exc:  # e.g. the bucket is unreachable: fail this task only, say why
+            log.warning("delivering task %s failed: %s", task.taskUUID, exc)
+            err = task_error("serviceUnavailable", f"Storing the result failed: {exc}; run it again.",
+                             task_type=task.taskType, task_uuid=task.taskUUID, http_status=503)
+            await asyncio.to_thread(self.delivery.fail, task, err)
+            raise err from None
         except Exception as exc:  # noqa: BLE001 - e.g. disk full while storing: fail this task only
             log.exception("delivering task %s failed", task.taskUUID)
             err = task_error("internalServerError", f"Storing the result failed: {type(exc).__name__}",

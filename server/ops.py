@@ -9,7 +9,6 @@ the reasons. Both carry the model's state and the worker's description in the bo
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Any
 
@@ -26,7 +25,8 @@ router = APIRouter()
 
 def readiness(app: FastAPI) -> dict[str, Any]:
     """The model's, the worker's and the stores' state. The database's reachability is the last probe's
-    (`probe_stores`, run by /health and /ready before this, off the event loop)."""
+    and the image store's are the last probe's (`probe_stores`, run by /health, /ready and /metrics before
+    this, off the event loop)."""
     state = app.state
     reasons, worker = state.slot.readiness()
     if not state.dispatcher.accepting:
@@ -39,10 +39,10 @@ def readiness(app: FastAPI) -> dict[str, Any]:
                               "pool": db.stats()} | ({"error": error} if error else {})
         if error:
             reasons.append(error)
-    writable = os.access(state.store.root, os.W_OK)
-    stores["imageStore"] = {"kind": "directory", "writable": writable}
-    if not writable:
-        reasons.append(f"the image store {state.store.root} is not writable")
+    image_store = dict(state.image_store_status or state.store.status())
+    if "problem" in image_store:
+        reasons.append(image_store["problem"])
+    stores["imageStore"] = image_store
     body: dict[str, Any] = {"ready": not reasons, "model": state.slot.state,
                             "uptimeSeconds": round(time.time() - state.started, 1)}
     if reasons:
@@ -53,6 +53,7 @@ def readiness(app: FastAPI) -> dict[str, Any]:
 async def probe_stores(app: FastAPI) -> None:
     if app.state.database is not None:
         await asyncio.to_thread(app.state.database.probe)
+    app.state.image_store_status = await asyncio.to_thread(app.state.store.status)  # S3: a HEAD, cached 1 s
 
 
 @router.get("/health")

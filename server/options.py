@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from k5serve.pipelines.config import EngineConfig, LoadConfig, WorkerConfig
 from k5serve.weights.checkpoints import CheckpointChoice
 
 from .config import ListenConfig, LogConfig, ServerConfig
+from .store import parse_s3_location
 
 ENV_PREFIX = "K5SERVE_"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
@@ -125,11 +127,28 @@ def fraction(text: str) -> float:
     return value
 
 
-def image_folder(text: str) -> Path:
-    if "://" in text:
-        raise argparse.ArgumentTypeError(f"{text!r}: only a folder is supported (S3-compatible image stores are "
-                                         "not implemented yet)")
-    return Path(text)
+def image_location(text: str) -> str:
+    """A folder, or s3://bucket/prefix (checked here, so that a typo stops the server before it starts)."""
+    if text.startswith("s3://"):
+        try:
+            parse_s3_location(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    elif "://" in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a folder or s3://bucket/prefix")
+    return text
+
+
+def ray_app_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits, '_' and '-', at most 64")
+    return text
+
+
+def http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an http:// or https:// URL")
+    return text.rstrip("/")
 
 
 def positive_float(text: str) -> float:
@@ -227,8 +246,15 @@ SERVE_OPTIONS = MODEL_OPTIONS + (
     Option("database", ServerConfig, "database", "PostgreSQL URL (postgresql://user:password@host/db) for task "
            "records and the webhook/upload outbox, shared by several front-ends (pip install "
            "'k5serve[postgres]'); default: SQLite files under --data-dir", env_name="K5SERVE_DATABASE_URL"),
-    Option("image-store", ServerConfig, "image_store", "folder for generated and uploaded images; a shared mount "
-           "lets several front-ends serve the same files (default: images/ under --data-dir)", type=image_folder),
+    Option("image-store", ServerConfig, "image_store", "where generated and uploaded images live: a folder (a "
+           "shared mount lets several front-ends serve the same files) or s3://bucket/prefix (pip install "
+           "'k5serve[s3]'; credentials from the AWS environment variables or ~/.aws) (default: images/ under "
+           "--data-dir)", type=image_location),
+    Option("s3-endpoint", ServerConfig, "s3_endpoint", "with an s3:// image store: the URL of an S3-compatible "
+           "server (MinIO, R2, Ceph, ...); default: AWS S3", type=http_url),
+    Option("image-urls", ServerConfig, "image_urls", "with an s3:// image store: imageURL on this server, "
+           "which streams the object (proxy), or a presigned URL on the bucket valid for the image's TTL, at "
+           "most 7 days (presigned)", choices=("proxy", "presigned")),
     Option("task-lease", ServerConfig, "task_lease", "with --database: seconds a front-end may go without "
            "renewing its running tasks' heartbeat before another front-end fails them", type=positive_float),
     Option("workers", WorkerConfig, "kind", "where generation runs: local (a thread in this process) or ray "
@@ -240,6 +266,9 @@ SERVE_OPTIONS = MODEL_OPTIONS + (
            "autoscaling, instead of --replicas", type=replica_range),
     Option("ray-address", WorkerConfig, "ray_address", "--workers ray: join this Ray cluster (auto, or "
            "host:port); default: start a local Ray instance and stop it on exit"),
+    Option("ray-app", WorkerConfig, "ray_app", "--workers ray: the name of the Ray Serve application this "
+           "front-end deploys its replicas as (and removes on exit); several front-ends on one Ray cluster each "
+           "need their own", type=ray_app_name),
     Option("replica-threads", WorkerConfig, "replica_threads", "--workers ray on the CPU: torch threads (and "
            "Ray CPUs) per replica (default: the cluster's cores divided by the replicas)", type=positive),
     Option("fallback-tiny", CheckpointChoice, "fallback_tiny", "with no GPU or no downloaded weights, serve "

@@ -28,6 +28,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .outbox import OutboxEntry, OutboxStore
 from .safe_http import origin_of
+from .sessions import SessionBuffer
 from .tasks import (
     COLUMNS,
     ERROR,
@@ -80,6 +81,21 @@ MIGRATIONS: list[str] = [
         claimed_until DOUBLE PRECISION       -- database time the claim lapses
     );
     CREATE INDEX k5serve_outbox_due ON k5serve_outbox (next_at);
+    """,
+    # 2: WebSocket sessions and the frames that wait for a client to come back (on any front-end)
+    """
+    CREATE TABLE k5serve_ws_sessions (
+        session_uuid TEXT PRIMARY KEY,
+        last_seen DOUBLE PRECISION NOT NULL  -- database time; renewed each second while a client is connected
+    );
+    CREATE TABLE k5serve_ws_frames (
+        id BIGSERIAL PRIMARY KEY,
+        session_uuid TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,   -- database time
+        frame TEXT NOT NULL
+    );
+    CREATE INDEX k5serve_ws_frames_session ON k5serve_ws_frames (session_uuid);
+    CREATE INDEX k5serve_ws_sessions_seen ON k5serve_ws_sessions (last_seen);
     """,
 ]
 
@@ -276,3 +292,42 @@ class PostgresOutboxStore(OutboxStore):
 
     def pending(self) -> int:
         return self.db.run("SELECT COUNT(*) FROM k5serve_outbox", fetch="one")[0]
+
+
+class PostgresSessionBuffer(SessionBuffer):
+    """WebSocket sessions known to every front-end, and the result frames that finished while their client
+    was away, so that a client reconnecting to any front-end with its connectionSessionUUID gets them."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def register(self, session_uuid: str) -> None:
+        self.db.run(f"INSERT INTO k5serve_ws_sessions (session_uuid, last_seen) VALUES (%s, {_NOW}) "
+                    f"ON CONFLICT (session_uuid) DO UPDATE SET last_seen = {_NOW}", (session_uuid,))
+
+    def known(self, session_uuid: str, window: float) -> bool:
+        return self.db.run(f"SELECT 1 FROM k5serve_ws_sessions WHERE session_uuid = %s AND last_seen > {_NOW} - %s",
+                           (session_uuid, window), fetch="one") is not None
+
+    def push(self, session_uuid: str, frame: str) -> None:
+        self.db.run(f"INSERT INTO k5serve_ws_frames (session_uuid, created, frame) VALUES (%s, {_NOW}, %s)",
+                    (session_uuid, frame))
+
+    def take(self, session_uuids: list[str], window: float) -> dict[str, list[str]]:
+        """The waiting frames of these sessions, oldest first, removed from the buffer; the sessions' last_seen
+        is renewed in the same round trip (they are connected here)."""
+        if not session_uuids:
+            return {}
+        rows = self.db.run(
+            f"WITH seen AS (UPDATE k5serve_ws_sessions SET last_seen = {_NOW} WHERE session_uuid = ANY(%s)) "
+            f"DELETE FROM k5serve_ws_frames WHERE session_uuid = ANY(%s) RETURNING id, session_uuid, frame, "
+            f"created > {_NOW} - %s", (session_uuids, session_uuids, window), fetch="all")
+        frames: dict[str, list[str]] = {}
+        for _, session_uuid, frame, fresh in sorted(rows):
+            if fresh:
+                frames.setdefault(session_uuid, []).append(frame)
+        return frames
+
+    def sweep(self, window: float) -> None:
+        self.db.run(f"DELETE FROM k5serve_ws_frames WHERE created < {_NOW} - %s", (window,))
+        self.db.run(f"DELETE FROM k5serve_ws_sessions WHERE last_seen < {_NOW} - %s", (window,))

@@ -1,19 +1,29 @@
-"""Generated images on disk under the data directory, by imageUUID, until their TTL runs out.
+"""Generated and uploaded images, by imageUUID, until their TTL runs out: the `ImageStore` interface and the
+folder it uses by default (`DirectoryImageStore`). The S3-compatible store is in `s3.py` (boto3: only with an
+s3:// image store).
 
-Each image is one file `<imageUUID>.<ext>`; its modification time is set to its expiry time, so the
-expiry survives restarts without an index to keep consistent. Files are written to a temporary name and
-renamed, so a reader never sees half an image.
+An image is named `<imageUUID>.<ext>`; its expiry time is stored with it (a file's modification time, an
+object's metadata), so every front-end that shares the store (an NFS mount, a bucket) reads the same expiry
+without an index to keep consistent. Writes are atomic: a reader never sees half an image.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
-EXTENSIONS = ("jpg", "png", "webp")
+from .encoding import MEDIA_TYPES
+from .tasks import StoreUnavailable
+
+EXTENSIONS = tuple(MEDIA_TYPES)
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 @dataclass(frozen=True)
@@ -27,7 +37,93 @@ class StoredImage:
         return f"{self.image_uuid}.{self.ext}"
 
 
-class ImageStore:
+@dataclass(frozen=True)
+class LiveImage:
+    """An image found by name while it lives: a local file (`path`) or a stream of bytes (`chunks`, to be
+    read once; `close` releases it)."""
+
+    ext: str
+    expires_at: float
+    path: Path | None = None
+    chunks: Iterator[bytes] | None = None
+    size: int | None = None
+    close: Callable[[], None] | None = None  # for a stream
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.ext]
+
+
+class ImageStoreError(StoreUnavailable):
+    """The image store cannot be reached or written; the message says why (without credentials). A task
+    that meets it fails with serviceUnavailable, like one that meets an unreachable database."""
+
+
+def parse_name(name: str) -> tuple[str, str] | None:
+    """`<uuid>.<ext>` in its canonical form -> (uuid, ext); anything else (a path, a bad name) -> None, so a
+    name from a request never reaches the file system or a bucket key unchecked."""
+    stem, _, ext = name.partition(".")
+    if ext not in EXTENSIONS:
+        return None
+    try:
+        canonical = str(uuid.UUID(stem))
+    except ValueError:
+        return None
+    return (canonical, ext) if canonical == stem else None
+
+
+def parse_s3_location(location: str) -> tuple[str, str]:
+    """`s3://bucket[/prefix]` -> (bucket, prefix ending in '/' or empty); ValueError when it is not one."""
+    parts = urlsplit(location)
+    if parts.scheme != "s3" or not _BUCKET.match(parts.netloc or "") or parts.query or parts.fragment:
+        raise ValueError(f"{location!r}: expected s3://bucket/prefix with an S3 bucket name (3-63 characters: "
+                         "lower-case letters, digits, '.', '-')")
+    prefix = parts.path.strip("/")
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise ValueError(f"{location!r}: the prefix may not have empty, '.' or '..' parts")
+    return parts.netloc, f"{prefix}/" if prefix else ""
+
+
+class ImageStore(ABC):
+    """Where images live. Methods block (files, network): async callers run them in a thread."""
+
+    kind: str
+
+    @abstractmethod
+    def put(self, data: bytes, ext: str, ttl: float) -> StoredImage:
+        """Store `data` under a new imageUUID until `ttl` seconds from now."""
+
+    @abstractmethod
+    def delete(self, image: StoredImage) -> None: ...
+
+    @abstractmethod
+    def lookup(self, name: str) -> LiveImage | None:
+        """`<uuid>.<ext>` -> the image while it lives; None when unknown, expired (then it is removed) or not a
+        valid name."""
+
+    @abstractmethod
+    def read(self, image_uuid: str) -> bytes | None:
+        """The bytes of a live image by imageUUID, whatever its extension (an image input)."""
+
+    @abstractmethod
+    def sweep(self) -> int:
+        """Delete expired images; returns how many went."""
+
+    @abstractmethod
+    def status(self) -> dict:
+        """For /ready: at least `kind`, and `problem` (a reason) when the store cannot be written."""
+
+    def url(self, image: StoredImage, base_url: str) -> str:
+        """The imageURL of a stored image: served by any front-end at /image/<name>."""
+        return f"{base_url.rstrip('/')}/image/{image.name}"
+
+
+class DirectoryImageStore(ImageStore):
+    """One file per image in a folder; the file's modification time is its expiry time. A shared mount
+    (NFS and the like) lets several front-ends serve the same files."""
+
+    kind = "directory"
+
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -47,33 +143,28 @@ class ImageStore:
     def delete(self, image: StoredImage) -> None:
         (self.root / image.name).unlink(missing_ok=True)
 
-    def lookup(self, name: str) -> tuple[Path, float] | None:
-        """`<uuid>.<ext>` -> (path, expires_at) while it lives. Anything else (a path, a bad name) -> None."""
-        stem, _, ext = name.partition(".")
-        if ext not in EXTENSIONS:
+    def lookup(self, name: str) -> LiveImage | None:
+        parsed = parse_name(name)
+        if parsed is None:
             return None
+        path = self.root / f"{parsed[0]}.{parsed[1]}"
         try:
-            canonical = str(uuid.UUID(stem))
-        except ValueError:
-            return None
-        if canonical != stem:
-            return None
-        path = self.root / f"{canonical}.{ext}"
-        try:
-            expires_at = path.stat().st_mtime
+            stat = path.stat()
         except FileNotFoundError:
             return None
-        if expires_at <= time.time():
+        if stat.st_mtime <= time.time():
             path.unlink(missing_ok=True)
             return None
-        return path, expires_at
+        return LiveImage(parsed[1], stat.st_mtime, path=path, size=stat.st_size)
 
-    def find(self, image_uuid: str) -> Path | None:
-        """The live file of an imageUUID, whatever its extension."""
+    def read(self, image_uuid: str) -> bytes | None:
         for ext in EXTENSIONS:
             found = self.lookup(f"{image_uuid}.{ext}")
             if found is not None:
-                return found[0]
+                try:
+                    return found.path.read_bytes()
+                except FileNotFoundError:  # swept in between
+                    return None
         return None
 
     def sweep(self) -> int:
@@ -88,3 +179,8 @@ class ImageStore:
                     Path(entry.path).unlink(missing_ok=True)
                     removed += 1
         return removed
+
+    def status(self) -> dict:
+        writable = os.access(self.root, os.W_OK)
+        return {"kind": self.kind, "writable": writable} | (
+            {} if writable else {"problem": f"the image store {self.root} is not writable"})

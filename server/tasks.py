@@ -49,7 +49,8 @@ class TaskRecord:
 
 
 class StoreUnavailable(Exception):
-    """The store's database cannot be reached; the message says why. The task at hand fails with it."""
+    """A store (the task database, the image store) cannot be reached; the message says why. The task at hand
+    fails with it (serviceUnavailable)."""
 
 
 class SchemaError(Exception):

@@ -28,6 +28,5 @@ class ImageUpload:
             raise task_error("invalidImage", f"Invalid value for image parameter: {exc}.", parameter="image",
                              task_type="imageUpload", task_uuid=task.taskUUID) from None
         stored = await asyncio.to_thread(self.images.put, decoded.data, decoded.ext, self.config.upload_ttl)
-        url_base = (self.config.public_url or base_url).rstrip("/")
         return [{"taskType": "imageUpload", "taskUUID": task.taskUUID, "imageUUID": stored.image_uuid,
-                 "imageURL": f"{url_base}/image/{stored.name}"}]
+                 "imageURL": self.images.url(stored, self.config.public_url or base_url)}]

@@ -4,8 +4,8 @@ Frames in: a JSON array of tasks. The first task must be `authentication`; its r
 `connectionSessionUUID`. `ping` is answered at once with its own pong frame. Every other task runs as
 its own asyncio task, so a slow generation never holds up pings or other tasks; its items are sent
 when ready, each exactly once. Results that finish while the client is away wait in the session's
-bounded buffer and are re-delivered when the client authenticates again with the same
-connectionSessionUUID within `ws_resume_window` seconds.
+buffer and are re-delivered when the client authenticates again with the same connectionSessionUUID
+within `ws_resume_window` seconds (`sessions.py`; with a server database, on any front-end).
 """
 
 from __future__ import annotations
@@ -13,88 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from collections import deque
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from . import wire
 from .protocol import ErrorItem, invalid_api_key
+from .sessions import Session
 from .validation import batch_error
 
 log = logging.getLogger("k5serve.ws")
 router = APIRouter()
 
-SEND_TIMEOUT = 30.0  # a client that takes longer to accept a frame is treated as gone
 COMMON_MESSAGE_LIMIT = 1024 * 1024  # what some clients accept per message (the `websockets` library default)
-
-
-class Session:
-    def __init__(self, session_uuid: str, max_frames: int):
-        self.uuid = session_uuid
-        self.ws: WebSocket | None = None
-        self.buffer: deque[tuple[float, str]] = deque(maxlen=max_frames)
-        self.detached_at: float | None = None
-        self.lock = asyncio.Lock()
-
-    async def send(self, payload: dict[str, Any]) -> None:
-        """Send now, or keep for a reconnect when the socket is gone or too slow."""
-        await self.send_text(wire.dumps(payload))
-
-    async def send_text(self, text: str) -> None:
-        async with self.lock:
-            ws = self.ws
-            if ws is not None:
-                try:
-                    await asyncio.wait_for(ws.send_text(text), SEND_TIMEOUT)
-                    return
-                except Exception:  # noqa: BLE001 - closed, reset or stuck: all mean "not delivered"
-                    log.info("session %s: send failed, keeping the frame for a reconnect", self.uuid)
-                    self.detach(ws)
-            self.buffer.append((time.monotonic(), text))
-
-    def attach(self, ws: WebSocket) -> None:
-        self.ws, self.detached_at = ws, None
-
-    def detach(self, ws: WebSocket) -> None:
-        if self.ws is ws:
-            self.ws, self.detached_at = None, time.monotonic()
-
-    async def flush(self, window: float) -> None:
-        """Re-deliver what finished while the client was away (frames older than the window are dropped)."""
-        async with self.lock:
-            pending = [text for at, text in self.buffer if time.monotonic() - at <= window]
-            self.buffer.clear()
-        for text in pending:
-            await self.send_text(text)
-
-
-class Sessions:
-    def __init__(self, window: float, max_frames: int):
-        self.window = window
-        self.max_frames = max_frames
-        self._by_uuid: dict[str, Session] = {}
-
-    def open(self, ws: WebSocket, resume: Any) -> tuple[Session, bool]:
-        """A new session, or the known one named by `resume` (taken over from any older socket)."""
-        session = self._by_uuid.get(resume) if isinstance(resume, str) else None
-        resumed = session is not None
-        if session is None:
-            session = Session(str(uuid.uuid4()), self.max_frames)
-            self._by_uuid[session.uuid] = session
-        session.attach(ws)
-        return session, resumed
-
-    def sweep(self) -> None:
-        now = time.monotonic()
-        for key, s in list(self._by_uuid.items()):
-            if s.ws is None and s.detached_at is not None and now - s.detached_at > self.window:
-                del self._by_uuid[key]
-
-    @property
-    def connected(self) -> int:
-        return sum(1 for s in self._by_uuid.values() if s.ws is not None)
 
 
 def _http_base(ws: WebSocket) -> str:
@@ -161,12 +92,11 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                         continue
                     if session is not None:
                         session.detach(ws)
-                    session, resumed = state.sessions.open(ws, raw.get("connectionSessionUUID"))
+                    session, resumed = await state.sessions.open(ws, raw.get("connectionSessionUUID"), lambda uuid: {
+                        "data": [{"taskType": "authentication", "connectionSessionUUID": uuid}]})
                     if waiting:
                         state.ws_unauthenticated -= 1
                         waiting = False
-                    answer = {"taskType": "authentication", "connectionSessionUUID": session.uuid}
-                    await session.send({"data": [answer]})
                     if resumed:
                         await session.flush(state.sessions.window)
                 elif session is None:

@@ -39,7 +39,10 @@ def test_every_package_is_copied_and_installed():
     for folder in PYPROJECT["tool"]["setuptools"]["package-dir"].values():  # k5serve.server is server/, ...
         assert f"COPY {folder} ./{folder}" in "COPY " + " COPY ".join(instructions("COPY")), folder
     assert "pyproject.toml" in copies and "README.md" in copies  # the build reads both
-    assert any(a.startswith("pip install") and a.rstrip().endswith(" .") for a in instructions("RUN"))
+    installs = [a for a in instructions("RUN") if a.startswith("pip install")]
+    assert any(a.rstrip().endswith((" .", ' ".[postgres,s3]"')) for a in installs), installs
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert all(extra in extras for a in installs for extra in a.partition("[")[2].partition("]")[0].split(",") if extra)
 
 
 def test_runs_as_non_root_with_volumes_port_and_readiness_check():

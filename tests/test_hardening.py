@@ -16,7 +16,7 @@ import pytest
 from conftest import task
 from k5serve.server.logs import JsonFormatter, TextFormatter
 from k5serve.server.protocol import MAX_TTL
-from k5serve.server.store import ImageStore
+from k5serve.server.store import DirectoryImageStore
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
@@ -152,13 +152,13 @@ def test_the_largest_ttl_is_served(keyed):
 
 
 def test_image_store_leaves_no_partial_file_when_a_write_fails(tmp_path):
-    store = ImageStore(tmp_path)
+    store = DirectoryImageStore(tmp_path)
     with pytest.raises(OverflowError):
         store.put(b"\xff\xd8\xff" + b"0" * 1000, "jpg", 2**70)  # an expiry the file system cannot hold
     assert list(tmp_path.iterdir()) == []
 
 
-class DiskFullOnSecondImage(ImageStore):
+class DiskFullOnSecondImage(DirectoryImageStore):
     """Fault injection at the storage boundary: the second write of a task fails as a full disk would."""
 
     def put(self, data, ext, ttl):

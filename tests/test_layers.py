@@ -116,8 +116,9 @@ def test_the_serving_layer_loads_no_torch(tmp_path):
     assert out.stdout.strip() == "[]", out.stdout
 
 
-def test_the_default_server_imports_no_database_driver(tmp_path, data_dir):
-    """Without --database the app is built on SQLite and never imports psycopg (an optional extra)."""
+def test_the_default_server_imports_no_database_driver_or_s3_client(tmp_path, data_dir):
+    """Without --database and an s3:// image store the app is built on SQLite and a folder and never imports
+    psycopg or boto3 (optional extras)."""
     import subprocess
     import sys
 
@@ -127,7 +128,8 @@ def test_the_default_server_imports_no_database_driver(tmp_path, data_dir):
             "from k5serve.server.config import ServerConfig\n"
             "from k5serve.server.slot import ModelSlot\n"
             f"create_app(ServerConfig(data_dir=Path({str(tmp_path)!r})), ModelSlot(lambda: None))\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('psycopg', 'psycopg_pool', 'ray')))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('psycopg', 'psycopg_pool', 'ray', 'boto3', 'botocore')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout

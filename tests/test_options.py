@@ -71,6 +71,12 @@ def test_lists_switches_and_paths_from_every_source(tmp_path):
     ("env", {"K5SERVE_ALLOW_PRIVATE_URLS": "maybe"}, None, "K5SERVE_ALLOW_PRIVATE_URLS: invalid value 'maybe'"),
     ("env", {"K5SERVE_SAFETY_THRESHOLD": "2"}, None, "must be between 0 and 1"),
     ("env", {"K5SERVE_OFFLOAD": "all"}, None, "choose from none, model, sequential"),
+    ("env", {"K5SERVE_IMAGE_STORE": "s3://My_Bucket/x"}, None, "expected s3://bucket/prefix with an S3 bucket name"),
+    ("env", {"K5SERVE_IMAGE_STORE": "s3://bucket/a/../b"}, None, "the prefix may not have empty, '.' or '..' parts"),
+    ("env", {"K5SERVE_IMAGE_STORE": "gs://bucket"}, None, "expected a folder or s3://bucket/prefix"),
+    ("env", {"K5SERVE_S3_ENDPOINT": "minio:9000"}, None, "expected an http:// or https:// URL"),
+    ("env", {"K5SERVE_IMAGE_URLS": "signed"}, None, "choose from proxy, presigned"),
+    ("file", {}, "ray-app = 'my app'\n", "letters, digits, '_' and '-', at most 64"),
 ])
 def test_bad_values_name_the_option_and_the_source(tmp_path, source, env, file, message):
     with pytest.raises(opt.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -95,6 +101,13 @@ def test_cli_refuses_an_unknown_key_and_a_missing_file(tmp_path):
     assert res.returncode == 2 and "unknown option 'wrokers'" in res.stderr
     res = k5serve("serve", "--tiny", "--data-dir", str(tmp_path), env=dict(ENV, K5SERVE_CONFIG=str(tmp_path / "no")))
     assert res.returncode == 2 and "cannot read the config file" in res.stderr
+
+
+def test_cli_refuses_options_that_need_another(tmp_path):
+    res = k5serve("serve", "--tiny", "--data-dir", str(tmp_path), "--image-urls", "presigned")
+    assert res.returncode != 0 and "--s3-endpoint and --image-urls need an s3:// --image-store" in res.stderr
+    res = k5serve("serve", "--tiny", "--data-dir", str(tmp_path), "--ray-app", "other")
+    assert res.returncode != 0 and "--ray-app and --replica-threads need --workers ray" in res.stderr
 
 
 def test_a_server_configured_by_file_and_environment(tmp_path_factory, data_dir):

@@ -284,3 +284,53 @@ def test_losing_the_database_makes_ready_503_and_tasks_fail_clearly(pair, pg):
         time.sleep(0.5)
     assert httpx.get(a.url + "/ready").status_code == 200
     only_item(a.post([task()]))
+
+
+def wait_for_status(srv, task_uuid: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = srv.post([{"taskType": "getResponse", "taskUUID": task_uuid}]).json()
+        if "errors" in body or body["data"][0].get("status") == "success":
+            return body
+        time.sleep(0.3)
+    raise AssertionError(f"task {task_uuid} did not finish")
+
+
+def test_websocket_results_are_resumed_on_the_other_front_end(pair):
+    """A client leaves A with two tasks running there and comes back on B with its connectionSessionUUID:
+    the result that finished while it was away, and the one that finishes after it is back (on A), both
+    reach it on B, once."""
+    from test_ws import Client
+
+    a, b = pair
+    on_a = Client(a)
+    session = on_a.auth()
+    done_away, done_later = task(steps=10), task(steps=10)
+    on_a.send(done_away, done_later)  # A runs them one after the other
+    time.sleep(0.5)
+    on_a.close()
+    wait_for_status(b, done_away["taskUUID"])
+    on_b = Client(b)
+    try:
+        assert on_b.auth(session=session) == session
+        seen = {}
+        deadline = time.monotonic() + 300
+        while len(seen) < 2 and time.monotonic() < deadline:
+            for item in on_b.recv(max(0.1, deadline - time.monotonic()))["data"]:
+                seen[item["taskUUID"]] = seen.get(item["taskUUID"], 0) + 1
+        assert seen == {done_away["taskUUID"]: 1, done_later["taskUUID"]: 1}
+        with pytest.raises(TimeoutError):  # nothing twice (each front-end relays once a second)
+            on_b.recv(3)
+    finally:
+        on_b.close()
+
+
+def test_an_unknown_session_is_a_new_one_on_every_front_end(pair):
+    from test_ws import Client
+
+    c = Client(pair[1])
+    try:
+        stranger = str(uuid.uuid4())
+        assert c.auth(session=stranger) != stranger
+    finally:
+        c.close()

@@ -48,6 +48,28 @@ def test_a_replica_on_each_node_of_a_joined_cluster(cluster, tmp_path_factory, d
     assert len(cluster.list_all_nodes()) == 2
 
 
+def test_two_front_ends_on_one_cluster_each_own_their_replicas(cluster, tmp_path_factory, data_dir):
+    """Front-ends joining the same cluster with their own --ray-app: each deploys its replica, both serve, and
+    one stopping (it removes its application) leaves the other's replica serving."""
+    first = RunningServer(own_data_dir(tmp_path_factory, data_dir, "app-one"), "--workers", "ray", "--replicas", "1",
+                          "--ray-address", cluster.address, "--ray-app", "k5serve-one")
+    try:
+        second = RunningServer(own_data_dir(tmp_path_factory, data_dir, "app-two"), "--workers", "ray", "--replicas",
+                               "1", "--ray-address", cluster.address, "--ray-app", "k5serve-two")
+        try:
+            ids = {srv.url: {r["id"] for r in httpx.get(srv.url + "/health").json()["replicas"]}
+                   for srv in (first, second)}
+            assert all(len(v) == 1 for v in ids.values()) and not set.intersection(*ids.values())
+            only_item(second.post([task()]))
+        finally:
+            second.stop()
+        assert second.proc.returncode == 0
+        only_item(first.post([task()]))  # the other application, and its replica, are untouched
+        assert len(httpx.get(first.url + "/health").json()["replicas"]) == 1
+    finally:
+        first.stop()
+
+
 def test_replicas_that_cannot_load_their_weights_are_reported(cluster, tmp_path_factory, data_dir):
     """Weights that do not load on the replicas (a truncated file: the front-end never reads it) are reported by
     /ready and /health with the replica's own error, and the server stays up to say so."""
