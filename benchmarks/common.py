@@ -55,6 +55,7 @@ class Server:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.log.close()
                 raise SystemExit(f"server exited: {(data_dir / 'server.log').read_text()[-3000:]}")
             try:
                 if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
@@ -62,6 +63,7 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        self.stop()
         raise SystemExit("server not ready after 600 s")
 
     def stop(self) -> None:

@@ -166,8 +166,12 @@ def main() -> None:
         (work / "b").mkdir()
         if (work / "a" / "tiny").exists():  # built by the first server: the others reuse it
             shutil.copytree(work / "a" / "tiny", work / "b" / "tiny")
-        b = common.Server(work / "b", args, "--database", url, "--image-store", str(work / "images"),
-                          *common_flags, threads=1)
+        try:
+            b = common.Server(work / "b", args, "--database", url, "--image-store", str(work / "images"),
+                              *common_flags, threads=1)
+        except BaseException:
+            a.stop()
+            raise
         try:
             result = run_load([a.url, b.url], [b.url, a.url], args.tasks, args.steps, receiver, args.timeout)
             rows.append(("PostgreSQL", 2, result, idle_polls(result, args.idle_polls)))

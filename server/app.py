@@ -53,7 +53,7 @@ class SharedStores:
         self.db = postgres.Database(config.database)
         self.tasks = postgres.PostgresTaskStore(self.db, self.instance, lease=config.task_lease)
         self.outbox = postgres.PostgresOutboxStore(self.db, self.instance)
-        self.sessions = postgres.PostgresSessionBuffer(self.db)
+        self.sessions = postgres.PostgresSessionBuffer(self.db, config.ws_resume_buffer)
         log.info("task records and outbox in PostgreSQL (schema version %d), this front-end is %s",
                  self.db.version, self.instance)
 
@@ -86,18 +86,18 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     async def sweep_forever() -> None:
         while True:
             await asyncio.sleep(config.sweep_interval)
-            try:
-                removed = await asyncio.to_thread(images.sweep) + await asyncio.to_thread(tasks.sweep)
-            except StoreUnavailable as exc:
-                log.warning("sweeping expired images and task records: %s", exc)
-                continue
-            finally:
-                sessions.sweep()
+            sessions.sweep()
+            jobs = [("images", images.sweep), ("task records", tasks.sweep)]
             if shared is not None:
-                with contextlib.suppress(StoreUnavailable):
-                    await asyncio.to_thread(shared.sessions.sweep, config.ws_resume_window)
-            if removed:
-                log.info("removed %d expired image(s)/task record(s)", removed)
+                jobs.append(("WebSocket sessions", lambda: shared.sessions.sweep(config.ws_resume_window) or 0))
+            for what, sweep in jobs:  # each on its own: one store being away does not stop the others' sweeps
+                try:
+                    removed = await asyncio.to_thread(sweep)
+                except StoreUnavailable as exc:
+                    log.warning("sweeping expired %s: %s", what, getattr(exc, "detail", exc))
+                    continue
+                if removed:
+                    log.info("removed %d expired %s", removed, what)
 
     async def heartbeat_forever() -> None:
         """Shared stores: keep this front-end's tasks alive, and fail those of front-ends that stopped."""

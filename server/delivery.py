@@ -16,7 +16,7 @@ from .metrics import Metrics
 from .outbox import Outbox
 from .protocol import ImageInferenceTask, TaskError
 from .results import describe_passes, result_items
-from .store import ImageStore, StoredImage
+from .store import ImageStore, ImageStoreError, StoredImage
 from .tasks import ERROR, SUCCESS, TaskStore
 
 log = logging.getLogger("k5serve.dispatcher")
@@ -45,8 +45,7 @@ class Delivery:
             await asyncio.to_thread(self.tasks.update, task.taskUUID, status=SUCCESS, step=spec.steps,
                                     total_steps=spec.steps, items=items, expires_at=time.time() + self.ttl(task))
         except BaseException:
-            for image in stored:  # the task fails whole: none of its images stays behind
-                self.images.delete(image)
+            await asyncio.to_thread(self._remove, stored)  # the task fails whole: none of its images stays behind
             raise
         try:  # the task has succeeded: a failure from here on is logged, it does not undo the success
             if self.outbox is not None:
@@ -75,6 +74,13 @@ class Delivery:
         if self.metrics is not None:
             self.metrics.generation_failed(worker)
         log.warning("task %s failed: %s, worker %s", task.taskUUID, err.item.message, worker or "?")
+
+    def _remove(self, stored: list[StoredImage]) -> None:
+        for image in stored:
+            try:
+                self.images.delete(image)
+            except (OSError, ImageStoreError) as exc:  # left for the sweep, once its TTL has passed
+                log.warning("removing image %s of a failed task: %s", image.name, exc)
 
     def _store(self, task: ImageInferenceTask, output: GenerationOutput, base_url: str,
                stored: list[StoredImage]) -> list[tuple[dict[str, Any], bytes, str]]:

@@ -124,7 +124,7 @@ class Dispatcher:
         except TaskError as err:
             items, error = [], err
         except StoreUnavailable as exc:  # the task database is away: this task fails now, it does not hang
-            log.warning("task failed: %s", exc)
+            log.warning("task failed: %s", getattr(exc, "detail", exc))
             items, error = [], task_error(
                 "serviceUnavailable", f"{str(exc)[0].upper()}{str(exc)[1:]}; retry shortly.",
                 task_type=task_type if isinstance(task_type, str) else None,

@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from . import wire
 from .protocol import ErrorItem, invalid_api_key
@@ -118,7 +119,7 @@ async def get_image(name: str, request: Request):
     try:
         found = await asyncio.to_thread(request.app.state.store.lookup, name)
     except ImageStoreError as exc:
-        log.warning("GET /image/%s: %s", name[:64], exc)
+        log.warning("GET /image/%s: %s", name[:64], exc.detail)
         return _errors(503, ErrorItem(code="serviceUnavailable", message=f"{exc}; try again later."))
     if found is None:
         return _errors(404, ErrorItem(code="imageNotFound", message="No such image, or it has expired."))
@@ -130,7 +131,8 @@ async def get_image(name: str, request: Request):
         return FileResponse(found.path, media_type=found.media_type, headers=headers)
     if found.size is not None:
         headers["Content-Length"] = str(found.size)
-    return StreamingResponse(_streamed(found), media_type=found.media_type, headers=headers)
+    return StreamingResponse(_streamed(found), media_type=found.media_type, headers=headers,
+                             background=BackgroundTask(found.close))  # also when the stream never started
 
 
 def _streamed(found: LiveImage):

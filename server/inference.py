@@ -152,7 +152,7 @@ class ImageInference:
             await asyncio.to_thread(self.delivery.fail, task, err, worker)  # a database write: off the loop
             raise
         except ImageStoreError as exc:  # e.g. the bucket is unreachable: fail this task only, say why
-            log.warning("delivering task %s failed: %s", task.taskUUID, exc)
+            log.warning("delivering task %s failed: %s", task.taskUUID, exc.detail)
             err = task_error("serviceUnavailable", f"Storing the result failed: {exc}; run it again.",
                              task_type=task.taskType, task_uuid=task.taskUUID, http_status=503)
             await asyncio.to_thread(self.delivery.fail, task, err)

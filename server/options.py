@@ -148,6 +148,9 @@ def ray_app_name(text: str) -> str:
 def http_url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"{text!r}: expected an http:// or https:// URL")
+    if "@" in text.split("/")[2]:
+        raise argparse.ArgumentTypeError("no credentials in the URL: give them in AWS_ACCESS_KEY_ID and "
+                                         "AWS_SECRET_ACCESS_KEY or ~/.aws")
     return text.rstrip("/")
 
 

@@ -298,8 +298,9 @@ class PostgresSessionBuffer(SessionBuffer):
     """WebSocket sessions known to every front-end, and the result frames that finished while their client
     was away, so that a client reconnecting to any front-end with its connectionSessionUUID gets them."""
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, max_frames: int = 256):
         self.db = db
+        self.max_frames = max_frames  # per session: older frames go, as from a bounded deque
 
     def register(self, session_uuid: str) -> None:
         self.db.run(f"INSERT INTO k5serve_ws_sessions (session_uuid, last_seen) VALUES (%s, {_NOW}) "
@@ -310,8 +311,13 @@ class PostgresSessionBuffer(SessionBuffer):
                            (session_uuid, window), fetch="one") is not None
 
     def push(self, session_uuid: str, frame: str) -> None:
-        self.db.run(f"INSERT INTO k5serve_ws_frames (session_uuid, created, frame) VALUES (%s, {_NOW}, %s)",
-                    (session_uuid, frame))
+        # One statement: the DELETE sees the rows from before the INSERT, so it keeps the newest max_frames - 1
+        # of those, and the new one.
+        self.db.run(
+            f"WITH added AS (INSERT INTO k5serve_ws_frames (session_uuid, created, frame) VALUES (%s, {_NOW}, %s)) "
+            "DELETE FROM k5serve_ws_frames WHERE session_uuid = %s AND id NOT IN (SELECT id FROM k5serve_ws_frames "
+            "WHERE session_uuid = %s ORDER BY id DESC LIMIT %s)",
+            (session_uuid, frame, session_uuid, session_uuid, max(0, self.max_frames - 1)))
 
     def take(self, session_uuids: list[str], window: float) -> dict[str, list[str]]:
         """The waiting frames of these sessions, oldest first, removed from the buffer; the sessions' last_seen

@@ -59,6 +59,9 @@ class S3ImageStore(ImageStore):
         self._s3 = session.client("s3", endpoint_url=endpoint, region_name=region, config=Config(
             signature_version="s3v4", max_pool_connections=32, connect_timeout=5, read_timeout=30,
             retries={"max_attempts": 3, "mode": "standard"}))
+        # /ready's probe: one quick try, so that a hanging endpoint holds no thread for long
+        self._probe_client = session.client("s3", endpoint_url=endpoint, region_name=region, config=Config(
+            signature_version="s3v4", connect_timeout=2, read_timeout=3, retries={"max_attempts": 1}))
         self._probe_lock = threading.Lock()
         self._probe_every = probe_every
         self._probed: tuple[float, str | None] = (0.0, None)
@@ -84,7 +87,8 @@ class S3ImageStore(ImageStore):
         return image
 
     def delete(self, image: StoredImage) -> None:
-        self._delete_keys([self.prefix + image.name, self._marker(image.name, image.expires_at)])
+        if not self._delete_keys([self.prefix + image.name]):
+            self._delete_keys([self._marker(image.name, image.expires_at)])
 
     def lookup(self, name: str) -> LiveImage | None:
         parsed = parse_name(name)
@@ -103,7 +107,10 @@ class S3ImageStore(ImageStore):
         if expires_at is None or expires_at <= time.time():
             body.close()
             if expires_at is not None:
-                self._delete_keys([self.prefix + name, self._marker(name, expires_at)])
+                try:  # expired either way; if this fails, the sweep removes it
+                    self.delete(StoredImage(parsed[0], parsed[1], expires_at))
+                except ImageStoreError as exc:
+                    log.warning("%s", exc.detail)
             return None
         return LiveImage(parsed[1], expires_at, chunks=body.iter_chunks(_CHUNK), size=obj.get("ContentLength"),
                          close=body.close)
@@ -123,7 +130,8 @@ class S3ImageStore(ImageStore):
         return None
 
     def sweep(self) -> int:
-        now, due = time.time(), []
+        """Images first, then the markers of those that went: a marker is the only way to find its image."""
+        now, markers, images = time.time(), [], {}
         pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + _MARKERS)
         try:
             for page in pages:
@@ -131,16 +139,17 @@ class S3ImageStore(ImageStore):
                     stamp, _, name = item["Key"][len(self.prefix + _MARKERS):].partition("-")
                     if stamp.isdigit() and int(stamp) + 1 > now:
                         break  # markers come in expiry order: the rest are not due
-                    due.append(item["Key"])
+                    markers.append(item["Key"])
                     if parse_name(name) is not None:
-                        due.append(self.prefix + name)
+                        images[item["Key"]] = self.prefix + name
                 else:
                     continue
                 break
         except (BotoCoreError, ClientError) as exc:
             raise self._error("sweeping expired images", exc) from None
-        self._delete_keys(due)
-        return sum(1 for key in due if not key.startswith(self.prefix + _MARKERS))
+        failed = self._delete_keys(list(images.values()))
+        self._delete_keys([m for m in markers if images.get(m) not in failed])
+        return len(images) - len(failed)
 
     def status(self) -> dict:
         problem = self.probe()
@@ -157,27 +166,35 @@ class S3ImageStore(ImageStore):
     # -- helpers
 
     def probe(self) -> str | None:
-        """Whether the bucket answers (HEAD bucket), at most once per `probe_every` seconds."""
-        with self._probe_lock:
-            at, problem = self._probed
-            if time.monotonic() - at < self._probe_every:
-                return problem
-            try:
-                self._s3.head_bucket(Bucket=self.bucket)
-                problem = None
-            except (BotoCoreError, ClientError) as exc:
-                problem = str(self._error("reaching the bucket", exc))
-            self._probed = (time.monotonic(), problem)
+        """Whether the bucket answers (HEAD bucket), at most once per `probe_every` seconds; while a probe is
+        under way, callers get the last answer rather than waiting for it."""
+        at, problem = self._probed
+        if time.monotonic() - at < self._probe_every or not self._probe_lock.acquire(blocking=False):
             return problem
+        try:
+            self._probe_client.head_bucket(Bucket=self.bucket)
+            problem = None
+        except (BotoCoreError, ClientError) as exc:
+            problem = self._error("reaching the bucket", exc).detail
+        finally:
+            self._probe_lock.release()
+        self._probed = (time.monotonic(), problem)
+        return problem
 
     def _marker(self, name: str, expires_at: float) -> str:
         return f"{self.prefix}{_MARKERS}{int(expires_at):011d}-{name}"
 
-    def _delete_keys(self, keys: list[str]) -> None:
+    def _delete_keys(self, keys: list[str]) -> set[str]:
+        """Delete these keys; -> those the store refused (DeleteObjects answers 200 and lists them)."""
+        failed: set[str] = set()
         for start in range(0, len(keys), 1000):  # DeleteObjects takes up to 1000 keys
             batch = [{"Key": key} for key in keys[start:start + 1000]]
-            self._call("deleting images", self._s3.delete_objects, Bucket=self.bucket,
-                       Delete={"Objects": batch, "Quiet": True})
+            answer = self._call("deleting images", self._s3.delete_objects, Bucket=self.bucket,
+                                Delete={"Objects": batch, "Quiet": True})
+            for error in answer.get("Errors", []):
+                failed.add(error.get("Key"))
+                log.warning("%s: deleting %s failed (%s)", self.location, error.get("Key"), error.get("Code"))
+        return failed
 
     def _call(self, doing: str, method, **kwargs):
         try:
@@ -192,7 +209,10 @@ class S3ImageStore(ImageStore):
         else:
             reason = f"{type(exc).__name__}: {exc}"
         where = self.location + (f" at {self.endpoint}" if self.endpoint else "")
-        return ImageStoreError(f"the image store {where}: {doing} failed ({reason})")
+        code = exc.response.get("Error", {}).get("Code", "?") if isinstance(exc, ClientError) else type(exc).__name__
+        # Clients get the kind of failure; the log and /ready get S3's own words (which may name accounts).
+        return ImageStoreError(f"the image store is unavailable ({doing} failed: {code})",
+                               detail=f"the image store {where}: {doing} failed ({reason})")
 
 
 def _expiry(metadata: dict) -> float | None:

@@ -119,8 +119,8 @@ class Sessions:
         session = self._by_uuid.get(resume) if isinstance(resume, str) else None
         if session is None and self.shared is not None and well_formed_uuid(resume):
             try:
-                if await asyncio.to_thread(self.shared.known, resume, self.window):
-                    session = self._by_uuid[resume] = Session(resume, self.max_frames, self.shared)
+                if await asyncio.to_thread(self.shared.known, resume, self.window):  # (another socket may have
+                    session = self._by_uuid.setdefault(resume, Session(resume, self.max_frames, self.shared))  # won)
             except StoreUnavailable as exc:
                 log.warning("resuming WebSocket session %s: %s; starting a new one", resume, exc)
         resumed = session is not None
@@ -147,9 +147,13 @@ class Sessions:
         if self.shared is None or not attached:
             return
         frames = await asyncio.to_thread(self.shared.take, [s.uuid for s in attached], self.window)
-        for session in attached:
-            for text in frames.get(session.uuid, [])[-self.max_frames:]:
+
+        async def deliver(session: Session, texts: list[str]) -> None:
+            for text in texts[-self.max_frames:]:
                 await session.send_text(text)
+
+        # Each session on its own: a stuck client (up to SEND_TIMEOUT per frame) holds up only its own frames.
+        await asyncio.gather(*(deliver(s, frames[s.uuid]) for s in attached if s.uuid in frames))
 
     def sweep(self) -> None:
         now = time.monotonic()

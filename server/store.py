@@ -55,8 +55,13 @@ class LiveImage:
 
 
 class ImageStoreError(StoreUnavailable):
-    """The image store cannot be reached or written; the message says why (without credentials). A task
-    that meets it fails with serviceUnavailable, like one that meets an unreachable database."""
+    """The image store cannot be reached or written. The message, for clients, says what failed; `detail`,
+    for the log and /ready, adds where and the store's own words. A task that meets it fails with
+    serviceUnavailable, like one that meets an unreachable database."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 def parse_name(name: str) -> tuple[str, str] | None:

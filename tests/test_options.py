@@ -75,6 +75,7 @@ def test_lists_switches_and_paths_from_every_source(tmp_path):
     ("env", {"K5SERVE_IMAGE_STORE": "s3://bucket/a/../b"}, None, "the prefix may not have empty, '.' or '..' parts"),
     ("env", {"K5SERVE_IMAGE_STORE": "gs://bucket"}, None, "expected a folder or s3://bucket/prefix"),
     ("env", {"K5SERVE_S3_ENDPOINT": "minio:9000"}, None, "expected an http:// or https:// URL"),
+    ("env", {"K5SERVE_S3_ENDPOINT": "https://key:secret@minio:9000"}, None, "no credentials in the URL"),
     ("env", {"K5SERVE_IMAGE_URLS": "signed"}, None, "choose from proxy, presigned"),
     ("file", {}, "ray-app = 'my app'\n", "letters, digits, '_' and '-', at most 64"),
 ])

@@ -126,6 +126,21 @@ def test_outbox_entries_are_claimed_by_one_front_end_and_taken_over_after_the_le
     assert a.pending() == 0
 
 
+def test_websocket_frames_wait_in_the_database_bounded_per_session(db):
+    from k5serve.server.postgres import PostgresSessionBuffer
+
+    buf = PostgresSessionBuffer(db, max_frames=3)
+    mine, other = str(uuid.uuid4()), str(uuid.uuid4())
+    buf.register(mine)
+    assert buf.known(mine, 60) and not buf.known(other, 60)
+    for i in range(5):
+        buf.push(mine, f"frame {i}")
+    buf.push(other, "theirs")
+    assert buf.take([mine], 60) == {mine: ["frame 2", "frame 3", "frame 4"]}  # the newest 3, oldest first
+    assert buf.take([mine], 60) == {}  # taken once
+    assert buf.take([other], 60) == {other: ["theirs"]}
+
+
 def test_an_unreachable_database_is_a_clear_error(pg):
     database = Database(pg.url, timeout=2)
     store = PostgresTaskStore(database, owner="x")

@@ -63,7 +63,6 @@ def test_two_front_ends_on_one_cluster_each_own_their_replicas(cluster, tmp_path
             only_item(second.post([task()]))
         finally:
             second.stop()
-        assert second.proc.returncode == 0
         only_item(first.post([task()]))  # the other application, and its replica, are untouched
         assert len(httpx.get(first.url + "/health").json()["replicas"]) == 1
     finally:

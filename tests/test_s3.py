@@ -73,6 +73,7 @@ def test_an_unreachable_bucket_is_reported_with_the_reason(s3):
     assert missing["reachable"] is False and "no-such-bucket" in missing["problem"]
     down = S3ImageStore("s3://k5serve-images", endpoint="http://127.0.0.1:9").status()
     assert down["reachable"] is False and "EndpointConnectionError" in down["problem"]
+    assert "127.0.0.1:9" in down["problem"]
     assert "k5serve-test-secret" not in down["problem"]
 
 
@@ -153,7 +154,8 @@ def test_losing_the_bucket_makes_ready_503_and_tasks_fail_clearly(tmp_path_facto
         assert ready.status_code == 503 and ready.json()["imageStore"]["reachable"] is False
         assert any("k5serve-missing" in reason for reason in ready.json()["reasons"])
         err = only_error(srv.post([task()]), 503)
-        assert err["code"] == "serviceUnavailable" and "k5serve-missing" in err["message"]
-        assert err["taskUUID"]
+        assert err["code"] == "serviceUnavailable" and err["taskUUID"]
+        assert "image store is unavailable (storing an image failed: NoSuchBucket)" in err["message"]
+        assert "k5serve-missing" in srv.log()  # where, and S3's own words: in the log, not the answer
     finally:
         srv.stop()
