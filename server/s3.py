@@ -18,6 +18,7 @@ TTL (at most 7 days, SigV4's limit); the object is deleted by the sweep after it
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -137,7 +138,7 @@ class S3ImageStore(ImageStore):
             for page in pages:
                 for item in page.get("Contents", []):
                     stamp, _, name = item["Key"][len(self.prefix + _MARKERS):].partition("-")
-                    if stamp.isdigit() and int(stamp) + 1 > now:
+                    if stamp.isdigit() and int(stamp) > now:
                         break  # markers come in expiry order: the rest are not due
                     markers.append(item["Key"])
                     if parse_name(name) is not None:
@@ -182,7 +183,8 @@ class S3ImageStore(ImageStore):
         return problem
 
     def _marker(self, name: str, expires_at: float) -> str:
-        return f"{self.prefix}{_MARKERS}{int(expires_at):011d}-{name}"
+        """Its whole second, rounded up: a marker whose second has come is always due."""
+        return f"{self.prefix}{_MARKERS}{math.ceil(expires_at):011d}-{name}"
 
     def _delete_keys(self, keys: list[str]) -> set[str]:
         """Delete these keys; -> those the store refused (DeleteObjects answers 200 and lists them)."""

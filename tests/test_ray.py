@@ -8,6 +8,7 @@ import re
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -143,8 +144,9 @@ def test_same_bytes_as_the_local_worker(ray_server, tmp_path_factory, data_dir):
     try:
         for name, fields in variants.items():
             t = dict(task(seed=77, outputType="base64Data", outputFormat="PNG", steps=10, **fields))
-            local = only_item(local_server.post([dict(t, taskUUID=str(uuid.uuid4()))]))
-            remote = only_item(ray_server.post([dict(t, taskUUID=str(uuid.uuid4()))]))
+            with ThreadPoolExecutor(2) as both:  # at once: each worker has its own threads
+                local, remote = both.map(lambda srv: only_item(srv.post([dict(t, taskUUID=str(uuid.uuid4()))])),
+                                         (local_server, ray_server))
             assert base64.b64decode(local.pop("imageBase64Data")) == base64.b64decode(
                 remote.pop("imageBase64Data")), name
             for item in (local, remote):

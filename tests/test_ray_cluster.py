@@ -24,49 +24,39 @@ def cluster():
     cluster.shutdown()
 
 
-def test_a_replica_on_each_node_of_a_joined_cluster(cluster, tmp_path_factory, data_dir):
-    srv = RunningServer(own_data_dir(tmp_path_factory, data_dir, "cluster"), "--workers", "ray", "--replicas", "2",
-                        "--ray-address", cluster.address)
-    try:
-        tasks = [task(seed=s) for s in (3, 4)]
-        done: dict[str, dict] = {}
-        threads = [threading.Thread(target=lambda t=t: done.update({t["taskUUID"]: only_item(srv.post([t]))}))
-                   for t in tasks]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(300)
-        assert set(done) == {t["taskUUID"] for t in tasks}
-        workers = dict(re.findall(r'task (\S+) done: .*, worker ([^\s",]+)', srv.log()))
-        rows = {r["id"]: r for r in httpx.get(srv.url + "/health").json()["replicas"]}
-        nodes = {rows[workers[t["taskUUID"]]]["nodeId"] for t in tasks}
-        assert len(nodes) == 2, (workers, rows)  # one replica per node, both did work
-        assert all(r["state"] == "RUNNING" and r["device"] == "cpu" and r["tasksDone"] == 1 for r in rows.values())
-    finally:
-        srv.stop()
-    # The server joined a cluster it did not start: stopping it leaves the cluster running.
-    assert len(cluster.list_all_nodes()) == 2
-
-
-def test_two_front_ends_on_one_cluster_each_own_their_replicas(cluster, tmp_path_factory, data_dir):
-    """Front-ends joining the same cluster with their own --ray-app: each deploys its replica, both serve, and
-    one stopping (it removes its application) leaves the other's replica serving."""
+def test_front_ends_joining_one_cluster_each_own_a_replica_on_its_own_node(cluster, tmp_path_factory, data_dir):
+    """Two front-ends join the cluster with --ray-address, each with its own --ray-app and one replica. The nodes
+    have one CPU each, so the replicas land on different nodes; both serve, at once. One front-end stopping (it
+    removes its application) leaves the other's replica serving; stopping both leaves the cluster running."""
     first = RunningServer(own_data_dir(tmp_path_factory, data_dir, "app-one"), "--workers", "ray", "--replicas", "1",
                           "--ray-address", cluster.address, "--ray-app", "k5serve-one")
     try:
         second = RunningServer(own_data_dir(tmp_path_factory, data_dir, "app-two"), "--workers", "ray", "--replicas",
                                "1", "--ray-address", cluster.address, "--ray-app", "k5serve-two")
         try:
-            ids = {srv.url: {r["id"] for r in httpx.get(srv.url + "/health").json()["replicas"]}
-                   for srv in (first, second)}
-            assert all(len(v) == 1 for v in ids.values()) and not set.intersection(*ids.values())
-            only_item(second.post([task()]))
+            rows = {srv.url: httpx.get(srv.url + "/health").json()["replicas"] for srv in (first, second)}
+            assert all(len(r) == 1 and r[0]["state"] == "RUNNING" and r[0]["device"] == "cpu" for r in rows.values())
+            assert len({r[0]["nodeId"] for r in rows.values()}) == 2, rows  # one on each node
+            done: dict[str, dict] = {}
+            threads = [threading.Thread(target=lambda s=srv: done.update({s.url: only_item(s.post([task()]))}))
+                       for srv in (first, second)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(300)
+            assert set(done) == {first.url, second.url}
+            for srv in (first, second):
+                [row] = httpx.get(srv.url + "/health").json()["replicas"]
+                assert row["tasksDone"] == 1
+                assert re.search(rf"done: .*, worker {row['id']}", srv.log())  # each ran on its own replica
         finally:
             second.stop()
         only_item(first.post([task()]))  # the other application, and its replica, are untouched
         assert len(httpx.get(first.url + "/health").json()["replicas"]) == 1
     finally:
         first.stop()
+    # The servers joined a cluster they did not start: stopping them leaves the cluster running.
+    assert len(cluster.list_all_nodes()) == 2
 
 
 def test_replicas_that_cannot_load_their_weights_are_reported(cluster, tmp_path_factory, data_dir):
