@@ -24,9 +24,8 @@ router = APIRouter()
 
 
 def readiness(app: FastAPI) -> dict[str, Any]:
-    """The model's, the worker's and the stores' state. The database's reachability is the last probe's
-    and the image store's are the last probe's (`probe_stores`, run by /health, /ready and /metrics before
-    this, off the event loop)."""
+    """The model's, the worker's and the stores' state. The database's and the image store's state are those
+    of the last probe (`probe_stores`, run off the event loop by /health, /ready and /metrics before this)."""
     state = app.state
     reasons, worker = state.slot.readiness()
     if not state.dispatcher.accepting:
