@@ -43,13 +43,13 @@ def free_port() -> int:
 class Server:
     """`k5serve serve` on a free loopback port, started and waited for until /ready is 200."""
 
-    def __init__(self, data_dir: Path, args, *extra: str, threads: int, env: dict[str, str] | None = None):
+    def __init__(self, data_dir: Path, args, *extra: str, threads: int):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         model = ["--tiny"] if args.model is None else ["--model", args.model]
         cmd = [sys.executable, "-m", "k5serve.server.cli", "--log-level", "warning", "serve", *model,
                "--port", str(self.port), "--data-dir", str(data_dir), "--max-queue", "256", *extra]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), **(env or {}))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
         self.log = open(data_dir / "server.log", "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600

@@ -63,12 +63,12 @@ class SharedStores:
 
 def open_image_store(config: ServerConfig) -> ImageStore:
     """The store `--image-store` names: an s3:// location or a folder (default: images/ under --data-dir)."""
-    location = config.image_store
-    if location is not None and location.startswith("s3://"):
+    if config.s3_image_store:
         from .s3 import S3ImageStore  # boto3: only with an s3:// image store
 
-        return S3ImageStore(location, endpoint=config.s3_endpoint, presigned=config.image_urls == "presigned")
-    return DirectoryImageStore(Path(location) if location is not None else config.data_dir / "images")
+        return S3ImageStore(config.image_store, endpoint=config.s3_endpoint,
+                            presigned=config.image_urls == "presigned")
+    return DirectoryImageStore(Path(config.image_store or config.data_dir / "images"))
 
 
 def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:

@@ -180,8 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = opt.build(ServerConfig, args.options, vars(args))
     listen = opt.build(ListenConfig, args.options, vars(args))
-    on_s3 = config.image_store is not None and config.image_store.startswith("s3://")
-    if not on_s3 and (config.s3_endpoint or config.image_urls != "proxy"):
+    if not config.s3_image_store and (config.s3_endpoint or config.image_urls != "proxy"):
         raise SystemExit("error: --s3-endpoint and --image-urls need an s3:// --image-store")
     if config.database is None:  # a server database is shared by design: no folder to hold alone
         _lock_data_dir(config.data_dir)

@@ -41,6 +41,10 @@ class ServerConfig:
     task_lease: float = 30.0  # with a database: seconds without a heartbeat before a front-end's tasks fail
 
     @property
+    def s3_image_store(self) -> bool:
+        return self.image_store is not None and self.image_store.startswith("s3://")
+
+    @property
     def task_db(self) -> Path:
         return self.data_dir / "tasks.sqlite3"
 

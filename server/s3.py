@@ -207,11 +207,11 @@ class S3ImageStore(ImageStore):
     def _error(self, doing: str, exc: Exception) -> ImageStoreError:
         if isinstance(exc, ClientError):
             error = exc.response.get("Error", {})
-            reason = f"{error.get('Code', '?')}: {error.get('Message') or exc}"
+            code, words = error.get("Code", "?"), error.get("Message") or exc
         else:
-            reason = f"{type(exc).__name__}: {exc}"
+            code, words = type(exc).__name__, exc
+        reason = f"{code}: {words}"
         where = self.location + (f" at {self.endpoint}" if self.endpoint else "")
-        code = exc.response.get("Error", {}).get("Code", "?") if isinstance(exc, ClientError) else type(exc).__name__
         # Clients get the kind of failure; the log and /ready get S3's own words (which may name accounts).
         return ImageStoreError(f"the image store is unavailable ({doing} failed: {code})",
                                detail=f"the image store {where}: {doing} failed ({reason})")

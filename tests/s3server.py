@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,15 +13,10 @@ import time
 from pathlib import Path
 
 import httpx
+from conftest import free_port
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "k5serve-test", "AWS_SECRET_ACCESS_KEY": "k5serve-test-secret",
                "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3Server:
@@ -35,7 +29,7 @@ class S3Server:
             if found is None:
                 raise RuntimeError("moto_server is not installed (pip install 'moto[server]')")
             exe = Path(found)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.root = Path(tempfile.mkdtemp(prefix="k5serve-s3-"))
         self._log = open(self.root / "moto.log", "w")
