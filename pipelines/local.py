@@ -14,6 +14,7 @@ from typing import Any
 from k5serve.logcontext import current_task
 
 from .engine import K5Engine
+from .lora_files import list_lora_files
 from .worker import GenerationError, GenerationOutput, GenerationSpec, InvalidInput, ProgressCallback, QueueFull, Worker
 
 log = logging.getLogger("k5serve.worker")
@@ -82,6 +83,10 @@ class LocalWorker(Worker):
 
     def memory(self) -> dict[str, int]:
         return self._engine.memory()
+
+    def loras(self) -> list[str]:
+        lora_dir = self._engine.config.lora_dir
+        return list_lora_files(lora_dir) if lora_dir else []
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Finish the queued jobs, then stop the thread."""

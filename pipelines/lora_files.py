@@ -50,3 +50,23 @@ def resolve_lora_file(lora_dir: Path, model_id: str) -> Path:
     if not real.is_file():
         raise LoraError(model_id, "not found on this server")
     return real
+
+
+def list_lora_files(lora_dir: Path, limit: int = 1000) -> list[str]:
+    """The LoRA model ids in ``lora_dir`` (sorted, at most ``limit``): each ``X.safetensors`` that
+    ``resolve_lora_file`` would accept, so every id listed can be asked for."""
+    try:
+        names = sorted(p.name[: -len(SUFFIX)] for p in Path(lora_dir).iterdir() if p.name.endswith(SUFFIX))
+    except OSError as exc:
+        log.error("listing the LoRA folder %s: %s", lora_dir, exc)
+        return []
+    found = []
+    for name in names:
+        try:
+            resolve_lora_file(lora_dir, name)
+        except LoraError:
+            continue
+        found.append(name)
+        if len(found) >= limit:
+            break
+    return found

@@ -26,7 +26,7 @@ import ray
 from ray import serve
 
 from .config import EngineConfig, LoadConfig, WorkerConfig, engine_features
-from .lora_files import LoraError, resolve_lora_file
+from .lora_files import LoraError, list_lora_files, resolve_lora_file
 from .replica import K5Replica
 from .worker import GenerationError, GenerationSpec, InvalidInput, ProgressCallback, QueueFull, Worker
 
@@ -231,6 +231,10 @@ class RayWorker(Worker):
             return None
         failed = _load_errors(reports)
         return failed[-1][1] if failed else None
+
+    def loras(self) -> list[str]:
+        lora_dir = self._engine_config.lora_dir  # the front-end's copy of the folder the replicas read
+        return list_lora_files(lora_dir) if lora_dir else []
 
     def describe(self) -> dict[str, Any]:
         view = {k: v for k, v in self._replica_view().items() if v or k == "replicas"}

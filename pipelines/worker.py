@@ -119,6 +119,11 @@ class Worker(ABC):
     def describe(self) -> dict[str, Any]:
         return {}
 
+    def loras(self) -> list[str]:
+        """The LoRA model ids this worker can apply (its LoRA folder's files); empty without one. May read a
+        folder: call it off the event loop."""
+        return []
+
     def memory(self) -> dict[str, int]:
         """Accelerator memory in bytes ({"allocated", "peak_allocated", "reserved"}); empty off CUDA."""
         return {}

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 
 from k5serve import __version__
 
-from . import http, openapi, ops, ws
+from . import http, openapi, ops, playground, queue, ws
 from .auth import Authenticator
 from .config import ServerConfig
 from .dispatcher import Dispatcher
@@ -163,7 +163,9 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     app.state.started = time.time()
     app.include_router(http.router)
     app.include_router(ws.router)
+    app.include_router(queue.router)
     ops.install(app)
+    playground.install(app)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> WireResponse:

@@ -24,3 +24,9 @@ class Authenticator:
         for known in self._keys:
             matched |= hmac.compare_digest(candidate, known)
         return matched
+
+
+def bearer(header: str) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header, or None."""
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None

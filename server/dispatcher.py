@@ -2,7 +2,7 @@
 
 Transports (HTTP, WebSocket) parse frames, authenticate and hand tasks here. The dispatcher runs the tasks
 of one request concurrently and routes each by `taskType` to the handler that owns that job:
-`inference.ImageInference`, `responses.GetResponse`, `upload.ImageUpload`, `model_search.model_search`
+`inference.ImageInference`, `responses.GetResponse`, `upload.ImageUpload`, `model_search.ModelSearch`
 (and `ping`/`authentication`, answered here). Each handler validates its task once, at this edge. A task
 that fails gets its own Runware error; the others go on.
 """
@@ -23,7 +23,7 @@ from .delivery import Delivery
 from .images import Limits
 from .inference import ImageInference
 from .metrics import Metrics
-from .model_search import model_search
+from .model_search import ModelSearch
 from .outbox import Outbox
 from .protocol import TASK_TYPES, TaskError, task_error
 from .responses import GetResponse
@@ -93,7 +93,7 @@ class Dispatcher:
             "imageInference": self.inference,
             "getResponse": GetResponse(tasks, config.poll_wait),
             "imageUpload": ImageUpload(config, images, limits),
-            "modelSearch": model_search,
+            "modelSearch": ModelSearch(slot),
             "authentication": authentication,
             "ping": ping,
         }

@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from . import wire
+from .auth import bearer
 from .protocol import ErrorItem, invalid_api_key
 from .store import ImageStoreError, LiveImage
 from .validation import batch_error
@@ -81,9 +82,7 @@ async def _read_body(request: Request, trusted: bool) -> bytes:
 
 
 def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return bearer(request.headers.get("authorization", ""))
 
 
 @router.post("/v1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from k5serve.pipelines.worker import GenerationError, GenerationSpec, InvalidInput, QueueFull
@@ -31,6 +32,25 @@ SERVER_FEATURES = frozenset({"async", "webhook", "upload"})  # served here; the 
 RUNNING_FOREVER = 365 * 86400  # a record in flight does not expire before it finishes
 
 
+@dataclass
+class ActiveTask:
+    """A task this front-end has queued and not finished, for the queue view (`GET /tasks`)."""
+
+    task_uuid: str
+    width: int
+    height: int
+    steps: int
+    number_results: int
+    submitted: float  # time.time()
+    future: Any = None  # the worker's Future: running() once a worker has taken it
+    step: int = 0
+    total: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.step > 0 or (self.future is not None and self.future.running())
+
+
 class ImageInference:
     def __init__(self, config: ServerConfig, slot: ModelSlot, images: ImageStore, tasks: TaskStore,
                  delivery: Delivery, limits: Limits):
@@ -42,6 +62,8 @@ class ImageInference:
         self.accepting = True  # False while shutting down
         self._jobs: set[asyncio.Task] = set()
         self._limits = limits
+        self.active: dict[str, ActiveTask] = {}  # in submission order
+        self.finished = {"tasks": 0, "failed": 0, "images": 0}  # since start-up
 
     async def __call__(self, raw: dict[str, Any], base_url: str) -> list[dict]:
         worker = self.slot.worker
@@ -84,6 +106,8 @@ class ImageInference:
 
         try:
             future = worker.submit(spec, on_progress)
+            self.active[task.taskUUID] = ActiveTask(task.taskUUID, spec.width, spec.height, spec.steps,
+                                                    spec.num_images, now, future)
         except InvalidInput as exc:
             await asyncio.to_thread(self.tasks.delete, task.taskUUID)
             raise input_error(exc, task.taskType, task.taskUUID) from None
@@ -114,13 +138,16 @@ class ImageInference:
 
     def _record_progress(self, task_uuid: str, step: int, total: int) -> None:
         """On the loop: write the step off it (a database round trip); a lost update is only a stale percent."""
+        active = self.active.get(task_uuid)
+        if active is not None and step >= active.step:
+            active.step, active.total = step, total
         job = asyncio.ensure_future(asyncio.to_thread(self.tasks.progress, task_uuid, step, total))
         job.add_done_callback(lambda j: j.cancelled() or j.exception())  # StoreUnavailable: the next step retries
 
     def _job_done(self, job: asyncio.Task) -> None:
         self._jobs.discard(job)
-        if not job.cancelled():
-            job.exception()  # async tasks have no awaiter; their errors live in the record
+        failed = job.cancelled() or job.exception() is not None  # async tasks have no awaiter: errors are in the record
+        self.finished["failed" if failed else "tasks"] += 1
 
     async def _finish(self, task: ImageInferenceTask, spec: GenerationSpec, future, base_url: str) -> list[dict]:
         """Await the generation, then deliver or record the failure. Runs to the end even if the requester
@@ -129,6 +156,7 @@ class ImageInference:
         try:
             try:
                 output = await asyncio.wrap_future(future)
+                self.finished["images"] += len(output.images)
             except InvalidInput as exc:
                 worker = exc.worker
                 raise input_error(exc, task.taskType, task.taskUUID) from None
@@ -163,6 +191,8 @@ class ImageInference:
                              task_type=task.taskType, task_uuid=task.taskUUID, http_status=500)
             await asyncio.to_thread(self.delivery.fail, task, err)
             raise err from None
+        finally:
+            self.active.pop(task.taskUUID, None)
 
     async def drain(self, timeout: float) -> int:
         """Stop taking tasks and wait for jobs in flight; returns how many were still running."""

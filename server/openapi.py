@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from .protocol import MODEL_ID, TASK_MODELS, TaskResponse, task_type_of
@@ -55,6 +55,30 @@ class Health(Readiness):
     status: Literal["ok", "error"]
 
 
+class ActiveTaskRow(BaseModel):
+    id: str = Field(description="the first 8 characters of the taskUUID")
+    status: Literal["queued", "running"]
+    position: int | None = Field(None, description="place among the queued tasks, from 1")
+    step: int
+    steps: int
+    width: int
+    height: int
+    numberResults: int
+    seconds: float = Field(description="since the task was queued")
+
+
+class TaskListing(BaseModel):
+    """`GET /tasks`: this front-end's queued and running imageInference tasks, in submission order."""
+
+    tasks: list[ActiveTaskRow]
+    running: int
+    queued: int
+    queueLimit: int | None
+    imagesGenerated: int
+    tasksCompleted: int
+    tasksFailed: int
+
+
 def _json(ref: str, description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model=ref)}}}}
 
@@ -62,7 +86,7 @@ def _json(ref: str, description: str) -> dict[str, Any]:
 def build(app: FastAPI, max_tasks: int) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     models = [(m, "validation") for m in TASK_MODELS] + [(m, "serialization") for m in (TaskResponse, Readiness,
-                                                                                         Health)]
+                                                                                         Health, TaskListing)]
     _, defs = models_json_schema(models, ref_template=REF)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(defs["$defs"])
@@ -98,6 +122,14 @@ def build(app: FastAPI, max_tasks: int) -> dict[str, Any]:
     paths["/ready"]["get"]["responses"] = {
         "200": _json("Readiness", "Ready for work"),
         "503": _json("Readiness", "Not ready; `reasons` says why"),
+    }
+    paths["/tasks"]["get"] |= {
+        "summary": "Tasks queued and running",
+        "description": "What this front-end is generating: each task by the first 8 characters of its taskUUID "
+                       "(whole UUIDs read results, so they are not listed), with its step or its place in the "
+                       "queue. Keyed like POST /v1: `Authorization: Bearer <key>`.",
+        "responses": {"200": _json("TaskListing", "The tasks, oldest first, and counts since start-up"),
+                      "401": _json("TaskResponse", "No valid API key (invalidApiKey)")},
     }
     paths["/metrics"]["get"]["responses"] = {
         "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},

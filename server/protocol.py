@@ -321,6 +321,7 @@ class ModelSearchTask(BaseModel):
     taskType: Literal["modelSearch"]
     taskUUID: TaskUUID
     search: str | None = Field(None, max_length=1000)
+    category: str | None = Field(None, max_length=64, description="checkpoint or lora (this server's LoRA folder)")
     limit: int = Field(20, ge=1, le=100)
     offset: int = Field(0, ge=0, le=10000)
 

@@ -30,6 +30,8 @@ for name in ("server", "pipelines", "accel", "weights"):
     except ModuleNotFoundError:
         pass
 import k5serve.pipelines.local, k5serve.weights.tiny, k5serve.accel.hooks  # the torch side imports too
+from k5serve.server import playground  # the page's files are package data
+assert {p.name for p in playground.ASSETS.iterdir()} >= {"index.html", "queue.html", "app.css", "playground.js"}
 print("ok")
 """
 

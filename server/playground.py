@@ -1,0 +1,56 @@
+"""The playground: `GET /` (type a prompt, watch it render, reuse what worked) and `GET /queue` (what the server
+is doing), with their assets under `/playground/`.
+
+Static files only, served from this package (nothing from another host, so the page works on an offline
+network). The page is a plain client of the public protocol: the WebSocket at `/v1`, `GET /tasks`, `/ready`
+and `/openapi.json` (for the ranges validation enforces). The Content-Security-Policy keeps it to this server:
+scripts and styles from here, connections to here, images from here (and from the bucket with presigned URLs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse
+from starlette.staticfiles import StaticFiles
+
+ASSETS = Path(__file__).parent / "playground"
+
+router = APIRouter()
+
+
+def _policy(request: Request) -> str:
+    config = request.app.state.config
+    host = request.headers.get("host", "")  # the page's own origin, for its WebSocket (ws: is not 'self' everywhere)
+    images = ["'self'", "data:", "blob:"]
+    if config.s3_image_store and config.image_urls == "presigned":  # image URLs point at the bucket
+        endpoint = urlsplit(config.s3_endpoint) if config.s3_endpoint else None
+        images.append(f"{endpoint.scheme}://{endpoint.netloc}" if endpoint else "https://*.amazonaws.com")
+    connect = ["'self'"] + ([f"ws://{host}", f"wss://{host}"] if host else [])
+    return "; ".join([
+        "default-src 'none'", "script-src 'self'", "style-src 'self'", f"img-src {' '.join(images)}",
+        f"connect-src {' '.join(connect)}", "base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'",
+    ])
+
+
+def _page(name: str, request: Request) -> FileResponse:
+    return FileResponse(ASSETS / name, media_type="text/html", headers={
+        "Content-Security-Policy": _policy(request), "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer"})
+
+
+@router.get("/", include_in_schema=False)
+async def playground(request: Request) -> FileResponse:
+    return _page("index.html", request)
+
+
+@router.get("/queue", include_in_schema=False)
+async def queue_page(request: Request) -> FileResponse:
+    return _page("queue.html", request)
+
+
+def install(app: FastAPI) -> None:
+    app.include_router(router)
+    app.mount("/playground", StaticFiles(directory=ASSETS), name="playground")

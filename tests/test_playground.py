@@ -1,0 +1,395 @@
+"""The playground page (`GET /`) and the queue view (`GET /queue`), driven in a real browser: Playwright for Python
+with Debian's Chromium, headless, against the real server on tiny weights, with API keys and a LoRA folder.
+
+Screenshots of the main states are written to `test-artifacts/playground/` (or `$K5SERVE_TEST_ARTIFACTS`).
+The tests of one module share one page and run in order: each generation takes seconds on the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from conftest import API_KEY, ROOT, task
+from PIL import Image
+from safetensors.torch import save_file
+from test_lora import ATTN, peft_lora
+
+CHROMIUM = os.environ.get("K5SERVE_CHROMIUM", "/usr/bin/chromium")
+# As root there is no sandbox; this machine has no network, so Chromium's own background calls are switched off.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--disable-default-apps", "--disable-gpu"]
+ARTIFACTS = Path(os.environ.get("K5SERVE_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "playground"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def srv(start_server, tmp_path_factory):
+    lora_dir = tmp_path_factory.mktemp("playground-loras")
+    save_file(peft_lora(ATTN, seed=3), lora_dir / "watercolor.safetensors")
+    save_file(peft_lora(ATTN, seed=4), lora_dir / "civitai:42@7.safetensors")
+    (lora_dir / "notes.txt").write_text("not a LoRA")
+    return start_server("--api-key", API_KEY, "--lora-dir", str(lora_dir), "--image-ttl", "3600")
+
+
+def shot(page, name: str, **kw) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), **kw)
+
+
+# -- the endpoints the page reads, without a browser ---------------------------------------------------------
+
+
+def test_tasks_lists_queued_and_running_tasks_by_prefix_and_needs_the_key(srv):
+    refused = httpx.get(srv.url + "/tasks")
+    assert refused.status_code == 401 and refused.json()["errors"][0]["code"] == "invalidApiKey"
+    wrong = httpx.get(srv.url + "/tasks", headers={"Authorization": "Bearer wrong-key"})
+    assert wrong.status_code == 401 and wrong.json()["errors"][0]["code"] == "invalidApiKey"
+    before = httpx.get(srv.url + "/tasks", headers=AUTH).json()
+
+    first, second = task(deliveryMethod="async", steps=12), task(deliveryMethod="async", steps=10, width=640,
+                                                                   height=1408, numberResults=2)
+    assert srv.post([first, second], headers=AUTH).status_code == 200
+    deadline, seen = time.monotonic() + 60, None
+    while time.monotonic() < deadline:
+        body = httpx.get(srv.url + "/tasks", headers=AUTH).json()
+        rows = {row["id"]: row for row in body["tasks"]}
+        a, b = rows.get(first["taskUUID"][:8]), rows.get(second["taskUUID"][:8])
+        if a and b and a["status"] == "running" and a["step"] > 0:
+            seen = body
+            break
+        time.sleep(0.2)
+    assert seen is not None, "the first task was never listed as running with both listed"
+    rows = {row["id"]: row for row in seen["tasks"]}
+    a, b = rows[first["taskUUID"][:8]], rows[second["taskUUID"][:8]]
+    assert a["steps"] == 12 and 0 < a["step"] <= 12 and "position" not in a
+    assert b == b | {"status": "queued", "position": 1, "width": 640, "height": 1408, "numberResults": 2, "steps": 10}
+    assert seen["running"] == 1 and seen["queued"] == 1 and seen["queueLimit"] == 64
+    assert all(len(row["id"]) == 8 for row in seen["tasks"])
+    assert first["taskUUID"] not in str(seen) and "red fox" not in str(seen)  # no whole UUIDs, no prompts
+
+    for t in (first, second):  # finish both
+        reply = srv.post([{"taskType": "getResponse", "taskUUID": t["taskUUID"]}], headers=AUTH, timeout=120)
+        while any(item.get("status") == "processing" for item in reply.json().get("data", [])):
+            reply = srv.post([{"taskType": "getResponse", "taskUUID": t["taskUUID"]}], headers=AUTH, timeout=120)
+        assert reply.status_code == 200, reply.text
+    after = httpx.get(srv.url + "/tasks", headers=AUTH).json()
+    assert after["tasks"] == [] and after["running"] == after["queued"] == 0
+    assert after["tasksCompleted"] == before["tasksCompleted"] + 2
+    assert after["imagesGenerated"] == before["imagesGenerated"] + 3
+
+
+def test_model_search_lists_the_lora_folder(srv):
+    def search(**fields) -> dict:
+        reply = srv.post([{"taskType": "modelSearch", "taskUUID": str(uuid.uuid4()), **fields}], headers=AUTH)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["data"][0]
+
+    loras = search(category="lora")
+    assert [m["air"] for m in loras["results"]] == ["civitai:42@7", "watercolor"]  # sorted; notes.txt is no LoRA
+    assert all(m["category"] == "lora" and m["architecture"] == "kandinsky5" for m in loras["results"])
+    assert [m["air"] for m in search(category="checkpoint")["results"]] == ["runware:kandinsky-5.0-image-lite@1"]
+    assert search()["totalResults"] == 3
+    assert [m["air"] for m in search(search="water")["results"]] == ["watercolor"]
+    assert search(category="controlnet")["totalResults"] == 0
+
+
+def test_the_page_is_served_from_here_with_a_strict_policy(srv):
+    page = httpx.get(srv.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "http" not in page.text.replace('href="/openapi.json"', "").split("<body>")[0]  # no asset from elsewhere
+    for asset in ("app.css", "common.js", "playground.js", "queue.js"):
+        reply = httpx.get(f"{srv.url}/playground/{asset}")
+        assert reply.status_code == 200 and not re.search(r"https?://", reply.text), asset
+    assert httpx.get(srv.url + "/queue").status_code == 200
+    assert httpx.get(srv.url + "/playground/../server/app.py").status_code == 404
+    total = sum(len(httpx.get(f"{srv.url}/playground/{a}").content) for a in ("app.css", "common.js", "playground.js"))
+    assert len(page.content) + total < 120_000  # small: no framework, no build
+
+
+# -- in the browser ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (.ci/run does) or set K5SERVE_CHROMIUM")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+class Visits:
+    """Every URL the browser asked for (pages, assets, images, WebSockets)."""
+
+    def __init__(self):
+        self.urls: list[str] = []
+
+    def watch(self, context) -> None:
+        context.on("request", lambda request: self.urls.append(request.url))
+        context.on("page", lambda page: page.on("websocket", lambda ws: self.urls.append(ws.url)))
+
+
+@pytest.fixture(scope="module")
+def visits():
+    return Visits()
+
+
+@pytest.fixture(scope="module")
+def page(browser, srv, visits):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="light")
+    visits.watch(context)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
+    page.goto(srv.url + "/")
+    page.js_errors = errors
+    yield page
+    context.close()
+
+
+def set_value(page, selector: str, value) -> None:
+    """A range or number input set as the user would leave it (input and change events fire)."""
+    page.eval_on_selector(selector, "(e, v) => { e.value = v; e.dispatchEvent(new Event('input', {bubbles: true}));"
+                                    " e.dispatchEvent(new Event('change', {bubbles: true})); }", str(value))
+
+
+def open_section(page, section: str) -> None:
+    page.eval_on_selector(f"#{section}", "details => details.open = true")
+
+
+def generate(page, how: str = "click"):
+    """Send the form; -> the new task's card (an image input is uploaded first, so the card comes a little later)."""
+    before = page.locator(".task").count()
+    if how == "click":
+        page.click("#generate")
+    else:
+        page.locator("#positivePrompt").press(how)
+    page.wait_for_function(f"() => document.querySelectorAll('.task').length > {before}")
+    return page.locator(".task").first
+
+
+def wait_done(page, card, count: int) -> set[str]:
+    """Wait until `card` (a task in the gallery) shows `count` images; -> the progress texts seen on the way."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        seen.add(card.locator(".state").inner_text())
+        if card.get_attribute("data-status") == "error":
+            raise AssertionError(f"the task failed: {card.locator('.state').inner_text()}")
+        if card.locator(".tile img").count() >= count and card.get_attribute("data-status") == "done":
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"no {count} images after {TIMEOUT_MS / 1000} s; saw {seen}")
+
+
+def test_a_wrong_key_is_refused_plainly_and_the_right_one_connects(page):
+    page.wait_for_selector("#key-dialog[open]")
+    assert "asks for an API key" in page.inner_text("#key-message")
+    page.fill("#key-input", "not-the-key")
+    page.click("#key-save")
+    page.wait_for_function("() => document.getElementById('key-message').textContent.includes('invalidApiKey')")
+    assert page.inner_text("#connection") == "API key needed"
+    shot(page, "01-api-key")
+    page.fill("#key-input", API_KEY)
+    page.click("#key-save")
+    page.wait_for_selector("#connection[data-state=connected]")
+    assert page.evaluate("sessionStorage.getItem('k5serve.apiKey')") == API_KEY
+    assert page.evaluate("localStorage.length") == 0
+    assert API_KEY not in page.url
+
+
+def test_two_images_appear_with_progress(page):
+    page.fill("#positivePrompt", "a lighthouse on a cliff at dusk")
+    page.fill("#numberResults", "2")
+    set_value(page, "#steps", 10)
+    page.click(".size:has(input[value='1152x896'])")
+    card = generate(page, "Control+Enter")  # the keyboard shortcut
+    seen = wait_done(page, card, 2)
+    assert any(text.startswith("step ") and text != "step 0 of 10" for text in seen), seen  # step k of N
+    assert card.locator(".progress .bar").evaluate("e => e.style.width") == "100%"
+    captions = card.locator("figcaption").all_inner_texts()
+    seeds = [int(c.split()[1]) for c in captions]
+    assert seeds[1] == seeds[0] + 1 and all("1152×896" in c for c in captions)
+    for img in card.locator(".tile img").all():
+        assert img.evaluate("e => e.complete && e.naturalWidth") == 1152
+    assert card.locator(".state").inner_text().startswith("done in")
+    shot(page, "02-two-images", full_page=True)
+    assert page.js_errors == []
+
+
+def test_errors_show_next_to_their_parameter(page):
+    page.fill("#positivePrompt", "x")
+    count = page.locator(".task").count()
+    page.click("#generate")
+    slot = page.locator(".field-error[data-for=positivePrompt]")
+    assert "2 to 32000 characters" in slot.inner_text()  # the page's own check: nothing was sent
+    assert page.locator(".task").count() == count
+    shot(page, "03-page-check")
+
+    open_section(page, "output-section")
+    page.check("#skip-checks")  # send it anyway: the server's own error is shown next to the prompt
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelector('.field-error[data-for=positivePrompt]').textContent"
+                           ".includes('invalidPositivePrompt')")
+    assert page.locator(".task").count() == count + 1
+    failed = page.locator(".task").first
+    assert failed.get_attribute("data-status") == "error" and "invalidPositivePrompt" in failed.inner_text()
+    assert page.get_attribute("#positivePrompt", "aria-invalid") == "true"
+
+    page.fill("#positivePrompt", "a lighthouse")
+    set_value(page, "#steps", 10)
+    page.fill("#numberResults", "1")
+    open_section(page, "lora-section")
+    page.select_option("#lora-pick", "civitai:42@7")  # from modelSearch: the server's LoRA folder
+    page.click("#lora-add")
+    page.eval_on_selector("#loras .lora", "row => row.dataset.model = 'missing-lora'")  # gone from the folder
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelector('.field-error[data-for=lora]').textContent"
+                           ".includes('not found')")
+    shot(page, "04-server-error", full_page=True)
+    page.click("#loras .lora button")
+    page.uncheck("#skip-checks")
+
+
+def test_reuse_settings_fills_the_form_and_the_gallery_survives_a_reload(page):
+    page.fill("#positivePrompt", "a teapot, watercolor")
+    page.fill("#negativePrompt", "blurry")
+    set_value(page, "#steps", 11)
+    set_value(page, "#CFGScale", 5.5)
+    page.select_option("#scheduler", "DPM++ 2M Karras")
+    page.click(".size:has(input[value='640x1408'])")
+    page.select_option("#lora-pick", "watercolor")
+    page.click("#lora-add")
+    set_value(page, "#loras .lora input", 0.75)
+    open_section(page, "cache-section")
+    page.select_option("#cacheMethod", "teaCache")
+    page.check("#includeCost")
+    card = generate(page)
+    wait_done(page, card, 1)
+    caption = card.locator("figcaption").inner_text()
+    seed = int(caption.split()[1])
+    assert "$" in caption  # includeCost
+
+    page.fill("#positivePrompt", "something else entirely")
+    page.fill("#negativePrompt", "")
+    page.click("#loras .lora button")
+    page.select_option("#cacheMethod", "")
+    page.click(".size:has(input[value='1024x1024'])")
+    card.locator(".tile .open").click()
+    page.wait_for_selector("#viewer[open]")
+    assert page.get_attribute("#viewer-download", "href") == card.locator(".tile img").get_attribute("src")
+    shot(page, "05-viewer")
+    page.click("#viewer-reuse")
+    assert page.input_value("#positivePrompt") == "a teapot, watercolor"
+    assert page.input_value("#negativePrompt") == "blurry"
+    assert page.input_value("#steps") == "11" and page.input_value("#CFGScale") == "5.5"
+    assert page.input_value("#scheduler") == "DPM++ 2M Karras"
+    assert page.is_checked(".size input[value='640x1408']")
+    assert page.is_checked("input[name=seedMode][value=fixed]") and page.input_value("#seed") == str(seed)
+    assert page.locator("#loras .lora").get_attribute("data-model") == "watercolor"
+    assert page.input_value("#loras .lora input") == "0.75"
+    assert page.input_value("#cacheMethod") == "teaCache" and page.is_checked("#includeCost")
+
+    images = page.locator(".tile img").count()
+    page.reload()
+    page.wait_for_selector("#connection[data-state=connected]")
+    assert page.locator(".tile img").count() == images
+    page.wait_for_function("() => [...document.querySelectorAll('.tile img')].every(i => i.complete && i.naturalWidth)")
+    assert page.input_value("#positivePrompt") == "a teapot, watercolor"  # the form too
+    assert page.evaluate("sessionStorage.getItem('k5serve.apiKey')") == API_KEY  # no new prompt for the key
+    assert not page.is_visible("#key-dialog")
+
+
+def test_an_editing_request_with_an_uploaded_image_returns_an_image(page, tmp_path):
+    source = tmp_path / "input.png"
+    Image.new("RGB", (896, 1152), (200, 60, 30)).save(source)
+    page.fill("#positivePrompt", "make it blue")
+    page.click("input[name=seedMode][value=random]")
+    for section in ("cache-section", "lora-section", "image-input"):
+        open_section(page, section)
+    page.select_option("#cacheMethod", "")
+    page.fill("#numberResults", "1")
+    set_value(page, "#steps", 10)
+    if page.locator("#loras .lora").count():
+        page.click("#loras .lora button")
+    page.check("input[name=imageMode][value=edit]")
+    page.set_input_files("#file", str(source))
+    page.wait_for_function("() => document.getElementById('preview').naturalWidth === 896")  # previewed before sending
+    page.click(".size.match")
+    shot(page, "06-edit-input", full_page=True)
+    card = generate(page)
+    wait_done(page, card, 1)
+    assert "896×1152" in card.locator("figcaption").inner_text()  # the size came from the input image
+    assert "edit" in card.inner_text()
+    shot(page, "07-edit-result", full_page=True)
+
+    png = io.BytesIO()
+    Image.new("RGB", (1024, 1024), (30, 90, 200)).save(png, format="PNG")
+    (tmp_path / "seed.png").write_bytes(png.getvalue())
+    page.check("input[name=imageMode][value=seed]")
+    page.set_input_files("#file", str(tmp_path / "seed.png"))
+    set_value(page, "#strength", 0.6)
+    page.click(".size:has(input[value='1024x1024'])")
+    card = generate(page)
+    wait_done(page, card, 1)
+    assert "img2img 0.6" in card.inner_text()
+    assert page.js_errors == []
+
+
+def test_queue_view_shows_the_server_and_its_tasks(page, srv):
+    queue = page
+    queue.click("a[href='/queue']")  # the same tab: the key is in its session storage
+    queue.wait_for_selector("#readiness[data-state=ready]")
+    facts = queue.inner_text("#facts")
+    assert "cpu" in facts and "tiny test weights" in facts
+    first, second = task(deliveryMethod="async", steps=14), task(deliveryMethod="async", steps=10)
+    assert srv.post([first, second], headers=AUTH).status_code == 200
+    queue.wait_for_selector(f"tr[data-id='{first['taskUUID'][:8]}'][data-status=running]")
+    queue.wait_for_selector(f"tr[data-id='{second['taskUUID'][:8]}'][data-status=queued]")
+    assert "queued · position 1" in queue.inner_text(f"tr[data-id='{second['taskUUID'][:8]}']")
+    shot(queue, "08-queue")
+    queue.wait_for_selector("#idle:not([hidden])")  # it refreshes itself until both are done
+    assert "images generated" in queue.inner_text("#counts")
+    assert not queue.is_visible("#key-dialog")
+
+
+def test_phone_width_and_dark_mode(browser, srv, visits):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, color_scheme="dark", is_mobile=True)
+    visits.watch(context)
+    phone = context.new_page()
+    phone.set_default_timeout(TIMEOUT_MS)
+    phone.goto(srv.url + "/")
+    phone.wait_for_selector("#key-dialog[open]")  # a new tab session: the key is asked again
+    phone.fill("#key-input", API_KEY)
+    phone.click("#key-save")
+    phone.wait_for_selector("#connection[data-state=connected]")
+    width = phone.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the page scrolls sideways on a phone ({width} px)"
+    background = phone.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(20, 23, 28)", background  # the dark palette
+    shot(phone, "09-phone-dark", full_page=True)
+    context.close()
+
+
+def test_the_page_asked_nothing_of_any_other_host(visits, srv):
+    assert visits.urls, "no request was recorded"
+    own = urlsplit(srv.url).netloc
+    elsewhere = [u for u in visits.urls if urlsplit(u).netloc != own and not u.startswith(("data:", "blob:"))]
+    assert elsewhere == []
+    assert any(u.startswith(f"ws://{own}/v1") for u in visits.urls)
