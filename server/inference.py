@@ -42,13 +42,12 @@ class ActiveTask:
     steps: int
     number_results: int
     submitted: float  # time.time()
-    future: Any = None  # the worker's Future: running() once a worker has taken it
     step: int = 0
-    total: int = 0
+    total: int = 0  # set by the first progress report (step 0 of N), when denoising starts
 
     @property
     def running(self) -> bool:
-        return self.step > 0 or (self.future is not None and self.future.running())
+        return self.total > 0
 
 
 class ImageInference:
@@ -107,7 +106,7 @@ class ImageInference:
         try:
             future = worker.submit(spec, on_progress)
             self.active[task.taskUUID] = ActiveTask(task.taskUUID, spec.width, spec.height, spec.steps,
-                                                    spec.num_images, now, future)
+                                                    spec.num_images, now)
         except InvalidInput as exc:
             await asyncio.to_thread(self.tasks.delete, task.taskUUID)
             raise input_error(exc, task.taskType, task.taskUUID) from None
@@ -156,7 +155,6 @@ class ImageInference:
         try:
             try:
                 output = await asyncio.wrap_future(future)
-                self.finished["images"] += len(output.images)
             except InvalidInput as exc:
                 worker = exc.worker
                 raise input_error(exc, task.taskType, task.taskUUID) from None
@@ -169,7 +167,9 @@ class ImageInference:
                 raise task_error("nsfwContentDetected", f"The safety check flagged {flagged} of "
                                  f"{len(output.nsfw)} image(s) as NSFW; this server withholds flagged results.",
                                  parameter="safety", task_type=task.taskType, task_uuid=task.taskUUID)
-            return await self.delivery.succeed(task, spec, output, base_url)
+            items = await self.delivery.succeed(task, spec, output, base_url)
+            self.finished["images"] += len(output.images)
+            return items
         except asyncio.CancelledError:
             future.cancel()
             self.delivery.fail(task, task_error(

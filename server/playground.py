@@ -9,6 +9,7 @@ scripts and styles from here, connections to here, images from here (and from th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,7 +17,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 
-ASSETS = Path(__file__).parent / "playground"
+PAGES = Path(__file__).parent / "playground"  # index.html, queue.html
+ASSETS = PAGES / "static"  # CSS and JavaScript, at /playground/
+HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")  # a Host header fit for the CSP
 
 router = APIRouter()
 
@@ -24,7 +27,12 @@ router = APIRouter()
 def _policy(request: Request) -> str:
     config = request.app.state.config
     host = request.headers.get("host", "")  # the page's own origin, for its WebSocket (ws: is not 'self' everywhere)
+    if not HOST.match(host):
+        host = ""
     images = ["'self'", "data:", "blob:"]
+    if config.public_url:  # image URLs are built on --public-url
+        public = urlsplit(config.public_url)
+        images.append(f"{public.scheme}://{public.netloc}")
     if config.s3_image_store and config.image_urls == "presigned":  # image URLs point at the bucket
         endpoint = urlsplit(config.s3_endpoint) if config.s3_endpoint else None
         images.append(f"{endpoint.scheme}://{endpoint.netloc}" if endpoint else "https://*.amazonaws.com")
@@ -36,7 +44,7 @@ def _policy(request: Request) -> str:
 
 
 def _page(name: str, request: Request) -> FileResponse:
-    return FileResponse(ASSETS / name, media_type="text/html", headers={
+    return FileResponse(PAGES / name, media_type="text/html", headers={
         "Content-Security-Policy": _policy(request), "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "no-referrer"})
 

@@ -111,8 +111,11 @@ def test_the_page_is_served_from_here_with_a_strict_policy(srv):
     for asset in ("app.css", "common.js", "playground.js", "queue.js"):
         reply = httpx.get(f"{srv.url}/playground/{asset}")
         assert reply.status_code == 200 and not re.search(r"https?://", reply.text), asset
-    assert httpx.get(srv.url + "/queue").status_code == 200
-    assert httpx.get(srv.url + "/playground/../server/app.py").status_code == 404
+    assert "content-security-policy" in httpx.get(srv.url + "/queue").headers
+    for outside in ("index.html", "%2e%2e/index.html", "%2e%2e/%2e%2e/playground.py", "..%2f..%2fapp.py"):
+        assert httpx.get(f"{srv.url}/playground/{outside}").status_code == 404, outside  # pages only with their CSP
+    forged = httpx.get(srv.url + "/", headers={"Host": "evil; script-src *"}).headers["content-security-policy"]
+    assert "evil" not in forged and "script-src *" not in forged
     total = sum(len(httpx.get(f"{srv.url}/playground/{a}").content) for a in ("app.css", "common.js", "playground.js"))
     assert len(page.content) + total < 120_000  # small: no framework, no build
 
@@ -181,7 +184,7 @@ def generate(page, how: str = "click"):
     else:
         page.locator("#positivePrompt").press(how)
     page.wait_for_function(f"() => document.querySelectorAll('.task').length > {before}")
-    return page.locator(".task").first
+    return page.locator(f".task[data-task='{page.locator('.task').first.get_attribute('data-task')}']")
 
 
 def wait_done(page, card, count: int) -> set[str]:
@@ -248,7 +251,7 @@ def test_errors_show_next_to_their_parameter(page):
     page.wait_for_function("() => document.querySelector('.field-error[data-for=positivePrompt]').textContent"
                            ".includes('invalidPositivePrompt')")
     assert page.locator(".task").count() == count + 1
-    failed = page.locator(".task").first
+    failed = page.locator(".task").first  # a server error comes back at once: no task was queued
     assert failed.get_attribute("data-status") == "error" and "invalidPositivePrompt" in failed.inner_text()
     assert page.get_attribute("#positivePrompt", "aria-invalid") == "true"
 
@@ -268,7 +271,7 @@ def test_errors_show_next_to_their_parameter(page):
 
 
 def test_reuse_settings_fills_the_form_and_the_gallery_survives_a_reload(page):
-    page.fill("#positivePrompt", "a teapot, watercolor")
+    page.fill("#positivePrompt", "a <b>teapot</b>, watercolor")
     page.fill("#negativePrompt", "blurry")
     set_value(page, "#steps", 11)
     set_value(page, "#CFGScale", 5.5)
@@ -296,7 +299,8 @@ def test_reuse_settings_fills_the_form_and_the_gallery_survives_a_reload(page):
     assert page.get_attribute("#viewer-download", "href") == card.locator(".tile img").get_attribute("src")
     shot(page, "05-viewer")
     page.click("#viewer-reuse")
-    assert page.input_value("#positivePrompt") == "a teapot, watercolor"
+    assert page.input_value("#positivePrompt") == "a <b>teapot</b>, watercolor"
+    assert card.locator(".prompt").inner_text() == "a <b>teapot</b>, watercolor"  # text, never markup
     assert page.input_value("#negativePrompt") == "blurry"
     assert page.input_value("#steps") == "11" and page.input_value("#CFGScale") == "5.5"
     assert page.input_value("#scheduler") == "DPM++ 2M Karras"
@@ -311,9 +315,26 @@ def test_reuse_settings_fills_the_form_and_the_gallery_survives_a_reload(page):
     page.wait_for_selector("#connection[data-state=connected]")
     assert page.locator(".tile img").count() == images
     page.wait_for_function("() => [...document.querySelectorAll('.tile img')].every(i => i.complete && i.naturalWidth)")
-    assert page.input_value("#positivePrompt") == "a teapot, watercolor"  # the form too
+    assert page.input_value("#positivePrompt") == "a <b>teapot</b>, watercolor"  # the form too
     assert page.evaluate("sessionStorage.getItem('k5serve.apiKey')") == API_KEY  # no new prompt for the key
     assert not page.is_visible("#key-dialog")
+
+
+def test_a_task_running_through_a_reload_still_arrives(page):
+    page.fill("#positivePrompt", "a windmill in a storm")
+    page.click("input[name=seedMode][value=random]")
+    page.fill("#numberResults", "1")
+    set_value(page, "#steps", 16)
+    card = generate(page)
+    task_uuid = card.get_attribute("data-task")
+    page.wait_for_function(f"() => document.querySelector(\".task[data-task='{task_uuid}'] .state\")"
+                           ".textContent.startsWith('step')")
+    page.reload()  # mid-generation: the card is restored and its result comes later
+    page.wait_for_selector("#connection[data-state=connected]")
+    card = page.locator(f".task[data-task='{task_uuid}']")
+    assert card.get_attribute("data-status") != "done"
+    wait_done(page, card, 1)
+    assert page.locator(f".task[data-task='{task_uuid}'] .tile").count() == 1  # once, not twice
 
 
 def test_an_editing_request_with_an_uploaded_image_returns_an_image(page, tmp_path):
@@ -376,6 +397,12 @@ def test_phone_width_and_dark_mode(browser, srv, visits):
     phone.set_default_timeout(TIMEOUT_MS)
     phone.goto(srv.url + "/")
     phone.wait_for_selector("#key-dialog[open]")  # a new tab session: the key is asked again
+    phone.fill("#key-input", "typed, then Escape")
+    phone.keyboard.press("Escape")  # a cancel: nothing is stored, nothing is sent
+    phone.wait_for_selector("#key-dialog", state="hidden")
+    assert phone.evaluate("sessionStorage.getItem('k5serve.apiKey')") is None
+    assert phone.inner_text("#connection") == "API key needed"
+    phone.click("#change-key")
     phone.fill("#key-input", API_KEY)
     phone.click("#key-save")
     phone.wait_for_selector("#connection[data-state=connected]")

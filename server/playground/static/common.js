@@ -57,6 +57,7 @@ export function askForKey(message) {
   return new Promise((resolve) => {
     dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok" ? input.value.trim() : null),
       { once: true });
+    dialog.returnValue = ""; // Escape leaves it as it was: a cancel
     if (!dialog.open) dialog.showModal();
     input.focus();
   });

@@ -22,7 +22,9 @@ const limits = {
   ttl: { min: 60, max: 2592000 }, strength: { min: 0, max: 1 }, seed: { min: 0, max: Number.MAX_SAFE_INTEGER },
   weight: { min: -4, max: 4 }, cacheMax: { min: 1, max: 5 }, cacheStart: { min: 0, max: 99 },
   cacheEnd: { min: 1, max: 100 }, dbSkip: { min: 1, max: 50 }, loras: { max: 16 },
-  scheduler: [], outputFormat: ["JPG", "PNG", "WEBP"],
+  scheduler: ["DPM++ 2M Karras", "DPM++ SDE Karras", "DPM++ 2M SDE Exponential", "DPM++ 2M SDE Karras", "Euler",
+    "Euler a", "Euler Trailing", "LCM", "DDIM", "DDPM", "PNDM", "UniPC"],
+  outputFormat: ["JPG", "PNG", "WEBP"],
 };
 
 const $ = (id) => document.getElementById(id);
@@ -30,6 +32,7 @@ const entries = loadGallery(); // newest first
 const active = new Map(); // taskUUID -> entry, unfinished
 let image = null; // {file, preview, uuid, url}: the chosen input image
 let lastSeed = null;
+let busy = false; // an input image is being uploaded
 
 // -- the WebSocket connection -------------------------------------------------------------------------------
 
@@ -41,11 +44,17 @@ class Connection {
     this.handlers = new Map(); // taskUUID -> {item(item), error(error)}
     this.retries = 0;
     this.stopped = false;
+    this.timer = null;
     this.onReady = () => {};
   }
 
   connect() {
     this.stopped = false;
+    clearTimeout(this.timer);
+    const old = this.ws;
+    this.ws = null;
+    if (old) old.close();
+    this.ready = false;
     const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1`);
     this.ws = ws;
     status("connecting", "connecting…");
@@ -69,7 +78,7 @@ class Connection {
       this.ready = false;
       if (this.stopped) return;
       status("offline", "reconnecting…");
-      setTimeout(() => this.connect(), Math.min(10000, 500 * 2 ** this.retries++));
+      this.timer = setTimeout(() => this.connect(), Math.min(10000, 500 * 2 ** this.retries++));
     };
   }
 
@@ -95,7 +104,7 @@ class Connection {
 
   async refused(error) {
     this.stopped = true;
-    this.ws.close();
+    this.ws?.close();
     status("refused", "API key needed");
     const had = apiKey();
     const key = await askForKey(had ? `${error.message} (invalidApiKey)` : "This server asks for an API key.");
@@ -106,7 +115,7 @@ class Connection {
   }
 
   send(tasks) {
-    if (this.ready && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(tasks));
+    if (this.ready && this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(tasks));
     else this.waiting.push(tasks);
   }
 
@@ -168,9 +177,8 @@ async function loadLimits() {
     Object.assign(limits.cacheEnd, bounds(accel.cacheEndStepPercentage));
     Object.assign(limits.dbSkip, bounds(accel.dbCacheSkipInterval));
     limits.loras.max = bounds(task.lora).maxItems ?? limits.loras.max;
-    limits.scheduler = bounds(task.scheduler).enum || [];
-    limits.outputFormat = (schemas.ImageInferenceTask.properties.outputFormat.enum
-      || bounds(task.outputFormat).enum || limits.outputFormat);
+    limits.scheduler = bounds(task.scheduler).enum || limits.scheduler;
+    limits.outputFormat = bounds(task.outputFormat).enum || limits.outputFormat;
   } catch {
     // the fallbacks above are the model page's own ranges
   }
@@ -415,29 +423,35 @@ function chooseFile(file) {
   setImage({ file, preview: URL.createObjectURL(file), uuid: null, url: null });
 }
 
-async function uploadImage() {
-  if (!image || image.uuid) return;
+async function uploadImage(chosen) {
   const data = await new Promise((resolve, reject) => {
     const reader = new FileReader();
     reader.onload = () => resolve(reader.result);
     reader.onerror = () => reject(reader.error);
-    reader.readAsDataURL(image.file);
+    reader.readAsDataURL(chosen.file);
   });
   const item = await conn.request({ taskType: "imageUpload", taskUUID: uuid4(), image: data });
-  image.uuid = item.imageUUID;
-  image.url = item.imageURL;
+  chosen.uuid = item.imageUUID; // this image's, even if another was chosen meanwhile
+  chosen.url = item.imageURL;
 }
 
 // -- LoRA ---------------------------------------------------------------------------------------------------
 
 async function loadLoras() {
   const pick = $("lora-pick");
+  const found = [];
   try {
-    const item = await conn.request({ taskType: "modelSearch", taskUUID: uuid4(), category: "lora", limit: 100 });
-    pick.replaceChildren(...item.results.map((m) => el("option", { value: m.air, text: m.name })));
+    for (let total = 1; found.length < total && found.length < 1000;) {
+      const item = await conn.request({ taskType: "modelSearch", taskUUID: uuid4(), category: "lora", limit: 100,
+        offset: found.length });
+      if (!item.results.length) break;
+      found.push(...item.results);
+      total = item.totalResults;
+    }
   } catch {
-    pick.replaceChildren();
+    // no list: LoRA requests are still checked by the server
   }
+  pick.replaceChildren(...found.map((m) => el("option", { value: m.air, text: m.name })));
   pick.disabled = $("lora-add").disabled = pick.options.length === 0;
   if (pick.disabled) pick.append(el("option", { text: "no LoRA folder on this server (--lora-dir)" }));
   refreshForm();
@@ -457,6 +471,7 @@ function addLora(model, weight = 1) {
 // -- generating and the gallery -----------------------------------------------------------------------------
 
 async function generate() {
+  if (busy) return;
   clearErrors();
   const settings = readForm();
   if (!$("skip-checks").checked) {
@@ -467,20 +482,24 @@ async function generate() {
     }
   }
   if (settings.imageMode !== "none" && image && !image.uuid) {
+    const chosen = image;
+    busy = $("generate").disabled = true;
     try {
-      await uploadImage();
+      await uploadImage(chosen);
     } catch (error) {
       showError("image", `Uploading the image failed: ${error.message || error} (${error.code || "error"})`);
       return;
+    } finally {
+      busy = $("generate").disabled = false;
     }
-    settings.image = { uuid: image.uuid, url: image.url };
+    settings.image = { uuid: chosen.uuid, url: chosen.url };
     refreshForm();
   }
   const taskUUID = uuid4();
   const entry = { taskUUID, settings, created: Date.now(), images: [], status: "queued", step: 0,
     steps: Number(settings.steps) || 0, done: false };
   entries.unshift(entry);
-  entries.splice(MAX_ENTRIES);
+  for (const dropped of entries.splice(MAX_ENTRIES)) forget(dropped);
   track(entry);
   conn.send([buildTask(settings, taskUUID)]);
   saveGallery();
@@ -491,6 +510,11 @@ function track(entry) {
   active.set(entry.taskUUID, entry);
   conn.on(entry.taskUUID, { item: (item) => received(entry, item), error: (error) => failed(entry, error) });
   pollProgress();
+}
+
+function forget(entry) {
+  active.delete(entry.taskUUID);
+  conn.off(entry.taskUUID);
 }
 
 function received(entry, item) {
@@ -511,6 +535,11 @@ function received(entry, item) {
 
 function failed(entry, error) {
   if (entry.done && entry.status === "done") return;
+  // Asked for right after it was sent (a reload, a reconnect): its record may not exist yet.
+  if (entry.resumed && error.code === "taskFailedOrNotFound" && (entry.misses = (entry.misses || 0) + 1) <= 5) {
+    setTimeout(() => !entry.done && conn.send([{ taskType: "getResponse", taskUUID: entry.taskUUID }]), 1000);
+    return;
+  }
   entry.error = { code: error.code, message: error.message, parameter: error.parameter };
   finish(entry, "error");
   serverError(error);
@@ -522,8 +551,7 @@ function finish(entry, how) {
   entry.status = how;
   entry.done = true;
   entry.seconds = (Date.now() - entry.created) / 1000;
-  active.delete(entry.taskUUID);
-  conn.off(entry.taskUUID);
+  forget(entry);
 }
 
 // Progress of this page's tasks from GET /tasks (step k of N, or the place in the queue), while any is active.
@@ -575,6 +603,7 @@ function describe(s) {
 }
 
 function renderEntry(entry) {
+  if (!entries.includes(entry)) return; // cleared from the gallery
   const old = document.querySelector(`.task[data-task="${entry.taskUUID}"]`);
   const tiles = entry.images.map((img) => {
     const picture = el("img", { src: img.imageURL, alt: entry.settings.positivePrompt, loading: "lazy",
@@ -619,15 +648,18 @@ function loadGallery() {
 }
 
 function saveGallery() {
-  sessionStorage.setItem(GALLERY, JSON.stringify(entries));
+  try {
+    sessionStorage.setItem(GALLERY, JSON.stringify(entries));
+  } catch {
+    // storage full: the gallery still shows, it just won't survive a reload
+  }
 }
 
-// After a reload: results of unfinished tasks come from the resumed session, or from getResponse.
-function resume() {
-  for (const entry of entries) {
-    if (entry.done) continue;
+// After a reload or a reconnect, unfinished tasks' results come from the resumed session or, when the session
+// was gone (away longer than the server's resume window), from getResponse.
+function catchUp() {
+  for (const entry of active.values()) {
     entry.resumed = true;
-    track(entry);
     conn.send([{ taskType: "getResponse", taskUUID: entry.taskUUID }]);
   }
 }
@@ -671,7 +703,7 @@ async function start() {
   $("form").addEventListener("change", refreshForm);
   $("form").addEventListener("submit", (event) => { event.preventDefault(); generate(); });
   document.addEventListener("keydown", (event) => {
-    if ((event.ctrlKey || event.metaKey) && event.key === "Enter") {
+    if ((event.ctrlKey || event.metaKey) && event.key === "Enter" && !document.querySelector("dialog[open]")) {
       event.preventDefault();
       generate();
     }
@@ -705,7 +737,12 @@ async function start() {
   });
   $("viewer-reuse").addEventListener("click", reuse);
   $("viewer-close").addEventListener("click", () => $("viewer").close());
-  $("clear-gallery").addEventListener("click", () => { entries.splice(0); saveGallery(); renderGallery(); });
+  $("clear-gallery").addEventListener("click", () => {
+    const unfinished = entries.filter((entry) => !entry.done); // still coming: kept
+    entries.splice(0, entries.length, ...unfinished);
+    saveGallery();
+    renderGallery();
+  });
   $("change-key").addEventListener("click", async () => {
     const key = await askForKey("Enter the API key to use with this server.");
     if (key !== null) {
@@ -715,10 +752,12 @@ async function start() {
     }
   });
   renderGallery();
+  for (const entry of entries) if (!entry.done) track(entry); // from before a reload
+  let first = true;
   conn.onReady = () => {
-    conn.onReady = () => {};
-    loadLoras();
-    resume();
+    if (first) loadLoras();
+    first = false;
+    catchUp();
   };
   conn.connect();
   getJSON("/ready").then(({ body }) => {

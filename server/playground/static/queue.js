@@ -4,6 +4,7 @@ import { askForKey, el, formatSeconds, getJSON, setApiKey } from "./common.js";
 const $ = (id) => document.getElementById(id);
 const REFRESH_MS = 2000;
 let asking = false;
+let declined = false; // cancelled the key dialog: not asked again until "API key" is clicked
 
 function fact(name, value) {
   return value === undefined || value === null || value === "" ? null
@@ -60,11 +61,12 @@ function showTasks(body) {
   $("idle").hidden = body.tasks.length > 0;
 }
 
-async function needKey(message) {
-  if (asking) return;
+async function needKey(message, asked = false) {
+  if (asking || (declined && !asked)) return;
   asking = true;
   const key = await askForKey(message);
   asking = false;
+  declined = !key;
   if (key) setApiKey(key);
 }
 
@@ -81,6 +83,10 @@ async function refresh() {
   } else $("tasks-error").textContent = "The task list is unavailable.";
 }
 
-$("change-key").addEventListener("click", () => needKey("Enter the API key to use with this server."));
-refresh();
-setInterval(refresh, REFRESH_MS);
+$("change-key").addEventListener("click", () => needKey("Enter the API key to use with this server.", true));
+
+async function loop() {
+  await refresh();
+  setTimeout(loop, REFRESH_MS); // after each refresh ends: slow answers never pile up
+}
+loop();
