@@ -18,6 +18,32 @@ class LoadConfig:
     offload: str = "none"  # "none", "model" or "sequential": diffusers' CPU offload (CUDA only)
 
 
+# Our names -> diffusers' AttentionBackendName values, with what each needs.
+ATTENTION_BACKENDS = {
+    "native": "native",  # torch's scaled_dot_product_attention, choosing its own kernel (the default)
+    "math": "_native_math",  # SDPA's reference kernel (any device; slow: for checking the others)
+    "cudnn": "_native_cudnn",  # SDPA forced onto cuDNN's fused attention (CUDA)
+    "sdpa-flash": "_native_flash",  # SDPA forced onto its FlashAttention-2 kernel (CUDA)
+    "sdpa-efficient": "_native_efficient",  # SDPA forced onto the memory-efficient kernel (CUDA)
+    "flash": "flash",  # the flash-attn package (FlashAttention 2)
+    "flash3": "_flash_3",  # FlashAttention 3 (flash_attn_interface, built from source; Hopper only)
+    "sage": "sage",  # the sageattention package (INT8 QK, CUDA)
+}
+QUANTIZE = ("fp8",)
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """How the transformer runs (pipelines.speed checks each against the device at start-up)."""
+
+    compile: bool = False  # torch.compile the repeated transformer blocks (regional compilation)
+    warmup: bool = False  # generate once at every allowed size before the server reports ready
+    attention_backend: str = "native"  # a name of speed.ATTENTION_BACKENDS
+    quantize: str | None = None  # "fp8": FP8 matrix products in the transformer's linear layers (torchao)
+    fp8_storage: bool = False  # transformer weights stored in FP8, computed in the model dtype (layerwise casting)
+    prompt_cache: int = 256  # text-encoder outputs kept (LRU); 0 = encode every prompt
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     i2i_path: Path | None = None  # None: no editing model
@@ -28,6 +54,7 @@ class EngineConfig:
     safety_path: Path | None = None  # NSFW image classifier folder; None: safety checks are refused
     safety_threshold: float = 0.5  # an image is flagged when P(unsafe) >= this
     offload: str = "none"  # the T2I pipeline's CPU offload mode; the I2I pipeline follows it
+    speed: SpeedSettings = SpeedSettings()  # compile, attention kernel, FP8, prompt cache
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from k5serve.weights.hub import same_component
 from .config import EngineConfig, engine_features
 from .device import place
 from .k5 import K5I2IPipeline, K5T2IPipeline
+from .prompt_cache import PromptCache
+from .speed import apply_speed
 from .worker import GenerationOutput, GenerationSpec, InvalidInput, ProgressCallback
 
 if TYPE_CHECKING:
@@ -37,6 +39,9 @@ class K5Engine:
         self._i2i_lock = threading.Lock()
         self._loras: dict[int, LoraManager] = {}
         self.safety: SafetyChecker | None = None
+        # One cache for both pipelines (its keys name the pipeline): they share the text encoders.
+        self.prompt_cache = PromptCache(config.speed.prompt_cache) if config.speed.prompt_cache else None
+        t2i.prompt_cache = self.prompt_cache
         if config.safety_path is not None:
             from .safety import SafetyChecker
 
@@ -66,6 +71,8 @@ class K5Engine:
                                                      **shared)
                 place(pipe, self.t2i._execution_device, self.config.offload)
                 pipe.set_progress_bar_config(disable=True)
+                apply_speed(pipe.transformer, self.config.speed)
+                pipe.prompt_cache = self.prompt_cache
                 self._i2i = pipe
                 log.info("loaded the I2I editing transformer from %s (shared encoders and VAE)",
                          self.config.i2i_path)
@@ -119,4 +126,5 @@ class K5Engine:
         return {"i2i_model": str(self.config.i2i_path) if self.config.i2i_path else None,
                 "i2i_loaded": self._i2i is not None,
                 "lora_dir": str(self.config.lora_dir) if self.config.lora_dir else None,
+                "prompt_cache_entries": len(self.prompt_cache) if self.prompt_cache else 0,
                 **(self.safety.describe() if self.safety else {"safety_model": None})}

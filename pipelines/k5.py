@@ -14,6 +14,8 @@ a server needs:
 * input images encoded with the VAE's mean (deterministic, the same for every image of a batch);
 * image-to-image on the T2I model (`init_image` + `strength`), which the stock pipeline lacks;
 * a per-step callback for progress and timing;
+* the text encoders' outputs kept in a bounded LRU (`prompt_cache.PromptCache`), so a repeated prompt, above
+  all the negative one, is not encoded again;
 * step caching (TeaCache, First Block Cache, DBCache; `accel/`) with each CFG branch in its own cache context.
 """
 
@@ -29,12 +31,31 @@ from k5serve.accel.hooks import Recorder
 from k5serve.accel.session import StepCache
 from PIL import Image
 
+from .prompt_cache import PromptCache, image_digest
 from .schedulers import make_scheduler, scheduler_step
 from .worker import GenerationOutput, GenerationSpec, ProgressCallback
 
 
 class _K5Loop:
     """The denoising loop and helpers shared by the T2I and I2I pipelines (a mixin over the stock classes)."""
+
+    prompt_cache: PromptCache | None = None  # set by the engine; None: every prompt is encoded
+
+    def _encoded(self, prompt: str, counts: dict[str, int], image: Image.Image | None = None):
+        """`encode_prompt` for one prompt and the spec's images per prompt, through the prompt cache."""
+        device, dtype, n = self._execution_device, self.transformer.dtype, counts["images"]
+        extra = {} if image is None else {"image": [image]}
+
+        def encode():
+            return self.encode_prompt(prompt, num_images_per_prompt=n, device=device, dtype=dtype, **extra)
+
+        if self.prompt_cache is None:
+            counts["misses"] += 1
+            return encode()
+        key = (type(self).__name__, prompt, n, str(device), str(dtype), image_digest(image))
+        value, hit = self.prompt_cache.get(key, encode)
+        counts["hits" if hit else "misses"] += 1
+        return value
 
     def _run(
         self,
@@ -102,6 +123,13 @@ class _K5Loop:
                                 seconds=time.perf_counter() - started, step_seconds=step_seconds,
                                 cache_stats=cache.stats.as_dict())
 
+    def _prompts(self, spec: GenerationSpec, image: Image.Image | None = None):
+        """-> (cond, uncond or None without CFG, {"hits", "misses"} of the prompt cache for this request)."""
+        counts = {"images": spec.num_images, "hits": 0, "misses": 0}
+        cond = self._encoded(spec.prompt, counts, image)
+        uncond = self._encoded(spec.negative_prompt, counts, image) if spec.guidance_scale > 1.0 else None
+        return cond, uncond, {"hits": counts["hits"], "misses": counts["misses"]}
+
     def _velocity(self, latents, timestep, text, visual_rope_pos) -> torch.Tensor:
         """One transformer pass for one CFG branch; `text` is what `encode_prompt` returned."""
         qwen, clip, cu_seqlens = text
@@ -137,15 +165,13 @@ class K5T2IPipeline(_K5Loop, Kandinsky5T2IPipeline):
     def generate(self, spec: GenerationSpec, on_step: ProgressCallback | None = None, *,
                  accel: AccelSettings = AccelSettings(), recorder: Recorder | None = None) -> GenerationOutput:
         """`accel`: the operator's step-cache settings; `recorder`: TeaCache calibration's observer."""
-        device, dtype, n = self._execution_device, self.transformer.dtype, spec.num_images
-        cond = self.encode_prompt(spec.prompt, num_images_per_prompt=n, device=device, dtype=dtype)
-        uncond = None
-        if spec.guidance_scale > 1.0:
-            uncond = self.encode_prompt(spec.negative_prompt, num_images_per_prompt=n, device=device, dtype=dtype)
+        cond, uncond, prompt_counts = self._prompts(spec)
         init = None
         if spec.init_image is not None:
-            init = self._encode_image(spec.init_image).expand(n, -1, -1, -1, -1)
-        return self._run(spec, cond, uncond, on_step, accel, recorder, init_latents=init)
+            init = self._encode_image(spec.init_image).expand(spec.num_images, -1, -1, -1, -1)
+        output = self._run(spec, cond, uncond, on_step, accel, recorder, init_latents=init)
+        output.prompt_cache = prompt_counts
+        return output
 
 
 class K5I2IPipeline(_K5Loop, Kandinsky5I2IPipeline):
@@ -155,14 +181,10 @@ class K5I2IPipeline(_K5Loop, Kandinsky5I2IPipeline):
     def generate(self, spec: GenerationSpec, on_step: ProgressCallback | None = None, *,
                  accel: AccelSettings = AccelSettings(), recorder: Recorder | None = None) -> GenerationOutput:
         assert spec.reference_image is not None, "the I2I pipeline needs a reference image"
-        device, dtype, n = self._execution_device, self.transformer.dtype, spec.num_images
-        image = [spec.reference_image]
-        cond = self.encode_prompt(spec.prompt, image=image, num_images_per_prompt=n, device=device, dtype=dtype)
-        uncond = None
-        if spec.guidance_scale > 1.0:
-            uncond = self.encode_prompt(spec.negative_prompt, image=image, num_images_per_prompt=n,
-                                        device=device, dtype=dtype)
-        image_latents = self._encode_image(spec.reference_image).expand(n, -1, -1, -1, -1)
+        cond, uncond, prompt_counts = self._prompts(spec, spec.reference_image)
+        image_latents = self._encode_image(spec.reference_image).expand(spec.num_images, -1, -1, -1, -1)
         # The transformer sees noise (16), the image latents (16) and a ones-mask (1): 33 channels.
         condition = torch.cat([image_latents, torch.ones_like(image_latents[..., :1])], dim=-1)
-        return self._run(spec, cond, uncond, on_step, accel, recorder, condition=condition)
+        output = self._run(spec, cond, uncond, on_step, accel, recorder, condition=condition)
+        output.prompt_cache = prompt_counts
+        return output

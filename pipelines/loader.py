@@ -9,10 +9,11 @@ from dataclasses import replace
 
 import torch
 
-from .config import EngineConfig, LoadConfig
+from .config import EngineConfig, LoadConfig, SpeedSettings
 from .device import pick_device, pick_dtype, place
 from .engine import K5Engine
 from .k5 import K5T2IPipeline
+from .speed import apply_speed, check_speed, warm_up
 
 log = logging.getLogger("k5serve.loader")
 
@@ -21,15 +22,17 @@ if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):  # transformers and huggingfa
 
     diffusers_logging.disable_progress_bar()
 
-def load_t2i(config: LoadConfig) -> tuple[K5T2IPipeline, dict]:
+def load_t2i(config: LoadConfig, speed: SpeedSettings = SpeedSettings()) -> tuple[K5T2IPipeline, dict]:
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     started = time.perf_counter()
     if config.offload != "none" and device.type != "cuda":
         raise ValueError(f"--offload {config.offload} needs a CUDA device (got {device})")
+    check_speed(speed, device, offload=config.offload)  # before minutes of loading
     pipe = K5T2IPipeline.from_pretrained(config.path, dtype=dtype)
     place(pipe, device, config.offload)
     pipe.set_progress_bar_config(disable=True)
+    speed_seconds = apply_speed(pipe.transformer, speed)
     weights = {name: sum(p.numel() * p.element_size() for p in module.parameters())
                for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
     info = {
@@ -40,6 +43,9 @@ def load_t2i(config: LoadConfig) -> tuple[K5T2IPipeline, dict]:
         "transformer_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
         "weights_bytes": sum(weights.values()),
         "load_seconds": round(time.perf_counter() - started, 2),
+        "speed": {"compile": speed.compile, "attention_backend": speed.attention_backend,
+                  "quantize": speed.quantize, "fp8_storage": speed.fp8_storage, "prompt_cache": speed.prompt_cache,
+                  **{f"{name}_seconds": round(value, 2) for name, value in speed_seconds.items()}},
     }
     if device.type == "cuda":
         info["gpu_memory_allocated_bytes"] = torch.cuda.memory_allocated(device)
@@ -50,9 +56,15 @@ def load_t2i(config: LoadConfig) -> tuple[K5T2IPipeline, dict]:
     return pipe, info
 
 
-def load_engine(config: LoadConfig, engine: EngineConfig = EngineConfig()) -> tuple[K5Engine, dict]:
-    """The T2I pipeline plus the (shared-encoder) I2I editing pipeline and LoRA support."""
-    pipe, info = load_t2i(config)
+def load_engine(config: LoadConfig, engine: EngineConfig = EngineConfig(), *,
+                on_status=None) -> tuple[K5Engine, dict]:
+    """The T2I pipeline plus the (shared-encoder) I2I editing pipeline and LoRA support; with `--warmup`, one
+    generation at every size the pipeline serves before it is handed over (`on_status` hears the progress)."""
+    pipe, info = load_t2i(config, engine.speed)
     if config.offload != "none":
         engine = replace(engine, offload=config.offload)
-    return K5Engine(pipe, engine), info
+    k5 = K5Engine(pipe, engine)
+    if engine.speed.warmup:
+        sizes = list(pipe.resolutions)  # (width, height): the 7 sizes of the model page
+        info["warmup_seconds"] = round(warm_up(k5.generate, sizes, on_status=on_status), 2)
+    return k5, info

@@ -433,6 +433,7 @@ class LoraManager:
             raise LoraError(model_id, f"could not be loaded ({type(exc).__name__}: {exc})") from None
         if name not in self._peft_adapters():
             raise LoraError(model_id, "matches no layer of this model")
+        _adapter_in_compute_dtype(transformer, name, sd, dtype)
         if transformer.device.type == "cuda":
             torch.cuda.synchronize(transformer.device)
         layers = len(sd) // 2
@@ -450,3 +451,21 @@ class LoraManager:
             self._to_base()
             for model_id in list(self._adapters):
                 self._evict(model_id)
+
+
+def _adapter_in_compute_dtype(transformer, name: str, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """peft makes an adapter's layers in the dtype of the weights they wrap; under --fp8-storage those are stored
+    in float8, which LoRA's own matrix products cannot use. Such layers move to the compute dtype and take their
+    values again from the file (not from the float8 copy)."""
+    modules = dict(transformer.named_modules())
+    with torch.no_grad():
+        for key, value in sd.items():
+            path, sep, rest = key.removeprefix("transformer.").rpartition(".lora_")
+            host = modules.get(path) if sep else None
+            layers = getattr(host, f"lora_{rest[:1]}", None)
+            if not isinstance(layers, torch.nn.ModuleDict) or name not in layers:
+                continue
+            layer = layers[name]
+            if layer.weight.dtype != dtype:
+                layer.to(dtype)
+                layer.weight.copy_(value)

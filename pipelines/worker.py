@@ -52,6 +52,7 @@ class GenerationOutput:
     seconds: float  # wall time the accelerator was busy with this job (queue wait excluded)
     step_seconds: list[float] = field(default_factory=list)
     cache_stats: dict | None = None  # transformer passes computed / reused per CFG branch (CacheStats.as_dict)
+    prompt_cache: dict | None = None  # {"hits", "misses"}: prompts this job took from the prompt cache or encoded
     nsfw: list[bool] | None = None  # per image, when check_content asked for it
     nsfw_scores: list[float] | None = None  # the classifier's NSFW probability per image
     queue_seconds: float = 0.0  # time the job waited in the worker's queue

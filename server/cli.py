@@ -149,11 +149,25 @@ def _checkpoints(args: argparse.Namespace, *, i2i: bool = True, safety: bool = T
 
 def _engine_config(args: argparse.Namespace, found):
     from k5serve.accel import AccelSettings
-    from k5serve.pipelines.config import EngineConfig
+    from k5serve.pipelines.config import EngineConfig, SpeedSettings
 
     accel = opt.build(AccelSettings, args.options, vars(args))
+    speed = opt.build(SpeedSettings, args.options, vars(args))
     return opt.build(EngineConfig, args.options, vars(args), i2i_path=found and found.i2i,
-                     safety_path=found and found.safety, accel=accel)
+                     safety_path=found and found.safety, accel=accel, speed=speed)
+
+
+def _check_speed(args: argparse.Namespace, found) -> None:
+    """Refuse a speed option this machine's device cannot do before the server starts (the replicas of a
+    remote Ray cluster check their own device when they start)."""
+    from k5serve.pipelines.device import pick_device
+    from k5serve.pipelines.speed import SpeedOptionError, check_speed
+
+    load = _load_config(args, found)
+    try:
+        check_speed(_engine_config(args, found).speed, pick_device(load.device), offload=load.offload)
+    except (SpeedOptionError, RuntimeError) as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def _load_config(args: argparse.Namespace, found):
@@ -163,10 +177,11 @@ def _load_config(args: argparse.Namespace, found):
     return opt.build(LoadConfig, args.options, vars(args) | {"device": found.device}, path=found.t2i)
 
 
-def _load_engine(args: argparse.Namespace, found):
+def _load_engine(args: argparse.Namespace, found, on_status=None):
     from k5serve.pipelines.loader import load_engine
 
-    return load_engine(_load_config(args, found), _engine_config(args, found))
+    _check_speed(args, found)
+    return load_engine(_load_config(args, found), _engine_config(args, found), on_status=on_status)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -202,6 +217,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "--workers ray")
     if workers.replicas and workers.autoscale:
         raise SystemExit("error: give --replicas or --autoscale, not both")
+    if workers.kind == "local" or workers.ray_address is None:  # generation runs on this machine's devices
+        _check_speed(args, found)
 
     def load_worker():
         if workers.kind == "ray":
@@ -213,7 +230,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              on_status=slot.note)
         from k5serve.pipelines.local import LocalWorker
 
-        engine, info = _load_engine(args, found)
+        engine, info = _load_engine(args, found, on_status=slot.note)
         return LocalWorker(engine, max_queue=config.max_queue, info=info | {"tiny_weights": found.tiny},
                            fault_prompt=args.inject_oom_prompt)
 

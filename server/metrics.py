@@ -60,6 +60,9 @@ class Metrics:
             "k5serve_transformer_passes", "Transformer passes per CFG branch, computed or reused from the step "
             "cache; cache is none when the task asked for no step caching",
             ["cache", "branch", "outcome"], registry=r)
+        self.prompt_cache = Counter(
+            "k5serve_prompt_cache", "Prompt encodings (positive and negative) taken from the prompt cache (hit) or "
+            "computed by the text encoders (miss)", ["outcome"], registry=r)
         self._state: Callable[[], dict[str, Any]] | None = None
         r.register(_StateCollector(self))
 
@@ -82,6 +85,9 @@ class Metrics:
         self.images.inc(len(output.images))
         if output.nsfw:
             self.nsfw.inc(sum(output.nsfw))
+        prompts = output.prompt_cache or {}
+        self.prompt_cache.labels("hit").inc(prompts.get("hits", 0))
+        self.prompt_cache.labels("miss").inc(prompts.get("misses", 0))
         stats = output.cache_stats
         if stats:
             method = stats.get("method") or "none"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from k5serve.accel import AccelSettings
-from k5serve.pipelines.config import EngineConfig, LoadConfig, WorkerConfig
+from k5serve.pipelines.config import ATTENTION_BACKENDS, QUANTIZE, EngineConfig, LoadConfig, SpeedSettings, WorkerConfig
 from k5serve.weights.checkpoints import CheckpointChoice
 
 from .config import ListenConfig, LogConfig, ServerConfig
@@ -161,6 +161,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -216,6 +223,19 @@ MODEL_OPTIONS = (
            "disable"),
     Option("safety-threshold", EngineConfig, "safety_threshold", "flag an image when the classifier's unsafe "
            "probability is at least this", type=fraction),
+    Option("compile", SpeedSettings, "compile", "torch.compile the transformer's repeated blocks (regional "
+           "compilation; the first request at each new shape pays the compile, unless --warmup)", kind="switch"),
+    Option("attention-backend", SpeedSettings, "attention_backend", "attention kernel, through diffusers' "
+           "attention dispatcher: native (PyTorch SDPA's own choice), math (SDPA's reference kernel), cudnn, "
+           "sdpa-flash, sdpa-efficient (SDPA forced onto one kernel), flash (flash-attn), flash3 (FlashAttention "
+           "3, Hopper), sage (sageattention); checked at start-up",
+           choices=tuple(ATTENTION_BACKENDS)),
+    Option("quantize", SpeedSettings, "quantize", "fp8: FP8 matrix products in the transformer blocks' linear "
+           "layers (torchao; GPUs of compute capability 8.9+; pip install 'k5serve[fp8]')", choices=QUANTIZE),
+    Option("fp8-storage", SpeedSettings, "fp8_storage", "store the transformer's weights in FP8 and compute in "
+           "the model dtype (about half its memory, a little slower; any device)", kind="switch"),
+    Option("prompt-cache", SpeedSettings, "prompt_cache", "text-encoder outputs kept for repeated prompts "
+           "(LRU entries; 0 = off)", type=non_negative),
 )
 
 SERVE_OPTIONS = MODEL_OPTIONS + (
@@ -274,6 +294,8 @@ SERVE_OPTIONS = MODEL_OPTIONS + (
            "need their own", type=ray_app_name),
     Option("replica-threads", WorkerConfig, "replica_threads", "--workers ray on the CPU: torch threads (and "
            "Ray CPUs) per replica (default: the cluster's cores divided by the replicas)", type=positive),
+    Option("warmup", SpeedSettings, "warmup", "generate once at every size before /ready reports ready, so no "
+           "request pays --compile's compilation", kind="switch"),
     Option("fallback-tiny", CheckpointChoice, "fallback_tiny", "with no GPU or no downloaded weights, serve "
            "generated tiny weights on the CPU instead of failing", kind="switch"),
 )
