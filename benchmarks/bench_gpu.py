@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import statistics
@@ -42,7 +43,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout (run.sh puts an assembled package first instead)
+if importlib.util.find_spec("k5serve") is None:  # a checkout never installed (run.sh puts its own copy first)
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402

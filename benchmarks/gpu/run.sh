@@ -8,7 +8,7 @@
 #    fill that folder beforehand, where there is a network, with benchmarks/gpu/fill-wheels.sh;
 # 2. assembles the k5serve package from this checkout (no build step, no pip install of k5serve);
 # 3. runs benchmarks/bench_gpu.py with a time budget, writing OUT/table.md, OUT/results.json, OUT/log.txt.
-# $PYTHON picks the interpreter (default python3). It finishes in about 8 minutes on an H100/H200.
+# $PYTHON picks the interpreter (default python3). The row budget is meant to end it within 8 minutes.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -41,6 +41,7 @@ done
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$work/inductor}
 
+cd "$work"  # not the checkout: its k5serve/ folder alone (no sub-packages) would shadow the assembled one
 "$py" - <<'PY' 2>&1 | tee "$out/versions.txt"
 import importlib, platform
 import torch
