@@ -71,7 +71,8 @@ class K5Engine:
                                                      **shared)
                 place(pipe, self.t2i._execution_device, self.config.offload)
                 pipe.set_progress_bar_config(disable=True)
-                apply_speed(pipe.transformer, self.config.speed)
+                apply_speed(pipe.transformer, self.config.speed, device=self.t2i._execution_device,
+                            dtype=self.t2i.transformer.dtype)
                 pipe.prompt_cache = self.prompt_cache
                 self._i2i = pipe
                 log.info("loaded the I2I editing transformer from %s (shared encoders and VAE)",

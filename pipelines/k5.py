@@ -36,26 +36,41 @@ from .schedulers import make_scheduler, scheduler_step
 from .worker import GenerationOutput, GenerationSpec, ProgressCallback
 
 
+def _repeat(encoded, n: int):
+    """One prompt's (qwen, clip, cu_seqlens) for n images, as diffusers' `encode_prompt` repeats them."""
+    if n == 1:
+        return encoded
+    qwen, clip, cu_seqlens = encoded
+    qwen = qwen.repeat(1, n, 1).view(n, -1, qwen.shape[-1])
+    clip = clip.repeat(1, n, 1).view(n, -1)
+    lengths = cu_seqlens.diff().repeat_interleave(n)
+    cu_seqlens = torch.cat([torch.zeros(1, device=lengths.device, dtype=torch.int32), lengths.cumsum(0)])
+    return qwen, clip, cu_seqlens
+
+
 class _K5Loop:
     """The denoising loop and helpers shared by the T2I and I2I pipelines (a mixin over the stock classes)."""
 
     prompt_cache: PromptCache | None = None  # set by the engine; None: every prompt is encoded
 
     def _encoded(self, prompt: str, counts: dict[str, int], image: Image.Image | None = None):
-        """`encode_prompt` for one prompt and the spec's images per prompt, through the prompt cache."""
-        device, dtype, n = self._execution_device, self.transformer.dtype, counts["images"]
+        """`encode_prompt` for one prompt, through the prompt cache, repeated for the spec's images per prompt.
+
+        The cache holds the one-image encoding (so `numberResults` does not multiply its memory or split its
+        hits); `_repeat` then makes exactly what `encode_prompt(num_images_per_prompt=n)` returns."""
+        device, dtype = self._execution_device, self.transformer.dtype
         extra = {} if image is None else {"image": [image]}
 
         def encode():
-            return self.encode_prompt(prompt, num_images_per_prompt=n, device=device, dtype=dtype, **extra)
+            return self.encode_prompt(prompt, num_images_per_prompt=1, device=device, dtype=dtype, **extra)
 
         if self.prompt_cache is None:
             counts["misses"] += 1
-            return encode()
-        key = (type(self).__name__, prompt, n, str(device), str(dtype), image_digest(image))
+            return _repeat(encode(), counts["images"])
+        key = (type(self).__name__, prompt, str(device), str(dtype), image_digest(image))
         value, hit = self.prompt_cache.get(key, encode)
         counts["hits" if hit else "misses"] += 1
-        return value
+        return _repeat(value, counts["images"])
 
     def _run(
         self,

@@ -28,11 +28,11 @@ def load_t2i(config: LoadConfig, speed: SpeedSettings = SpeedSettings()) -> tupl
     started = time.perf_counter()
     if config.offload != "none" and device.type != "cuda":
         raise ValueError(f"--offload {config.offload} needs a CUDA device (got {device})")
-    check_speed(speed, device, offload=config.offload)  # before minutes of loading
+    check_speed(speed, device, dtype=dtype, offload=config.offload)  # before minutes of loading
     pipe = K5T2IPipeline.from_pretrained(config.path, dtype=dtype)
     place(pipe, device, config.offload)
     pipe.set_progress_bar_config(disable=True)
-    speed_seconds = apply_speed(pipe.transformer, speed)
+    speed_seconds = apply_speed(pipe.transformer, speed, device=device, dtype=dtype)
     weights = {name: sum(p.numel() * p.element_size() for p in module.parameters())
                for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
     info = {

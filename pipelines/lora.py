@@ -357,6 +357,10 @@ class LoraManager:
                 self._to_base()
                 raise
             finally:
+                # peft turns requires_grad on for the active adapters' layers (and off for the base layers it
+                # wraps); nothing here trains, and compiled blocks guard on the flag: a flip would recompile
+                if getattr(self.pipe.transformer, "_hf_peft_config_loaded", False):
+                    self.pipe.transformer.requires_grad_(False)
                 self.last_apply_seconds = time.perf_counter() - started
 
     def _apply(self, wanted: OrderedDict[str, float]) -> None:

@@ -2,10 +2,12 @@
 is not encoded again by the 8-billion-parameter Qwen2.5-VL.
 
 The key is everything the output depends on: the pipeline kind (T2I and I2I wrap the prompt in different
-templates), the exact prompt text, the images per prompt, the device and dtype, and for editing a digest of the
-reference image's pixels. A hit calls no text encoder, so under `--offload model` the encoder stays in host
-memory. The cached tensors are the very ones `encode_prompt` returned (nothing downstream writes into them), so
-outputs are byte-identical with and without the cache.
+templates), the exact prompt text, the device and dtype, and for editing a digest of the reference image's
+pixels. An entry is one prompt's one-image encoding (the pipeline repeats it for `numberResults`): about 7 KB
+per Qwen token in bfloat16, so 256 entries of long prompts (512 tokens) hold at most about 1 GB of GPU memory.
+A hit calls no text encoder, so under `--offload model` the encoder stays in host memory. The cached tensors are
+the very ones `encode_prompt` returned (nothing downstream writes into them), so outputs are byte-identical with
+and without the cache.
 
 Written here rather than with `functools.lru_cache`: the key needs the image digest and the counts must be
 read per request, and LRU order under a lock is a few lines of `OrderedDict`.
@@ -25,7 +27,8 @@ from PIL import Image
 def image_digest(image: Image.Image | None) -> str | None:
     if image is None:
         return None
-    return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+    palette = image.getpalette() if image.mode in ("P", "PA") else None  # a palette image's pixels are indices
+    return hashlib.sha256(f"{image.mode}{image.size}{palette}".encode() + image.tobytes()).hexdigest()
 
 
 class PromptCache:

@@ -38,12 +38,29 @@ class SpeedOptionError(ValueError):
     """An option the device cannot do; the message says which and why."""
 
 
-def check_speed(settings: SpeedSettings, device: torch.device, *, offload: str = "none") -> None:
-    """Refuse, with a clear message, what `device` cannot do. Called before the weights are loaded."""
+# Compiled variants kept per block class (dynamo's `recompile_limit`): one per set of active LoRA adapters seen.
+RECOMPILE_LIMIT = 64
+
+# Kernels that take only half-precision inputs (PyTorch's cuDNN and flash SDPA, flash-attn, FA3, SageAttention).
+HALF_ONLY_BACKENDS = frozenset({"cudnn", "sdpa-flash", "flash", "flash3", "sage"})
+
+
+def check_speed(settings: SpeedSettings, device: torch.device, *, dtype: torch.dtype = torch.bfloat16,
+                offload: str = "none") -> None:
+    """Refuse, with a clear message, what `device` cannot do in `dtype` (the model's compute dtype). Called
+    before the weights are loaded; it touches the GPU only when an option needs its compute capability."""
     cuda = device.type == "cuda"
-    capability = torch.cuda.get_device_capability(device) if cuda else None
-    where = f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]})" \
-        if cuda else f"the {device.type.upper()}"
+
+    def capability() -> tuple[int, int]:
+        return torch.cuda.get_device_capability(device)
+
+    def where() -> str:
+        if not cuda:
+            return f"the {device.type.upper()}"
+        major, minor = capability()
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+
+    dtype_name = str(dtype).removeprefix("torch.")
     if settings.prompt_cache < 0:
         raise SpeedOptionError("--prompt-cache must be 0 (off) or more")
     if settings.quantize is not None:
@@ -52,14 +69,20 @@ def check_speed(settings: SpeedSettings, device: torch.device, *, offload: str =
         if settings.fp8_storage:
             raise SpeedOptionError("--quantize fp8 already stores the transformer's weights in FP8; drop "
                                    "--fp8-storage")
-        if not cuda or capability < (8, 9):
+        if not cuda or capability() < (8, 9):
             raise SpeedOptionError(f"--quantize fp8 needs FP8 matrix units (an NVIDIA GPU of compute capability "
-                                   f"8.9 or higher: Ada, Hopper, Blackwell); this run uses {where}. "
+                                   f"8.9 or higher: Ada, Hopper, Blackwell); this run uses {where()}. "
                                    "--fp8-storage halves the transformer's memory on any device")
+        if dtype != torch.bfloat16:
+            raise SpeedOptionError(f"--quantize fp8 needs --dtype bfloat16 (torchao's per-row FP8 scales "
+                                   f"bfloat16 weights); this run uses {dtype_name}")
         try:
             import torchao  # noqa: F401
         except ImportError:
             raise SpeedOptionError("--quantize fp8 needs torchao: pip install 'k5serve[fp8]'") from None
+        except Exception as exc:  # noqa: BLE001 - a broken install (e.g. built for another torch)
+            raise SpeedOptionError(f"--quantize fp8: torchao does not import: {type(exc).__name__}: {exc}") \
+                from None
         if offload == "sequential":
             raise SpeedOptionError("--quantize fp8 does not work with --offload sequential (use --offload model)")
     backend = settings.attention_backend
@@ -67,11 +90,14 @@ def check_speed(settings: SpeedSettings, device: torch.device, *, offload: str =
         raise SpeedOptionError(f"--attention-backend {backend}: choose from {', '.join(ATTENTION_BACKENDS)}")
     if backend not in ("native", "math"):
         if not cuda:
-            raise SpeedOptionError(f"--attention-backend {backend} needs a CUDA GPU; this run uses {where} "
+            raise SpeedOptionError(f"--attention-backend {backend} needs a CUDA GPU; this run uses {where()} "
                                    "(use native)")
-        if backend == "flash3" and capability[0] != 9:
+        if backend == "flash3" and capability()[0] != 9:
             raise SpeedOptionError(f"--attention-backend flash3 is FlashAttention 3, for Hopper GPUs (compute "
-                                   f"capability 9.0); this run uses {where}")
+                                   f"capability 9.0); this run uses {where()}")
+        if backend in HALF_ONLY_BACKENDS and dtype not in (torch.float16, torch.bfloat16):
+            raise SpeedOptionError(f"--attention-backend {backend} takes only float16 or bfloat16; this run uses "
+                                   f"{dtype_name} (use --dtype bfloat16, or sdpa-efficient or native)")
         from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
         try:
@@ -85,7 +111,7 @@ def check_speed(settings: SpeedSettings, device: torch.device, *, offload: str =
             from torch.utils._triton import has_triton
 
             if not has_triton():
-                raise SpeedOptionError(f"--compile needs Triton for {where}: pip install triton")
+                raise SpeedOptionError(f"--compile needs Triton for {where()}: pip install triton")
         elif device.type == "cpu":
             compiler = os.environ.get("CXX", "g++")
             if shutil.which(compiler) is None:
@@ -98,19 +124,21 @@ def check_speed(settings: SpeedSettings, device: torch.device, *, offload: str =
                  "allocator warm)")
 
 
-def apply_speed(transformer: torch.nn.Module, settings: SpeedSettings) -> dict[str, float]:
-    """Change a loaded transformer as `settings` asks (after `check_speed`); -> seconds each change took."""
+def apply_speed(transformer: torch.nn.Module, settings: SpeedSettings, *, device: torch.device,
+                dtype: torch.dtype) -> dict[str, float]:
+    """Change a loaded transformer as `settings` asks (after `check_speed`); `device` is where it computes
+    (under offload its weights may be elsewhere), `dtype` its compute dtype. -> seconds each change took."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     if settings.quantize == "fp8":
         quantize_fp8(transformer)
         seconds["quantize"] = time.perf_counter() - started
     elif settings.fp8_storage:
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=transformer.dtype)
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
         seconds["fp8_storage"] = time.perf_counter() - started
     if settings.attention_backend != "native":
         started = time.perf_counter()
-        set_attention_backend(transformer, settings.attention_backend)
+        set_attention_backend(transformer, settings.attention_backend, device=device, dtype=dtype)
         seconds["attention_backend"] = time.perf_counter() - started
     if settings.compile:
         compile_blocks(transformer)
@@ -131,34 +159,55 @@ def quantize_fp8(transformer: torch.nn.Module) -> None:
         return (isinstance(module, torch.nn.Linear) and not any(part in keep for part in name.split("."))
                 and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    # set_inductor_config=False: torchao would otherwise switch on inductor's coordinate-descent tuning for the
+    # whole process (longer compiles for every model, compiled before or after, not only this one).
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
     for block in blocks:
         quantize_(block, config, filter_fn=wanted)
 
 
-def set_attention_backend(transformer: torch.nn.Module, backend: str) -> None:
-    """Route every attention of the transformer through `backend`, then run it once on the model's device."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
+def set_attention_backend(transformer: torch.nn.Module, backend: str, *, device: torch.device,
+                          dtype: torch.dtype) -> None:
+    """Route every attention of this transformer through `backend`, then run the kernel once on `device`.
+
+    diffusers' `set_attention_backend` also makes the backend the process-wide default for processors that
+    name none; that default is put back, so the option stays with this model (the benchmark and the tests load
+    several models in one process)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     name = ATTENTION_BACKENDS[backend]
-    transformer.set_attention_backend(name)
-    param = next(transformer.parameters())
-    dtype = param.dtype if param.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    # (batch, tokens, heads, head_dim), as the Kandinsky attention processor calls it
-    q = torch.randn(1, 256, 2, 128, device=param.device, dtype=dtype)
+    default = _AttentionBackendRegistry._active_backend
     try:
-        dispatch_attention_fn(q, q, q, backend=name)
-        if param.device.type == "cuda":
-            torch.cuda.synchronize(param.device)
+        transformer.set_attention_backend(name)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(default)
+    probe_attention(backend, device=device, dtype=dtype)
+
+
+def probe_attention(backend: str, *, device: torch.device, dtype: torch.dtype) -> None:
+    """Run `backend`'s kernel once on `device` in `dtype`; SpeedOptionError (with the kernel's error) if it
+    cannot run there."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    # (batch, tokens, heads, head_dim), as the Kandinsky attention processor calls it
+    q = torch.randn(1, 256, 2, 128, device=device, dtype=dtype)
+    try:
+        dispatch_attention_fn(q, q, q, backend=AttentionBackendName(ATTENTION_BACKENDS[backend]))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - any kernel failure means the backend cannot be used here
-        raise SpeedOptionError(f"--attention-backend {backend} failed on {param.device}: "
-                               f"{type(exc).__name__}: {exc}") from None
+        raise SpeedOptionError(f"--attention-backend {backend} failed on {device} in "
+                               f"{str(dtype).removeprefix('torch.')}: {type(exc).__name__}: {exc}") from None
 
 
 def compile_blocks(transformer: torch.nn.Module) -> int:
     """Regional compilation: `torch.compile` each repeated block's forward (dynamic shapes, so the 7 sizes and
     every prompt length share one compiled graph per block class). -> the blocks compiled."""
     blocks = _repeated_blocks(transformer)
+    transformer.requires_grad_(False)  # inference only; the LoRA manager keeps it so (compiled code guards on it)
+    # Each new set of active LoRA adapters compiles the blocks once more; past dynamo's limit (8 by default)
+    # they would silently run eagerly, so a server that serves many adapter sets keeps more compiled variants.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.forward = torch.compile(block.forward, dynamic=True)
     return len(blocks)

@@ -160,13 +160,15 @@ def _engine_config(args: argparse.Namespace, found):
 def _check_speed(args: argparse.Namespace, found) -> None:
     """Refuse a speed option this machine's device cannot do before the server starts (the replicas of a
     remote Ray cluster check their own device when they start)."""
-    from k5serve.pipelines.device import pick_device
+    from k5serve.pipelines.device import pick_device, pick_dtype
     from k5serve.pipelines.speed import SpeedOptionError, check_speed
 
     load = _load_config(args, found)
     try:
-        check_speed(_engine_config(args, found).speed, pick_device(load.device), offload=load.offload)
-    except (SpeedOptionError, RuntimeError) as exc:
+        device = pick_device(load.device)
+        check_speed(_engine_config(args, found).speed, device, dtype=pick_dtype(load.dtype, device),
+                    offload=load.offload)
+    except (SpeedOptionError, RuntimeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
 
 
@@ -178,9 +180,9 @@ def _load_config(args: argparse.Namespace, found):
 
 
 def _load_engine(args: argparse.Namespace, found, on_status=None):
+    """(The caller has run `_check_speed` on the main thread: this may run on the server's loading thread.)"""
     from k5serve.pipelines.loader import load_engine
 
-    _check_speed(args, found)
     return load_engine(_load_config(args, found), _engine_config(args, found), on_status=on_status)
 
 
@@ -356,6 +358,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     data: list[dict] = []
     stats: list[dict] = []
     if parsed:
+        _check_speed(args, found)
         engine, _ = _load_engine(args, found)
         args.out.mkdir(parents=True, exist_ok=True)
         for _, task in tqdm(parsed, desc="tasks", unit="task"):
@@ -416,6 +419,7 @@ def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: unknown scheduler {args.scheduler!r}; use one of {', '.join(SCHEDULER_NAMES)}")
     sizes = args.size or [(1024, 1024)]
     found = _checkpoints(args, i2i=False, safety=False)
+    _check_speed(args, found)
     engine, info = _load_engine(args, found)
     specs = [GenerationSpec(prompt, "", width=w, height=h, seed=args.seed + i, steps=args.steps,
                             guidance_scale=args.cfg_scale, scheduler=args.scheduler)

@@ -88,6 +88,12 @@ def test_the_prompt_cache_gives_the_same_bytes_and_a_hit_runs_no_text_encoder(ti
     assert calls["qwen"] == 1
     assert cached.describe()["prompt_cache_entries"] == 3
 
+    # numberResults: the one-image entries are repeated, as encode_prompt(num_images_per_prompt=2) would
+    two = replace(SPEC, num_images=2)
+    repeated = cached.generate(two)
+    assert repeated.prompt_cache == {"hits": 2, "misses": 0} and calls["qwen"] == 1
+    assert np.array_equal(pixels(repeated), pixels(engine(tiny, prompt_cache=0).generate(two)))
+
 
 def test_the_prompt_cache_is_bounded_and_keeps_the_recent_entries():
     cache = PromptCache(2)
@@ -131,11 +137,19 @@ def test_fp8_storage_halves_the_weights_keeps_the_image_close_and_lora_working(t
 
 
 def test_an_attention_backend_is_selected_through_the_dispatcher(tiny):
-    math = engine(tiny, attention_backend="math")
-    processors = {type(m.processor).__name__: m.processor._attention_backend
-                  for m in math.t2i.transformer.modules() if hasattr(m, "processor")}
-    assert processors == {"Kandinsky5AttnProcessor": "_native_math"}
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    def backends(e):
+        return {type(m.processor).__name__: m.processor._attention_backend
+                for m in e.t2i.transformer.modules() if hasattr(m, "processor")}
+
+    default = _AttentionBackendRegistry._active_backend
     native = engine(tiny)
+    math = engine(tiny, attention_backend="math")
+    assert backends(math) == {"Kandinsky5AttnProcessor": "_native_math"}
+    # diffusers also makes it the process-wide default; the option stays with its own model
+    assert _AttentionBackendRegistry._active_backend == default
+    assert backends(engine(tiny)) == backends(native) == {"Kandinsky5AttnProcessor": None}
     assert mae(pixels(math.generate(SPEC)), pixels(native.generate(SPEC))) < 1
 
 
@@ -168,6 +182,33 @@ def test_the_server_refuses_them_at_start_up(tmp_path_factory, data_dir, flags, 
     assert proc.returncode == code, proc.stderr
     assert message in proc.stderr
     assert "Uvicorn running" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- compiled blocks
+
+
+def test_compiled_blocks_recompile_for_a_new_adapter_set_only_never_for_a_weight(tiny, lora_dir):
+    """A LoRA weight change reuses the compiled blocks; a new set of active adapters compiles once, and the
+    blocks stay compiled past dynamo's default limit of 8 variants (peft flipping requires_grad used to use
+    them up: every switch recompiled)."""
+    from torch._dynamo.utils import counters
+
+    compiled = engine(tiny, lora_dir=lora_dir, compile=True)
+    assert torch._dynamo.config.recompile_limit >= 64
+    quick = replace(SPEC, steps=2, width=1024, height=1024)
+
+    def graphs(spec):
+        compiled.generate(spec)
+        return counters["stats"]["unique_graphs"]
+
+    base = graphs(quick)
+    styled = graphs(replace(quick, loras=(("style", 1.0),)))
+    assert styled > base  # peft's layers replace the Linear ones: compiled once more
+    assert graphs(replace(quick, loras=(("style", 0.4),))) == styled  # a weight is not a new graph
+    assert graphs(replace(quick, loras=(("style", 1.7),))) == styled
+    off = graphs(quick)  # adapters disabled: one more variant, then reused
+    assert graphs(replace(quick, loras=(("style", 0.9),))) == graphs(quick) == off
+    assert not any(p.requires_grad for p in compiled.t2i.transformer.parameters())
 
 
 # ---------------------------------------------------------------------------------------------- compiled server

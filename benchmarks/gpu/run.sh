@@ -52,10 +52,15 @@ for name in ("diffusers", "transformers", "huggingface_hub", "cache_dit", "torch
         print(name, importlib.import_module(name).__version__)
     except Exception as exc:  # noqa: BLE001 - a missing optional one is reported, the benchmark decides
         print(name, "missing:", type(exc).__name__, exc)
-import k5serve.pipelines.k5, k5serve.accel.dbcache  # noqa: E401,F401 - fail here, not after the build
+try:  # fail here, not after minutes of building
+    import k5serve.pipelines.k5, k5serve.accel.dbcache  # noqa: E401,F401
+except ImportError as exc:
+    raise SystemExit(f"run.sh: {exc}; put the missing wheel in benchmarks/gpu/wheels "
+                     "(benchmarks/gpu/fill-wheels.sh fetches diffusers, cache-dit and torchao)")
 PY
 
-budget=${K5_BUDGET_SECONDS:-390}  # rows start only inside this; the last one may run a minute past it
+budget=${K5_BUDGET_SECONDS:-360}  # counted from the start of bench_gpu.py (the build included); rows
+                                  # start only inside it, the last one may run a minute or two past it
 status=0
 "$py" "$root/benchmarks/bench_gpu.py" --out "$out" --budget-seconds "$budget" "$@" 2>&1 | tee "$out/log.txt" \
     || status=$?
