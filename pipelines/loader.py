@@ -66,5 +66,8 @@ def load_engine(config: LoadConfig, engine: EngineConfig = EngineConfig(), *,
     k5 = K5Engine(pipe, engine)
     if engine.speed.warmup:
         sizes = list(pipe.resolutions)  # (width, height): the 7 sizes of the model page
-        info["warmup_seconds"] = round(warm_up(k5.generate, sizes, on_status=on_status), 2)
+        seconds = warm_up(k5.generate, sizes, on_status=on_status)
+        if engine.i2i_path is not None and engine.i2i_load == "eager":  # (a lazy editing model stays unloaded)
+            seconds += warm_up(k5.generate, list(k5.i2i().resolutions), edit=True, on_status=on_status)
+        info["warmup_seconds"] = round(seconds, 2)
     return k5, info

@@ -221,19 +221,24 @@ def _repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def warm_up(generate: Callable, sizes: list[tuple[int, int]], *, steps: int = 2,
+def warm_up(generate: Callable, sizes: list[tuple[int, int]], *, steps: int = 2, edit: bool = False,
             on_status: Callable[[str], None] | None = None) -> float:
     """Generate once at each (width, height) so no request pays the compile or the first kernel launches.
-    `generate(spec)` runs one `GenerationSpec`. -> the seconds it took."""
+    `generate(spec)` runs one `GenerationSpec`; `edit`: through the editing model, on a grey reference image.
+    -> the seconds it took."""
+    from PIL import Image
+
     from .worker import GenerationSpec
 
     started = time.perf_counter()
+    what = "editing" if edit else "sizes"
     for index, (width, height) in enumerate(sizes):
         if on_status is not None:
-            on_status(f"warming up: {width}x{height}, {index + 1} of {len(sizes)} sizes")
+            on_status(f"warming up: {width}x{height}, {index + 1} of {len(sizes)} {what}")
+        reference = Image.new("RGB", (width, height), (128, 128, 128)) if edit else None
         # CFG on, so both branches (and two prompt lengths) run through the compiled blocks.
         generate(GenerationSpec("warm-up", "a longer negative prompt for the warm-up", width=width,
-                                height=height, seed=0, steps=steps, guidance_scale=2.0))
+                                height=height, seed=0, steps=steps, guidance_scale=2.0, reference_image=reference))
     seconds = time.perf_counter() - started
-    log.info("warmed up %d sizes in %.1f s", len(sizes), seconds)
+    log.info("warmed up %d %s in %.1f s", len(sizes), what, seconds)
     return seconds

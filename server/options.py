@@ -294,8 +294,9 @@ SERVE_OPTIONS = MODEL_OPTIONS + (
            "need their own", type=ray_app_name),
     Option("replica-threads", WorkerConfig, "replica_threads", "--workers ray on the CPU: torch threads (and "
            "Ray CPUs) per replica (default: the cluster's cores divided by the replicas)", type=positive),
-    Option("warmup", SpeedSettings, "warmup", "generate once at every size before /ready reports ready, so no "
-           "request pays --compile's compilation", kind="switch"),
+    Option("warmup", SpeedSettings, "warmup", "generate once at every size before /ready reports ready (and "
+           "through the editing model with --i2i-load eager), so no request pays --compile's compilation",
+           kind="switch"),
     Option("fallback-tiny", CheckpointChoice, "fallback_tiny", "with no GPU or no downloaded weights, serve "
            "generated tiny weights on the CPU instead of failing", kind="switch"),
 )
