@@ -433,8 +433,8 @@ def main(argv=None) -> int:
             row.skipped = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             row.seconds.clear()
         print(f"  {row.skipped or f'{row.median:.3f} s/image'}", flush=True)
-        write(rows, args, device_name, facts)
-    print(write(rows, args, device_name, facts))
+        write(rows, args, device_name, facts)  # what was measured survives a crash in a later row
+    print(write(rows, args, device_name, facts))  # (and the rows the budget skipped)
     return 0
 
 

@@ -9,8 +9,6 @@ average (measured 2.2). SDPA's math kernel against its default one: within 1.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import subprocess
@@ -29,9 +27,10 @@ from k5serve.pipelines.prompt_cache import PromptCache
 from k5serve.pipelines.speed import SpeedOptionError, check_speed
 from k5serve.pipelines.worker import GenerationSpec
 from k5serve.weights.tiny import ensure_tiny
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save_file
+from test_http_api import only_item
+from test_image_inputs import data_uri, encoded, pixels_of
 from test_lora import ATTN, peft_lora
 
 SPEC = GenerationSpec("a red fox in the snow", "blurry", width=1024, height=1024, seed=3, steps=4,
@@ -214,12 +213,6 @@ def test_compiled_blocks_recompile_for_a_new_adapter_set_only_never_for_a_weight
 # ---------------------------------------------------------------------------------------------- compiled server
 
 
-def image_of(response: httpx.Response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    item = response.json()["data"][0]
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["imageBase64Data"]))), dtype=np.int16)
-
-
 def test_a_compiled_server_warms_up_before_ready_and_keeps_step_caching_and_lora(tmp_path_factory, data_dir,
                                                                                lora_dir, start_server):
     compiled = RunningServer(own_data_dir(tmp_path_factory, data_dir, "compiled"), "--compile", "--warmup",
@@ -239,9 +232,7 @@ def test_a_compiled_server_warms_up_before_ready_and_keeps_step_caching_and_lora
         assert "warmed up 7 editing" in compiled.log()  # the eagerly loaded editing model too
 
         eager = start_server("--lora-dir", str(lora_dir))
-        buffer = io.BytesIO()
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(buffer, "PNG")
-        reference = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        reference = data_uri(encoded((1024, 1024)))
         requests = {
             "plain": {},
             "teaCache": {"acceleratorOptions": {"teaCache": True, "teaCacheDistance": 1.0}},
@@ -251,7 +242,7 @@ def test_a_compiled_server_warms_up_before_ready_and_keeps_step_caching_and_lora
         images = {}
         for name, fields in requests.items():
             body = [task(outputType="base64Data", outputFormat="PNG", CFGScale=4.0, **fields)]
-            images[name] = (image_of(compiled.post(body)), image_of(eager.post(body)))
+            images[name] = (pixels_of(only_item(compiled.post(body))), pixels_of(only_item(eager.post(body))))
         for name, (fast, reference) in images.items():
             assert mae(fast, reference) < 1, name
         assert mae(images["lora"][0], images["plain"][0]) > 1
