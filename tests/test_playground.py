@@ -379,13 +379,16 @@ def test_queue_view_shows_the_server_and_its_tasks(page, srv):
     queue.wait_for_selector("#readiness[data-state=ready]")
     facts = queue.inner_text("#facts")
     assert "cpu" in facts and "tiny test weights" in facts
-    first, second = task(deliveryMethod="async", steps=14), task(deliveryMethod="async", steps=10)
+    # the page asks every 2 s, so the first task must stay running for several of its refreshes: 50 steps
+    # (about 8 s here; 14 steps, about 2.5 s after its first progress report, were missed once in CI)
+    first = task(deliveryMethod="async", steps=50)
+    second = task(deliveryMethod="async", steps=10)
     assert srv.post([first, second], headers=AUTH).status_code == 200
     queue.wait_for_selector(f"tr[data-id='{first['taskUUID'][:8]}'][data-status=running]")
     queue.wait_for_selector(f"tr[data-id='{second['taskUUID'][:8]}'][data-status=queued]")
     assert "queued · position 1" in queue.inner_text(f"tr[data-id='{second['taskUUID'][:8]}']")
     shot(queue, "08-queue")
-    queue.wait_for_selector("#idle:not([hidden])")  # it refreshes itself until both are done
+    queue.wait_for_selector("#idle:not([hidden])", timeout=180_000)  # it refreshes itself until both are done
     assert "images generated" in queue.inner_text("#counts")
     assert not queue.is_visible("#key-dialog")
 
