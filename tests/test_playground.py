@@ -324,7 +324,7 @@ def test_a_task_running_through_a_reload_still_arrives(page):
     page.fill("#positivePrompt", "a windmill in a storm")
     page.click("input[name=seedMode][value=random]")
     page.fill("#numberResults", "1")
-    set_value(page, "#steps", 16)
+    set_value(page, "#steps", 40)  # about 7 s here: the reload and reconnect must come well before the end
     card = generate(page)
     task_uuid = card.get_attribute("data-task")
     page.wait_for_function(f"() => document.querySelector(\".task[data-task='{task_uuid}'] .state\")"
