@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 
 from k5serve import __version__
 
-from . import http, openapi, ops, playground, queue, ws
+from . import executors, http, openapi, ops, playground, queue, ws
 from .auth import Authenticator
 from .config import ServerConfig
 from .dispatcher import Dispatcher
@@ -32,7 +32,7 @@ from .protocol import TASK_TYPES, ErrorItem
 from .sessions import Sessions
 from .slot import ModelSlot
 from .store import DirectoryImageStore, ImageStore
-from .tasks import SQLiteTaskStore, StoreUnavailable
+from .tasks import SQLiteTaskStore, StoreUnavailable, webhook_error
 from .validation import error_codes
 from .wire import WireResponse
 
@@ -80,7 +80,8 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
         tasks, outbox_store = SQLiteTaskStore(config.task_db), config.outbox_db
     outbox = Outbox(outbox_store, allow_private=config.allow_private_urls)
     metrics = Metrics(TASK_TYPES, error_codes())
-    dispatcher = Dispatcher(config, slot, images, tasks, outbox, metrics)
+    probes = ops.Probes(config, images, shared.db if shared is not None else None)
+    dispatcher = Dispatcher(config, slot, images, tasks, outbox, metrics, low_disk=lambda: probes.low_disk)
     sessions = Sessions(config.ws_resume_window, config.ws_resume_buffer, shared.sessions if shared else None)
 
     async def sweep_forever() -> None:
@@ -92,7 +93,7 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
                 jobs.append(("WebSocket sessions", lambda: shared.sessions.sweep(config.ws_resume_window) or 0))
             for what, sweep in jobs:  # each on its own: one store being away does not stop the others' sweeps
                 try:
-                    removed = await asyncio.to_thread(sweep)
+                    removed = await (executors.images if what == "images" else executors.database)(sweep)
                 except StoreUnavailable as exc:
                     log.warning("sweeping expired %s: %s", what, getattr(exc, "detail", exc))
                     continue
@@ -104,8 +105,8 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
         while True:
             await asyncio.sleep(config.task_lease / 3)
             try:
-                await asyncio.to_thread(tasks.heartbeat)
-                lost = await asyncio.to_thread(tasks.expire_stale, FRONTEND_LOST)
+                await executors.database(tasks.heartbeat)
+                lost = await executors.database(tasks.expire_stale, FRONTEND_LOST)
             except StoreUnavailable as exc:
                 log.warning("task heartbeat: %s", exc)
                 continue
@@ -124,11 +125,14 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         lost = tasks.recover("The server restarted before this task finished; run it again.")
+        for record in lost:
+            if record.webhook_url:
+                outbox.enqueue_webhook(record.webhook_url, webhook_error(record.errors[0]), record.task_uuid)
         if lost:
-            log.warning("%d task(s) were in flight when the server last stopped; marked as failed", lost)
+            log.warning("%d task(s) were in flight when the server last stopped; marked as failed", len(lost))
         slot.start()
         await outbox.start()
-        background = [asyncio.create_task(sweep_forever())]
+        background = [asyncio.create_task(sweep_forever()), asyncio.create_task(probes.run())]
         if shared is not None:
             background += [asyncio.create_task(heartbeat_forever()), asyncio.create_task(relay_forever())]
         try:
@@ -145,6 +149,7 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
             tasks.close()
             if shared is not None:
                 shared.close()
+            executors.shutdown()
 
     app = FastAPI(title="k5serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   default_response_class=WireResponse,
@@ -153,7 +158,7 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     app.state.config = config
     app.state.auth = Authenticator(config.api_keys)
     app.state.store = images
-    app.state.image_store_status = None
+    app.state.probes = probes
     app.state.slot = slot
     app.state.outbox = outbox
     app.state.database = shared.db if shared is not None else None

@@ -187,11 +187,11 @@ def _load_engine(args: argparse.Namespace, found, on_status=None):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from k5serve.pipelines.config import WorkerConfig
 
     from .app import create_app
     from .config import ListenConfig, ServerConfig
+    from .listen import serve
     from .slot import ModelSlot
     from .tasks import SchemaError, StoreUnavailable
 
@@ -247,15 +247,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise
     except (StoreUnavailable, SchemaError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    uvicorn.run(
-        app,
-        host=listen.host,
-        port=listen.port,
-        log_level=args.log_level.lower(),
-        log_config=None,  # keep our JSON/text handler on uvicorn's loggers
-        ws_max_size=config.ws_max_message_bytes,
-        timeout_graceful_shutdown=int(config.shutdown_timeout) + 5,
-    )
+    serve(app, listen, log_level=args.log_level.lower(), ws_max_size=config.ws_max_message_bytes,
+          timeout_graceful_shutdown=int(config.shutdown_timeout) + 5)
     return 0
 
 

@@ -1,25 +1,36 @@
 """What happens to a finished imageInference: its images stored, its record written, its webhook and upload
 queued, its metrics counted, one log line. A task succeeds whole or fails whole: if any image or the
-success record cannot be written, none of its images stays behind."""
+success record cannot be written, none of its images stays behind.
+
+A result is not thrown away because the task database is away for a while: its images stay, and the record
+write (then the webhook and upload) is retried until the database answers again or the result's TTL runs
+out; only then does the task fail (serviceUnavailable). A full disk is not waited out: the task fails at once
+with storageFull (new tasks are refused before generating while space is low, see `ops.Probes`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from k5serve.pipelines.worker import GenerationOutput, GenerationSpec
 
+from . import executors
 from .config import ServerConfig
 from .metrics import Metrics
 from .outbox import Outbox
-from .protocol import ImageInferenceTask, TaskError
+from .protocol import ImageInferenceTask, TaskError, task_error
 from .results import describe_passes, result_items
 from .store import ImageStore, ImageStoreError, StoredImage
-from .tasks import ERROR, SUCCESS, TaskStore
+from .tasks import ERROR, SUCCESS, StorageFull, StoreUnavailable, TaskStore, webhook_error
 
 log = logging.getLogger("k5serve.dispatcher")
+T = TypeVar("T")
+
+RETRY_DELAYS = (0.5, 5.0)  # first and longest wait between retries of a write the database did not take
 
 
 class Delivery:
@@ -40,20 +51,28 @@ class Delivery:
         """Store the images, record success, queue the webhook and upload; -> the task's result items."""
         stored: list[StoredImage] = []
         try:
-            results = await asyncio.to_thread(self._store, task, output, base_url, stored)
+            results = await executors.images(self._store, task, output, base_url, stored)
             items = [item for item, _, _ in results]
-            await asyncio.to_thread(self.tasks.update, task.taskUUID, status=SUCCESS, step=spec.steps,
-                                    total_steps=spec.steps, items=items, expires_at=time.time() + self.ttl(task))
+            expires_at = time.time() + self.ttl(task)
+            written = await self._retrying(task, "its result", expires_at, self.tasks.update, task.taskUUID,
+                                           status=SUCCESS, step=spec.steps, total_steps=spec.steps, items=items,
+                                           expires_at=expires_at)
+            if not written:
+                raise task_error("inferenceError", "This task was recorded as failed before its result could be "
+                                 "stored (its front-end was taken for gone); run it again.", task_type=task.taskType,
+                                 task_uuid=task.taskUUID, http_status=500)
         except BaseException:
-            await asyncio.to_thread(self._remove, stored)  # the task fails whole: none of its images stays behind
+            await executors.images(self._remove, stored)  # the task fails whole: none of its images stays behind
             raise
         try:  # the task has succeeded: a failure from here on is logged, it does not undo the success
             if self.outbox is not None:
                 for item, data, mime in results:
                     if task.webhookURL:
-                        self.outbox.enqueue_webhook(task.webhookURL, {"data": [item]}, task.taskUUID)
+                        await self._retrying(task, "its webhook", expires_at, self.outbox.enqueue_webhook,
+                                             task.webhookURL, {"data": [item]}, task.taskUUID)
                     if task.uploadEndpoint:
-                        self.outbox.enqueue_upload(task.uploadEndpoint, data, mime, task.taskUUID)
+                        await self._retrying(task, "its upload", expires_at, self.outbox.enqueue_upload,
+                                             task.uploadEndpoint, data, mime, task.taskUUID)
         except Exception:  # noqa: BLE001 - e.g. the outbox database is on a full disk
             log.exception("queueing the webhook/upload of task %s failed; its results are stored", task.taskUUID)
         if self.metrics is not None:
@@ -63,17 +82,54 @@ class Delivery:
                  output.worker or "?")
         return items
 
-    def fail(self, task: ImageInferenceTask, err: TaskError, worker: str = "") -> None:
+    async def fail(self, task: ImageInferenceTask, err: TaskError, worker: str = "") -> None:
         """Record the task's error (with its HTTP status, kept for getResponse, never sent) and queue its
-        webhook."""
-        self.tasks.update(task.taskUUID, status=ERROR,
-                          errors=[err.item.wire() | {"status": "error", "httpStatus": err.http_status}],
-                          expires_at=time.time() + self.ttl(task))
-        if task.webhookURL and self.outbox is not None:
-            self.outbox.enqueue_webhook(task.webhookURL, {"errors": [err.item.wire()]}, task.taskUUID)
+        webhook, retried like a result while the database is away. A task whose record is final already (failed
+        by another front-end, which sent the webhook) is left as it is."""
+        recorded = err.item.wire() | {"status": "error", "httpStatus": err.http_status}
+        expires_at = time.time() + self.ttl(task)
+        if await self._retrying(task, "its failure", expires_at, self.tasks.update, task.taskUUID, status=ERROR,
+                                errors=[recorded], expires_at=expires_at):
+            if task.webhookURL and self.outbox is not None:
+                await self._retrying(task, "its webhook", expires_at, self.outbox.enqueue_webhook, task.webhookURL,
+                                     webhook_error(recorded), task.taskUUID)
+        self._failed(task, err, worker)
+
+    def fail_now(self, task: ImageInferenceTask, err: TaskError, worker: str = "") -> None:
+        """`fail` in one try, on this thread (at shutdown, when there is no time to wait for the database)."""
+        recorded = err.item.wire() | {"status": "error", "httpStatus": err.http_status}
+        try:
+            if self.tasks.update(task.taskUUID, status=ERROR, errors=[recorded],
+                                 expires_at=time.time() + self.ttl(task)) and task.webhookURL and self.outbox:
+                self.outbox.enqueue_webhook(task.webhookURL, webhook_error(recorded), task.taskUUID)
+        except StoreUnavailable as exc:
+            log.warning("recording the failure of task %s: %s", task.taskUUID, exc)
+        self._failed(task, err, worker)
+
+    def _failed(self, task: ImageInferenceTask, err: TaskError, worker: str) -> None:
         if self.metrics is not None:
             self.metrics.generation_failed(worker)
         log.warning("task %s failed: %s, worker %s", task.taskUUID, err.item.message, worker or "?")
+
+    async def _retrying(self, task: ImageInferenceTask, what: str, deadline: float, call: Callable[..., T],
+                        *args: Any, **kwargs: Any) -> T:
+        """`call` on the database's threads, again and again while the database is unavailable (not when a disk is
+        full), until it goes through or `deadline` (wall-clock) passes; then the last error is raised."""
+        delay, first = RETRY_DELAYS[0], True
+        while True:
+            try:
+                return await executors.database(call, *args, **kwargs)
+            except StorageFull:
+                raise
+            except StoreUnavailable as exc:
+                if isinstance(exc, ImageStoreError) or time.time() + delay > deadline:
+                    raise
+                if first:
+                    log.warning("task %s: writing %s: %s; kept, and retried until the database answers", task.taskUUID,
+                                what, exc)
+                    first = False
+            await asyncio.sleep(delay)
+            delay = min(RETRY_DELAYS[1], delay * 2)
 
     def _remove(self, stored: list[StoredImage]) -> None:
         for image in stored:

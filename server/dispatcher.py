@@ -25,7 +25,7 @@ from .inference import ImageInference
 from .metrics import Metrics
 from .model_search import ModelSearch
 from .outbox import Outbox
-from .protocol import TASK_TYPES, TaskError, task_error
+from .protocol import TASK_TYPES, TaskError, store_error, task_error
 from .responses import GetResponse
 from .slot import ModelSlot
 from .store import ImageStore
@@ -83,16 +83,17 @@ class Dispatcher:
         tasks: TaskStore,
         outbox: Outbox | None = None,
         metrics: Metrics | None = None,
+        low_disk: Callable[[], str | None] = lambda: None,
     ):
         self.metrics = metrics
         limits = Limits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
                         allow_private_urls=config.allow_private_urls)  # for every input image, whatever the task
         self.inference = ImageInference(config, slot, images, tasks, Delivery(config, images, tasks, outbox, metrics),
-                                        limits)
+                                        limits, low_disk)
         self.handlers: dict[str, Handler] = {
             "imageInference": self.inference,
             "getResponse": GetResponse(tasks, config.poll_wait),
-            "imageUpload": ImageUpload(config, images, limits),
+            "imageUpload": ImageUpload(config, images, limits, low_disk),
             "modelSearch": ModelSearch(slot),
             "authentication": authentication,
             "ping": ping,
@@ -123,13 +124,10 @@ class Dispatcher:
             items, error = await self._route(raw)(raw, base_url), None
         except TaskError as err:
             items, error = [], err
-        except StoreUnavailable as exc:  # the task database is away: this task fails now, it does not hang
+        except StoreUnavailable as exc:  # a store is away or full: this task fails now, it does not hang
             log.warning("task failed: %s", getattr(exc, "detail", exc))
-            items, error = [], task_error(
-                "serviceUnavailable", f"{str(exc)[0].upper()}{str(exc)[1:]}; retry shortly.",
-                task_type=task_type if isinstance(task_type, str) else None,
-                task_uuid=task_uuid if isinstance(task_uuid, str) else None, http_status=503,
-            )
+            items, error = [], store_error(exc, task_type=task_type if isinstance(task_type, str) else None,
+                                           task_uuid=task_uuid if isinstance(task_uuid, str) else None)
         except Exception:  # noqa: BLE001 - a bug must fail its task, not the connection
             log.exception("task failed unexpectedly")
             items, error = [], task_error(

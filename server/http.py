@@ -10,7 +10,6 @@ task is an `authentication` task with a valid key, and is answered 401 past that
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import json
 import logging
@@ -21,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from . import wire
+from . import executors, wire
 from .auth import bearer
 from .protocol import ErrorItem, invalid_api_key
 from .store import ImageStoreError, LiveImage
@@ -116,7 +115,7 @@ async def post_tasks(request: Request) -> wire.WireResponse:
 @router.get("/image/{name}")
 async def get_image(name: str, request: Request):
     try:
-        found = await asyncio.to_thread(request.app.state.store.lookup, name)
+        found = await executors.images(request.app.state.store.lookup, name)
     except ImageStoreError as exc:
         log.warning("GET /image/%s: %s", name[:64], exc.detail)
         return _errors(503, ErrorItem(code="serviceUnavailable", message=f"{exc}; try again later."))

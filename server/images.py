@@ -6,7 +6,6 @@ count read from the header (so a small file that would expand into a huge bitmap
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import io
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import executors
 from .downloads import DownloadError, fetch_bytes
 from .safe_http import OutboundURLError
 from .store import ImageStore
@@ -48,7 +48,7 @@ async def load_image_bytes(ref: str, store: ImageStore, limits: Limits) -> bytes
     """The raw file bytes behind an image reference."""
     ref = ref.strip()
     if _is_uuid(ref):
-        data = await asyncio.to_thread(store.read, ref)
+        data = await executors.images(store.read, ref)
         if data is None:
             raise ImageInputError(f"no stored image with imageUUID {ref} (unknown or expired)")
         return data

@@ -10,20 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from k5serve.pipelines.worker import GenerationError, GenerationSpec, InvalidInput, QueueFull
 
+from . import executors
 from .config import ServerConfig
 from .delivery import Delivery
 from .images import ImageInputError, Limits, load_image_bytes, prepare
-from .protocol import ALLOWED_SIZES, ImageInferenceTask, TaskError, error_code, task_error
+from .protocol import ALLOWED_SIZES, ImageInferenceTask, TaskError, error_code, store_error, task_error
 from .results import input_error, to_spec
 from .safe_http import OutboundURLError, check_url
 from .slot import ModelSlot
-from .store import ImageStore, ImageStoreError
-from .tasks import TaskRecord, TaskStore
+from .store import ImageStore
+from .tasks import StoreUnavailable, TaskRecord, TaskStore
 from .validation import FEATURES, image_input, parse_image_inference
 
 log = logging.getLogger("k5serve.dispatcher")
@@ -52,8 +54,9 @@ class ActiveTask:
 
 class ImageInference:
     def __init__(self, config: ServerConfig, slot: ModelSlot, images: ImageStore, tasks: TaskStore,
-                 delivery: Delivery, limits: Limits):
+                 delivery: Delivery, limits: Limits, low_disk: Callable[[], str | None] = lambda: None):
         self.config = config
+        self.low_disk = low_disk  # why the disk is too full to take work now (ops.Probes), or None
         self.slot = slot
         self.images = images
         self.tasks = tasks
@@ -90,11 +93,13 @@ class ImageInference:
                 except OutboundURLError as exc:
                     raise fail(error_code("invalid", parameter), str(exc), 400, parameter=parameter) from None
 
+        if self.low_disk():  # refused before generating: a result could not be stored
+            raise fail("storageFull", f"This server is low on disk space ({self.low_disk()}); retry later.", 503)
         spec = to_spec(task, **await self._input_image(task))
         now = time.time()
         record = TaskRecord(task.taskUUID, task.taskType, expected_items=task.numberResults,
-                            created_at=now, expires_at=now + RUNNING_FOREVER)
-        if not await asyncio.to_thread(self.tasks.create, record):
+                            created_at=now, expires_at=now + RUNNING_FOREVER, webhook_url=task.webhookURL)
+        if not await executors.database(self.tasks.create, record):
             raise fail("conflictTaskUUID",
                        f"taskUUID {task.taskUUID} was already used; use getResponse to read its results.",
                        409, parameter="taskUUID")
@@ -108,10 +113,10 @@ class ImageInference:
             self.active[task.taskUUID] = ActiveTask(task.taskUUID, spec.width, spec.height, spec.steps,
                                                     spec.num_images, now)
         except InvalidInput as exc:
-            await asyncio.to_thread(self.tasks.delete, task.taskUUID)
+            await executors.database(self.tasks.delete, task.taskUUID)
             raise input_error(exc, task.taskType, task.taskUUID) from None
         except QueueFull as exc:
-            await asyncio.to_thread(self.tasks.delete, task.taskUUID)  # never ran: the client may retry it
+            await executors.database(self.tasks.delete, task.taskUUID)  # never ran: the client may retry it
             raise fail("rateLimitExceeded", f"The server is busy ({exc}); retry after "
                        f"{self.config.retry_after} s.", 429) from None
         job = asyncio.ensure_future(self._finish(task, spec, future, base_url))
@@ -140,7 +145,7 @@ class ImageInference:
         active = self.active.get(task_uuid)
         if active is not None and step >= active.step:
             active.step, active.total = step, total
-        job = asyncio.ensure_future(asyncio.to_thread(self.tasks.progress, task_uuid, step, total))
+        job = asyncio.ensure_future(executors.database(self.tasks.progress, task_uuid, step, total))
         job.add_done_callback(lambda j: j.cancelled() or j.exception())  # StoreUnavailable: the next step retries
 
     def _job_done(self, job: asyncio.Task) -> None:
@@ -172,24 +177,24 @@ class ImageInference:
             return items
         except asyncio.CancelledError:
             future.cancel()
-            self.delivery.fail(task, task_error(
+            self.delivery.fail_now(task, task_error(
                 "inferenceError", "The server shut down before this task finished; run it again.",
                 task_type=task.taskType, task_uuid=task.taskUUID, http_status=503))
             raise
         except TaskError as err:
-            await asyncio.to_thread(self.delivery.fail, task, err, worker)  # a database write: off the loop
+            await self.delivery.fail(task, err, worker)
             raise
-        except ImageStoreError as exc:  # e.g. the bucket is unreachable: fail this task only, say why
-            log.warning("delivering task %s failed: %s", task.taskUUID, exc.detail)
-            err = task_error("serviceUnavailable", f"Storing the result failed: {exc}; run it again.",
-                             task_type=task.taskType, task_uuid=task.taskUUID, http_status=503)
-            await asyncio.to_thread(self.delivery.fail, task, err)
+        except StoreUnavailable as exc:  # the bucket, a full disk, the database away past the result's TTL
+            log.warning("delivering task %s failed: %s", task.taskUUID, getattr(exc, "detail", exc))
+            err = store_error(exc, task_type=task.taskType, task_uuid=task.taskUUID,
+                              doing="Storing the result failed: ")
+            await self.delivery.fail(task, err)
             raise err from None
-        except Exception as exc:  # noqa: BLE001 - e.g. disk full while storing: fail this task only
+        except Exception as exc:  # noqa: BLE001 - a bug: fail this task only
             log.exception("delivering task %s failed", task.taskUUID)
             err = task_error("internalServerError", f"Storing the result failed: {type(exc).__name__}",
                              task_type=task.taskType, task_uuid=task.taskUUID, http_status=500)
-            await asyncio.to_thread(self.delivery.fail, task, err)
+            await self.delivery.fail(task, err)
             raise err from None
         finally:
             self.active.pop(task.taskUUID, None)

@@ -2,31 +2,112 @@
 
 `/health` answers 200 while the process can still become or stay useful (loading counts) and 503 when only
 a restart helps (the model failed to load, the worker stopped); `/ready` answers 200 only when the model
-is loaded, the worker is alive, its queue is not full and the server is not shutting down, else 503 with
-the reasons. Both carry the model's state and the worker's description in the body.
+is loaded, the worker is alive, its queue is not full, the stores answer, the disk has room and the server
+is not shutting down, else 503 with the reasons. Both carry the model's state and the worker's description
+in the body.
+
+None of them waits on a store: `Probes` asks the database, the image store and the file systems in the
+background, once a second, each on a thread of its own with its own time-out, and the endpoints read what
+it found. A database outage, a hung bucket or a full thread pool cannot make a liveness probe time out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from . import ws
+from .config import ServerConfig
 from .metrics import CONTENT_TYPE_LATEST
 from .slot import FAILED
+from .store import DirectoryImageStore, ImageStore
 from .wire import WireResponse
 
+log = logging.getLogger("k5serve.app")
 router = APIRouter()
 
 
+class Probes:
+    """The stores' and the disks' state, gathered in the background (`run`); read without waiting."""
+
+    INTERVAL = 1.0  # seconds between rounds
+    TIMEOUT = 3.0  # a probe that has not answered by then is reported as not answering (and not started again
+    #                until it returns)
+
+    def __init__(self, config: ServerConfig, images: ImageStore, database=None):
+        self.images = images
+        self.database = database
+        self.min_free = config.min_free_disk
+        folders = {"data directory": config.data_dir}
+        if isinstance(images, DirectoryImageStore):
+            folders["image store"] = images.root
+        self.folders: dict[str, Path] = folders
+        self.image_store: dict[str, Any] = {"kind": images.kind}
+        self.free: dict[str, int] = {}  # folder role -> free bytes
+        self.low_disk: str | None = None  # why new work is refused for lack of space
+        self._pool = ThreadPoolExecutor(3, thread_name_prefix="k5serve-probe")
+        self._running: dict[str, asyncio.Future] = {}
+
+    async def run(self) -> None:
+        while True:
+            await self.once()
+            await asyncio.sleep(self.INTERVAL)
+
+    async def once(self) -> None:
+        jobs = [self._probe("image store", self.images.status, self._image_store_found), self._probe(
+            "disk", self._free_space, self._disk_found)]
+        if self.database is not None:
+            jobs.append(self._probe("database", self.database.probe, lambda _: None))
+        await asyncio.gather(*jobs)
+
+    async def _probe(self, name: str, call, found) -> None:
+        future = self._running.get(name)
+        if future is None:  # (one still running from an earlier round is waited for, not doubled)
+            future = self._running[name] = asyncio.get_running_loop().run_in_executor(self._pool, call)
+            future.add_done_callback(lambda _: self._running.pop(name, None))
+        try:
+            found(await asyncio.wait_for(asyncio.shield(future), self.TIMEOUT))
+        except TimeoutError:
+            self._hung(name)
+        except Exception as exc:  # noqa: BLE001 - a probe that fails reports it; it never stops the others
+            log.warning("probing the %s: %s", name, exc)
+            self._hung(name, f"{type(exc).__name__}: {exc}")
+
+    def _hung(self, name: str, why: str | None = None) -> None:
+        why = why or f"no answer within {self.TIMEOUT:g} s"
+        if name == "image store":
+            self.image_store = {"kind": self.images.kind, "problem": f"the image store is not answering ({why})"}
+        elif name == "disk":
+            self.low_disk = f"the free space of the data directory cannot be read ({why})"
+
+    def _image_store_found(self, status: dict[str, Any]) -> None:
+        self.image_store = status
+
+    def _free_space(self) -> dict[str, int]:
+        return {role: shutil.disk_usage(folder).free for role, folder in self.folders.items()}
+
+    def _disk_found(self, free: dict[str, int]) -> None:
+        self.free = free
+        low = [f"the {role} ({self.folders[role]}) has {n / 2**20:.0f} MiB free" for role, n in free.items()
+               if n < self.min_free]
+        was = self.low_disk
+        self.low_disk = "; ".join(low) + f", below --min-free-disk ({self.min_free / 2**20:.0f} MiB)" if low else None
+        if self.low_disk != was:
+            (log.warning if self.low_disk else log.info)("disk space: %s", self.low_disk or "enough again")
+
+
 def readiness(app: FastAPI) -> dict[str, Any]:
-    """The model's, the worker's and the stores' state. The database's and the image store's state are those
-    of the last probe (`probe_stores`, run off the event loop by /health, /ready and /metrics before this)."""
+    """The model's, the worker's and the stores' state, as the last probes found them (`Probes`)."""
     state = app.state
+    probes: Probes = state.probes
     reasons, worker = state.slot.readiness()
     if not state.dispatcher.accepting:
         reasons.append("shutting down")
@@ -38,10 +119,14 @@ def readiness(app: FastAPI) -> dict[str, Any]:
                               "pool": db.stats()} | ({"error": error} if error else {})
         if error:
             reasons.append(error)
-    image_store = dict(state.image_store_status or state.store.status())
+    image_store = dict(probes.image_store)
     if "problem" in image_store:
         reasons.append(image_store["problem"])
     stores["imageStore"] = image_store
+    if probes.low_disk:
+        reasons.append(probes.low_disk)
+    stores["disk"] = {"freeBytes": dict(probes.free), "minFreeBytes": probes.min_free} | (
+        {"problem": probes.low_disk} if probes.low_disk else {})
     body: dict[str, Any] = {"ready": not reasons, "model": state.slot.state,
                             "uptimeSeconds": round(time.time() - state.started, 1)}
     if reasons:
@@ -49,17 +134,10 @@ def readiness(app: FastAPI) -> dict[str, Any]:
     return body | worker | stores
 
 
-async def probe_stores(app: FastAPI) -> None:
-    if app.state.database is not None:
-        await asyncio.to_thread(app.state.database.probe)
-    app.state.image_store_status = await asyncio.to_thread(app.state.store.status)  # S3: a HEAD, cached 1 s
-
-
 @router.get("/health")
 async def health(request: Request) -> WireResponse:
     """Liveness: 200 while the process can still become or stay useful (loading counts); 503 when only a
     restart helps (the model failed to load, the worker thread died). /ready says whether to send work."""
-    await probe_stores(request.app)
     body = readiness(request.app)
     broken = body["model"] == FAILED or body.get("workerAlive") is False
     return WireResponse({"status": "error" if broken else "ok", **body}, status_code=503 if broken else 200)
@@ -67,14 +145,12 @@ async def health(request: Request) -> WireResponse:
 
 @router.get("/ready")
 async def ready(request: Request) -> WireResponse:
-    await probe_stores(request.app)
     body = readiness(request.app)
     return WireResponse(body, status_code=200 if body["ready"] else 503)
 
 
 @router.get("/metrics")
 async def prometheus_metrics(request: Request) -> Response:
-    await probe_stores(request.app)
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -241,6 +241,10 @@ MODEL_OPTIONS = (
 SERVE_OPTIONS = MODEL_OPTIONS + (
     Option("host", ListenConfig, "host", "address to listen on"),
     Option("port", ListenConfig, "port", "port to listen on", type=int),
+    Option("header-timeout", ListenConfig, "header_timeout", "seconds a connection may take to send a complete "
+           "request head (also between keep-alive requests) before it is closed", type=positive_float),
+    Option("max-connections", ListenConfig, "max_connections", "HTTP and WebSocket connections open at once; "
+           "more are answered 503 and closed (the open-file limit is raised to fit)", type=positive),
     Option("api-key", ServerConfig, "api_keys", "accepted API key (repeatable); none = open access", kind="list",
            env_name="K5SERVE_API_KEYS"),
     Option("public-url", ServerConfig, "public_url", "base URL for image links (default: the request's own host)"),
@@ -280,6 +284,18 @@ SERVE_OPTIONS = MODEL_OPTIONS + (
            "most 7 days (presigned)", choices=("proxy", "presigned")),
     Option("task-lease", ServerConfig, "task_lease", "with --database: seconds a front-end may go without "
            "renewing its running tasks' heartbeat before another front-end fails them", type=positive_float),
+    Option("min-free-disk", ServerConfig, "min_free_disk", "bytes that must stay free on the disks of --data-dir "
+           "and a folder --image-store: below it /ready answers 503 and new tasks and uploads are refused with "
+           "storageFull (0: no check)", type=non_negative),
+    Option("max-tasks-per-connection", ServerConfig, "max_tasks_per_connection", "tasks of any type one "
+           "WebSocket connection or HTTP request may have in flight; more are answered 429 rateLimitExceeded",
+           type=positive),
+    Option("max-tasks-per-key", ServerConfig, "max_tasks_per_key", "the same over all connections that use one "
+           "API key (with open access: over everyone)", type=positive),
+    Option("ws-resume-bytes", ServerConfig, "ws_resume_bytes", "bytes of result frames kept for one disconnected "
+           "WebSocket session (oldest dropped first, counted in /metrics)", type=positive),
+    Option("ws-resume-total-bytes", ServerConfig, "ws_resume_total_bytes", "the same over all sessions of this "
+           "front-end", type=positive),
     Option("workers", WorkerConfig, "kind", "where generation runs: local (a thread in this process) or ray "
            "(Ray Serve replicas, one engine on one device each; pip install 'k5serve[ray]')",
            choices=("local", "ray")),

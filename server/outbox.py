@@ -24,8 +24,9 @@ import httpx
 
 from k5serve.logcontext import current_task
 
+from . import executors
 from .safe_http import OutboundURLError, origin_of, parse_url, redact, safe_client
-from .tasks import StoreUnavailable
+from .tasks import StoreUnavailable, sqlite_failure
 
 log = logging.getLogger("k5serve.outbound")
 
@@ -111,41 +112,43 @@ class SQLiteOutboxStore(OutboxStore):
         if "task_uuid" not in {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}:
             self._db.execute("ALTER TABLE outbox ADD COLUMN task_uuid TEXT")  # a file from an older version
 
+    def _run(self, sql: str, params: tuple = (), fetch: str | None = None):
+        """One statement under the lock -> its rows ("all"), first row ("one") or None; a full disk is
+        StorageFull, any other SQLite failure StoreUnavailable."""
+        try:
+            with self._lock:
+                cur = self._db.execute(sql, params)
+                return cur.fetchall() if fetch == "all" else cur.fetchone() if fetch == "one" else None
+        except sqlite3.Error as exc:
+            raise sqlite_failure(exc, "the outbox") from None
+
     def add(self, kind: str, url: str, body: bytes, content_type: str, task_uuid: str | None) -> None:
         now = time.time()
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO outbox (kind, url, body, content_type, created, next_at, task_uuid) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", (kind, url, body, content_type, now, now, task_uuid))
+        self._run("INSERT INTO outbox (kind, url, body, content_type, created, next_at, task_uuid) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?)", (kind, url, body, content_type, now, now, task_uuid))
 
     def claim(self, limit: int, exclude: set[int], busy: set[str], now: float) -> list[OutboxEntry]:
-        with self._lock:  # one process: what it is delivering (`exclude`) is the only claim there is
-            rows = self._db.execute(
-                "SELECT id, kind, url, content_type, created, attempts, task_uuid FROM outbox "
-                "WHERE next_at <= ? ORDER BY next_at LIMIT 1000", (now,)).fetchall()
+        # one process: what it is delivering (`exclude`) is the only claim there is
+        rows = self._run("SELECT id, kind, url, content_type, created, attempts, task_uuid FROM outbox "
+                         "WHERE next_at <= ? ORDER BY next_at LIMIT 1000", (now,), "all")
         entries = (OutboxEntry(*row) for row in rows if row[0] not in exclude and origin_of(row[2]) not in busy)
         return [entry for entry, _ in zip(entries, range(limit))]
 
     def next_due(self, now: float) -> float | None:
-        with self._lock:
-            return self._db.execute("SELECT MIN(next_at) FROM outbox WHERE next_at > ?", (now,)).fetchone()[0]
+        return self._run("SELECT MIN(next_at) FROM outbox WHERE next_at > ?", (now,), "one")[0]
 
     def body(self, id_: int) -> bytes:
-        with self._lock:
-            row = self._db.execute("SELECT body FROM outbox WHERE id = ?", (id_,)).fetchone()
+        row = self._run("SELECT body FROM outbox WHERE id = ?", (id_,), "one")
         return row[0] if row else b""
 
     def reschedule(self, id_: int, attempts: int, next_at: float) -> None:
-        with self._lock:
-            self._db.execute("UPDATE outbox SET attempts = ?, next_at = ? WHERE id = ?", (attempts, next_at, id_))
+        self._run("UPDATE outbox SET attempts = ?, next_at = ? WHERE id = ?", (attempts, next_at, id_))
 
     def remove(self, id_: int) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM outbox WHERE id = ?", (id_,))
+        self._run("DELETE FROM outbox WHERE id = ?", (id_,))
 
     def pending(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        return self._run("SELECT COUNT(*) FROM outbox", (), "one")[0]
 
     def close(self) -> None:
         with self._lock:
@@ -266,7 +269,7 @@ class Outbox:
             if again:
                 continue
             try:
-                later = await asyncio.to_thread(self.store.next_due, now)
+                later = await executors.database(self.store.next_due, now)
             except StoreUnavailable:
                 later = None
             wait = None if later is None else later - time.time()
@@ -287,7 +290,7 @@ class Outbox:
         per_origin = Counter(origin for origin, _ in self._inflight.values())
         busy = {origin for origin, n in per_origin.items() if n >= self.per_origin}
         try:
-            due = await asyncio.to_thread(self.store.claim, free, set(self._inflight), busy, now)
+            due = await executors.database(self.store.claim, free, set(self._inflight), busy, now)
         except StoreUnavailable as exc:  # the database is away: the next look (poll or wake) tries again
             log.warning("outbox: %s", exc)
             return False
@@ -300,7 +303,7 @@ class Outbox:
             per_origin[origin] += 1
             self._inflight[entry.id] = (origin, asyncio.create_task(self._deliver(*entry)))
         if skipped:
-            await asyncio.to_thread(self._release, skipped)
+            await executors.database(self._release, skipped)
         return bool(skipped) and len(self._inflight) < self.concurrency
 
     def _release(self, ids: list[int]) -> None:
@@ -314,7 +317,7 @@ class Outbox:
         current_task.set(task_uuid)  # this delivery runs as its own asyncio task: its lines name the task
         where = redact(url)
         try:
-            body = await asyncio.to_thread(self.store.body, id_)
+            body = await executors.database(self.store.body, id_)
             error = await self._attempt(kind, url, body, content_type)
             if error is None:
                 await self._remove(id_)
@@ -333,7 +336,7 @@ class Outbox:
                     log.warning("outbox: %s to %s given up after %d attempts in %.0f s: %s",
                                 kind, where, attempts + 1, time.time() - created, error)
                 else:
-                    await asyncio.to_thread(self.store.reschedule, id_, attempts + 1, next_at)
+                    await executors.database(self.store.reschedule, id_, attempts + 1, next_at)
                     self.stats[kind]["retried"] += 1
                     log.info("outbox: %s to %s failed (%s), retry in %.1f s", kind, where, error, delay)
         except StoreUnavailable as exc:  # the entry stays; it is tried again once its claim lapses
@@ -364,7 +367,7 @@ class Outbox:
         return None if response.is_success else f"HTTP {response.status_code}"
 
     async def _remove(self, id_: int) -> None:
-        await asyncio.to_thread(self.store.remove, id_)
+        await executors.database(self.store.remove, id_)
         self._progress.set()
 
 

@@ -7,9 +7,10 @@ imported only when `--database` is given. The schema is created and upgraded her
 What several front-ends need that one does not:
 - `create` is an INSERT ... ON CONFLICT DO NOTHING: of two front-ends given the same taskUUID at the same
   moment, one inserts (and runs it), the other gets `conflictTaskUUID`.
-- Each record of a task still queued or running carries its front-end (`owner`) and a heartbeat the owner
-  renews; `expire_stale` (every front-end's sweep) fails the tasks whose owner stopped renewing (it died),
-  once, for every front-end to read. A restarting front-end never touches other front-ends' tasks.
+- Each record carries its front-end (`owner`), and each front-end renews a heartbeat of its own
+  (`k5serve_frontends`); `expire_stale` (every front-end's sweep) fails the tasks of a front-end that stopped
+  renewing (it died), once, for every front-end to read, with their error webhooks. A database outage does
+  not count against anyone (see `expire_stale`). A restarting front-end never touches other front-ends' tasks.
 - Outbox rows are claimed with `FOR UPDATE SKIP LOCKED` plus a lease (`claimed_by`, `claimed_until`): one
   front-end delivers each; a claim left by a front-end that died is taken over when its lease runs out.
 Leases and heartbeats use the database's clock, so front-ends' clocks need not agree; record expiry (TTL) is
@@ -18,9 +19,12 @@ the wall-clock time each front-end writes, as with SQLite.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -40,9 +44,11 @@ from .tasks import (
     TaskRecord,
     TaskStore,
     check_fields,
+    webhook_error,
 )
 
 log = logging.getLogger("k5serve.postgres")
+T = TypeVar("T")
 
 _NOW = "extract(epoch from clock_timestamp())"
 _LOCK = 0x6B357365  # pg_advisory_xact_lock key for schema changes ("k5se")
@@ -97,22 +103,39 @@ MIGRATIONS: list[str] = [
     CREATE INDEX k5serve_ws_frames_session ON k5serve_ws_frames (session_uuid);
     CREATE INDEX k5serve_ws_sessions_seen ON k5serve_ws_sessions (last_seen);
     """,
+    # 3: front-ends' liveness apart from their tasks; each task's webhook for its error webhook if another
+    # front-end fails it; each WebSocket session's key and the front-end whose socket holds it
+    """
+    CREATE TABLE k5serve_frontends (
+        instance TEXT PRIMARY KEY,
+        heartbeat_at DOUBLE PRECISION NOT NULL  -- database time of its last heartbeat
+    );
+    ALTER TABLE k5serve_tasks ADD COLUMN webhook_url TEXT;
+    ALTER TABLE k5serve_ws_sessions ADD COLUMN owner TEXT;   -- a digest of the key that opened it
+    ALTER TABLE k5serve_ws_sessions ADD COLUMN holder TEXT;  -- the front-end and socket attached to it
+    """,
 ]
 
 
 
 class Database:
-    """The connection pool, the schema, and the errors counted for /metrics and /ready."""
+    """The connection pool, the schema, and the database's state for /ready and /metrics.
+
+    A failure to reach the server opens a circuit: until a probe (at most one a second, on a connection of its
+    own) reaches the server again, calls fail at once with StoreUnavailable instead of each waiting for the
+    pool's time-out, so that during an outage new tasks are refused quickly and no thread pool fills up with
+    calls waiting for a connection. `up_since` says how long the database has been reachable without a break,
+    which is what `PostgresTaskStore.expire_stale` needs before it may judge other front-ends gone."""
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 5.0):
         self.errors = 0  # database errors seen (failed queries, unreachable server)
-        self.probe_error: str | None = None  # what the last `probe` found: None = reachable
+        self.probe_error: str | None = None  # why the server cannot be reached now (the circuit is open); None: it can
+        self.up_since: float | None = time.monotonic()  # reachable without a break since then; None: not now
         self._probed_at = 0.0
+        self._probe_lock = threading.Lock()
         self._url = url
-        self.pool = ConnectionPool(url, min_size=min_size, max_size=max_size, timeout=timeout, open=False,
-                                   kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout))},
-                                   check=ConnectionPool.check_connection, reconnect_timeout=86400,
-                                   name="k5serve")
+        self._pool_args = {"min_size": min_size, "max_size": max_size, "timeout": timeout}
+        self.pool = self._new_pool()
         try:
             self.pool.open(wait=True, timeout=timeout)
             self.version = self._migrate()
@@ -122,6 +145,18 @@ class Database:
         except SchemaError:
             self.pool.close()
             raise
+
+    def _new_pool(self) -> ConnectionPool:
+        return ConnectionPool(self._url, **self._pool_args, open=False, name="k5serve",
+                              kwargs={"autocommit": True, "connect_timeout": max(1, int(self._pool_args["timeout"]))},
+                              check=ConnectionPool.check_connection, reconnect_timeout=86400)
+
+    def _renew_pool(self) -> None:
+        """After an outage: a new pool that connects now. The old one's reconnection attempts back off without
+        bound (1, 2, 4 ... s), so after a long outage it could take as long again to find the server back."""
+        old, self.pool = self.pool, self._new_pool()
+        self.pool.open(wait=False)
+        threading.Thread(target=old.close, kwargs={"timeout": 1.0}, name="k5serve-pool-close", daemon=True).start()
 
     def _migrate(self) -> int:
         with self.pool.connection() as conn, conn.transaction():
@@ -144,32 +179,61 @@ class Database:
     def run(self, sql: str, params: Any = (), *, fetch: str | None = None) -> Any:
         """One statement on a pooled connection -> its rows ("all"), first row ("one") or row count.
         Any database failure becomes StoreUnavailable (counted), so the caller fails its task clearly."""
+
+        def one(conn: psycopg.Connection) -> Any:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if fetch == "all" else cur.fetchone() if fetch == "one" else cur.rowcount
+
+        return self.transaction(one)
+
+    def transaction(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """`work(connection)` in one transaction (all of it or nothing), with `run`'s errors."""
+        if self.probe_error is not None:
+            self.probe()  # (at most once a second) still away: fail now, without waiting for the pool
+            if self.probe_error is not None:
+                raise StoreUnavailable(self.probe_error)
+        pool = self.pool
         try:
-            with self.pool.connection() as conn:
-                cur = conn.execute(sql, params)
-                if fetch == "all":
-                    return cur.fetchall()
-                if fetch == "one":
-                    return cur.fetchone()
-                return cur.rowcount
-        except (psycopg.Error, OSError) as exc:  # psycopg_pool.PoolTimeout is a psycopg.OperationalError
-            self.errors += 1
+            with pool.connection() as conn, conn.transaction():
+                return work(conn)
+        except (psycopg.errors.TransactionRollback, psycopg.errors.QueryCanceled) as exc:
+            self.errors += 1  # (OperationalErrors that say nothing about reaching the server)
+            raise StoreUnavailable(f"the task database could not complete a statement ({_describe(exc)})") from None
+        except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:  # PoolTimeout included
+            if pool is self.pool:  # (a call on a pool replaced since says nothing about now)
+                self._unreachable(exc)
             raise StoreUnavailable(f"the task database is unreachable ({_describe(exc)})") from None
+        except psycopg.Error as exc:
+            self.errors += 1
+            raise StoreUnavailable(f"the task database refused a statement ({_describe(exc)})") from None
+
+    def _unreachable(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.probe_error = f"the task database is unreachable ({_describe(exc)})"
+        self.up_since = None
 
     def probe(self, max_age: float = 1.0) -> None:
         """Whether the server answers, on a connection of its own (the pool may be busy reconnecting), at most
-        once per `max_age` seconds: the answer is `probe_error` (None when it answered)."""
+        once per `max_age` seconds (other callers meanwhile keep the last answer): `probe_error` is None when it
+        answered, and the circuit closes."""
         now = time.monotonic()
-        if now - self._probed_at < max_age:
+        if now - self._probed_at < max_age or not self._probe_lock.acquire(blocking=False):
             return
-        self._probed_at = now
         try:
+            self._probed_at = now
             with psycopg.connect(self._url, connect_timeout=2, autocommit=True) as conn:
                 conn.execute("SELECT 1")
-            self.probe_error = None
         except (psycopg.Error, OSError) as exc:
-            self.errors += 1
-            self.probe_error = f"the task database is unreachable ({_describe(exc)})"
+            self._unreachable(exc)
+        else:
+            if self.probe_error is not None:
+                log.info("the task database is reachable again")
+                self._renew_pool()
+            self.probe_error = None
+            if self.up_since is None:
+                self.up_since = time.monotonic()
+        finally:
+            self._probe_lock.release()
 
     def check(self) -> str | None:
         """Probe now: None when the database answers, else why not."""
@@ -208,11 +272,12 @@ class PostgresTaskStore(TaskStore):
                           "expires_at > %s", (task_uuid, time.time()), fetch="one")
         return TaskRecord(**dict(zip(COLUMNS, row, strict=True))) if row else None
 
-    def update(self, task_uuid: str, **fields: Any) -> None:
+    def update(self, task_uuid: str, **fields: Any) -> bool:
         check_fields(fields)
         sets = ", ".join(f"{k} = %s" for k in fields)
         values = [Jsonb(v) if k in JSON_COLUMNS else v for k, v in fields.items()]
-        self.db.run(f"UPDATE k5serve_tasks SET {sets} WHERE task_uuid = %s", (*values, task_uuid))
+        return self.db.run(f"UPDATE k5serve_tasks SET {sets} WHERE task_uuid = %s AND status IN (%s, %s)",
+                           (*values, task_uuid, QUEUED, RUNNING)) == 1
 
     def progress(self, task_uuid: str, step: int, total: int) -> None:
         self.db.run("UPDATE k5serve_tasks SET status = %s, step = %s, total_steps = %s WHERE task_uuid = %s "
@@ -221,25 +286,53 @@ class PostgresTaskStore(TaskStore):
     def delete(self, task_uuid: str) -> None:
         self.db.run("DELETE FROM k5serve_tasks WHERE task_uuid = %s", (task_uuid,))
 
-    def recover(self, message: str) -> int:
+    def recover(self, message: str) -> list[TaskRecord]:
         """Nothing to do at start-up: another front-end's tasks are not ours to fail, and ours from an earlier
-        run (a different owner id) are failed by `expire_stale` once their heartbeat lapses."""
-        return 0
+        run (a different owner id) are failed by `expire_stale` once that run is judged gone."""
+        return []
 
     def heartbeat(self) -> None:
-        self.db.run(f"UPDATE k5serve_tasks SET heartbeat_at = {_NOW} WHERE owner = %s AND status IN (%s, %s)",
-                    (self.owner, QUEUED, RUNNING))
+        """This front-end is alive: one row for all its tasks, in database time."""
+        self.db.run(f"INSERT INTO k5serve_frontends (instance, heartbeat_at) VALUES (%s, {_NOW}) ON CONFLICT "
+                    "(instance) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at", (self.owner,))
 
     def expire_stale(self, message: str) -> int:
-        rows = self.db.run(
-            f"UPDATE k5serve_tasks SET status = %s, errors = jsonb_build_array(jsonb_build_object("
-            f"'code', 'inferenceError', 'message', %s::text, 'status', 'error', 'httpStatus', 500, "
-            f"'taskType', task_type, 'taskUUID', task_uuid)) WHERE status IN (%s, %s) AND heartbeat_at < "
-            f"{_NOW} - %s RETURNING task_uuid", (ERROR, message, QUEUED, RUNNING, self.lease), fetch="all")
-        return len(rows)
+        """Fail the tasks of front-ends gone for a lease, and queue their error webhooks in the same transaction
+        (each once, whichever front-end gets there first).
+
+        Gone means: no heartbeat (its own row, or the task's from its creation) for `lease` seconds of database
+        time, counting no earlier than the database's own start (a database restart makes every front-end miss
+        heartbeats). And this front-end judges only after it has itself reached the database without a break
+        for a lease: after an outage every live front-end gets that long to heartbeat again."""
+        up = self.db.up_since
+        if up is None or time.monotonic() - up < self.lease:
+            return 0
+
+        def fail(conn: psycopg.Connection) -> int:
+            rows = conn.execute(
+                f"UPDATE k5serve_tasks t SET status = %s, errors = jsonb_build_array(jsonb_build_object("
+                f"'code', 'inferenceError', 'message', %s::text, 'status', 'error', 'httpStatus', 500, "
+                f"'taskType', t.task_type, 'taskUUID', t.task_uuid)) WHERE t.status IN (%s, %s) AND greatest("
+                f"t.heartbeat_at, (SELECT f.heartbeat_at FROM k5serve_frontends f WHERE f.instance = t.owner), "
+                f"extract(epoch from pg_postmaster_start_time())) < {_NOW} - %s "
+                "RETURNING t.task_uuid, t.webhook_url, t.errors",
+                (ERROR, message, QUEUED, RUNNING, self.lease)).fetchall()
+            now = time.time()
+            for task_uuid, url, errors in rows:
+                if url:
+                    conn.execute(_OUTBOX_ADD, ("webhook", url, origin_of(url), json.dumps(webhook_error(errors[0])),
+                                               "application/json", now, now, task_uuid))
+            return len(rows)
+
+        return self.db.transaction(fail)
 
     def sweep(self) -> int:
+        self.db.run(f"DELETE FROM k5serve_frontends WHERE heartbeat_at < {_NOW} - 86400")  # gone for a day
         return self.db.run("DELETE FROM k5serve_tasks WHERE expires_at <= %s", (time.time(),))
+
+
+_OUTBOX_ADD = ("INSERT INTO k5serve_outbox (kind, url, origin, body, content_type, created, next_at, task_uuid) "
+               "VALUES (%s, %s, %s, convert_to(%s, 'UTF8'), %s, %s, %s, %s)")
 
 
 class PostgresOutboxStore(OutboxStore):
@@ -255,8 +348,7 @@ class PostgresOutboxStore(OutboxStore):
 
     def add(self, kind: str, url: str, body: bytes, content_type: str, task_uuid: str | None) -> None:
         now = time.time()
-        self.db.run("INSERT INTO k5serve_outbox (kind, url, origin, body, content_type, created, next_at, task_uuid) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        self.db.run(_OUTBOX_ADD.replace("convert_to(%s, 'UTF8')", "%s"),
                     (kind, url, origin_of(url), body, content_type, now, now, task_uuid))
 
     def claim(self, limit: int, exclude: set[int], busy: set[str], now: float) -> list[OutboxEntry]:

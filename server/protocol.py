@@ -110,6 +110,18 @@ def task_error(
     return TaskError(item, http_status)
 
 
+def store_error(exc: Exception, *, task_type: str | None, task_uuid: str | None, doing: str = "") -> TaskError:
+    """A store that failed (tasks.StoreUnavailable and its kinds) as the task's 503: `storageFull` when a disk is
+    full, else `serviceUnavailable`; the message says what failed (`doing`, e.g. "Storing the result failed: ")
+    and that a retry may work."""
+    from .tasks import StorageFull  # (plain data here: the exception classes only)
+
+    text = str(exc) or type(exc).__name__
+    code = "storageFull" if isinstance(exc, StorageFull) else "serviceUnavailable"
+    message = f"{doing}{text}; retry later." if doing else f"{text[0].upper()}{text[1:]}; retry later."
+    return task_error(code, message, task_type=task_type, task_uuid=task_uuid, http_status=503)
+
+
 def invalid_api_key(message: str = "Invalid API key. Get one at https://my.runware.ai/signup") -> ErrorItem:
     """The auth failure every client recognises: taskType "authentication" and no taskUUID."""
     return ErrorItem(code="invalidApiKey", message=message, parameter="apiKey", taskType="authentication")

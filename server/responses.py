@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+from . import executors
 from .protocol import ErrorItem, GetResponseTask, TaskError, task_error
 from .tasks import ERROR, TaskStore
 from .validation import parse
@@ -18,11 +19,11 @@ class GetResponse:
 
     async def __call__(self, raw: dict[str, Any], base_url: str) -> list[dict]:
         task_uuid = parse(GetResponseTask, raw).taskUUID
-        record = await asyncio.to_thread(self.tasks.get, task_uuid)
+        record = await executors.database(self.tasks.get, task_uuid)
         deadline = time.monotonic() + self.poll_wait
         while record is not None and not record.done and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-            record = await asyncio.to_thread(self.tasks.get, task_uuid)
+            record = await executors.database(self.tasks.get, task_uuid)
         if record is None:
             raise task_error("taskFailedOrNotFound", f"No task with taskUUID {task_uuid} (unknown or expired).",
                              parameter="taskUUID", task_type="getResponse", task_uuid=task_uuid, http_status=404)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from fastapi import WebSocket
 
-from . import wire
+from . import executors, wire
 from .tasks import StoreUnavailable
 from .validation import well_formed_uuid
 
@@ -78,7 +78,7 @@ class Session:
                     self.detach(ws)
             if self.shared is not None:
                 try:  # where a reconnect to any front-end finds it
-                    await asyncio.to_thread(self.shared.push, self.uuid, text)
+                    await executors.database(self.shared.push, self.uuid, text)
                     return
                 except StoreUnavailable as exc:
                     log.warning("session %s: %s; keeping the frame on this front-end only", self.uuid, exc)
@@ -98,7 +98,7 @@ class Session:
             self.buffer.clear()
         if self.shared is not None:
             try:
-                pending += (await asyncio.to_thread(self.shared.take, [self.uuid], window)).get(self.uuid, [])
+                pending += (await executors.database(self.shared.take, [self.uuid], window)).get(self.uuid, [])
             except StoreUnavailable as exc:
                 log.warning("session %s: %s; frames kept elsewhere are re-delivered later", self.uuid, exc)
         for text in pending[-self.max_frames:]:
@@ -119,7 +119,7 @@ class Sessions:
         session = self._by_uuid.get(resume) if isinstance(resume, str) else None
         if session is None and self.shared is not None and well_formed_uuid(resume):
             try:
-                if await asyncio.to_thread(self.shared.known, resume, self.window):  # (another socket may have
+                if await executors.database(self.shared.known, resume, self.window):  # (another socket may have
                     session = self._by_uuid.setdefault(resume, Session(resume, self.max_frames, self.shared))  # won)
             except StoreUnavailable as exc:
                 log.warning("resuming WebSocket session %s: %s; starting a new one", resume, exc)
@@ -129,7 +129,7 @@ class Sessions:
             self._by_uuid[session.uuid] = session
             if self.shared is not None:
                 try:
-                    await asyncio.to_thread(self.shared.register, session.uuid)
+                    await executors.database(self.shared.register, session.uuid)
                 except StoreUnavailable as exc:
                     log.warning("WebSocket session %s: %s; it can be resumed on this front-end only", session.uuid,
                                 exc)
@@ -146,7 +146,7 @@ class Sessions:
         attached = [s for s in self._by_uuid.values() if s.ws is not None]
         if self.shared is None or not attached:
             return
-        frames = await asyncio.to_thread(self.shared.take, [s.uuid for s in attached], self.window)
+        frames = await executors.database(self.shared.take, [s.uuid for s in attached], self.window)
 
         async def deliver(session: Session, texts: list[str]) -> None:
             for text in texts[-self.max_frames:]:

@@ -9,6 +9,7 @@ without an index to keep consistent. Writes are atomic: a reader never sees half
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .encoding import MEDIA_TYPES
-from .tasks import StoreUnavailable
+from .tasks import StorageFull, StoreUnavailable
 
 EXTENSIONS = tuple(MEDIA_TYPES)
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -62,6 +63,10 @@ class ImageStoreError(StoreUnavailable):
     def __init__(self, message: str, detail: str | None = None):
         super().__init__(message)
         self.detail = detail or message
+
+
+class ImageStoreFull(ImageStoreError, StorageFull):
+    """The image store's disk (or quota) is full: the task fails with storageFull."""
 
 
 def parse_name(name: str) -> tuple[str, str] | None:
@@ -140,8 +145,12 @@ class DirectoryImageStore(ImageStore):
             tmp.write_bytes(data)
             os.utime(tmp, (image.expires_at, image.expires_at))
             os.replace(tmp, self.root / image.name)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)  # disk full, a bad expiry time, ...: leave nothing half-written
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ImageStoreFull("the image store's disk is full", f"{self.root}: {exc}") from None
+            if isinstance(exc, OSError):
+                raise ImageStoreError("the image store could not be written", f"{self.root}: {exc}") from None
             raise
         return image
 

@@ -1,12 +1,14 @@
 """Durable task records: one per taskUUID, behind every delivery mode (sync, async, webhook, WebSocket).
 
 A record moves queued -> running (step k of N) -> success | error and keeps its result items and error
-items until it expires. `TaskStore` is the interface; `SQLiteTaskStore` is the single-machine
-implementation, `postgres.PostgresTaskStore` the one several front-ends share. A process that dies mid-task
-leaves `queued`/`running` records behind: with SQLite, `recover()` at the next start turns them into
-errors; with PostgreSQL, `expire_stale()` does once their front-end's heartbeat lapses. Either way a client
-polling `getResponse` learns the task failed instead of waiting forever. Calls may block (a database
-round trip): the server makes them off the event loop.
+items until it expires. A finished record is final: no later update changes it (a write that comes late,
+from a front-end thought gone, changes nothing and says so). `TaskStore` is the interface;
+`SQLiteTaskStore` is the single-machine implementation, `postgres.PostgresTaskStore` the one several
+front-ends share. A process that dies mid-task leaves `queued`/`running` records behind: with SQLite,
+`recover()` at the next start turns them into errors; with PostgreSQL, `expire_stale()` does once their
+front-end is gone. Either way a client polling `getResponse` learns the task failed instead of waiting
+forever, and one waiting for a webhook gets the error webhook (the record keeps its `webhook_url` for
+that). Calls may block (a database round trip): the server makes them off the event loop.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class TaskRecord:
     errors: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = 0.0
     expires_at: float = 0.0
+    webhook_url: str | None = None  # where its error goes if another front-end or a restart fails it
 
     @property
     def done(self) -> bool:
@@ -53,6 +56,11 @@ class StoreUnavailable(Exception):
     fails with it (serviceUnavailable)."""
 
 
+class StorageFull(StoreUnavailable):
+    """A write failed because the disk (or the file system's quota) is full; the task fails with
+    storageFull (503) rather than a generic server error."""
+
+
 class SchemaError(Exception):
     """The database holds a schema this version cannot use (one from a newer k5serve)."""
 
@@ -66,8 +74,9 @@ class TaskStore(ABC):
     def get(self, task_uuid: str) -> TaskRecord | None: ...
 
     @abstractmethod
-    def update(self, task_uuid: str, **fields: Any) -> None:
-        """Set status/step/total_steps/items/errors/expires_at."""
+    def update(self, task_uuid: str, **fields: Any) -> bool:
+        """Set status/step/total_steps/items/errors/expires_at of a task still queued or running; False when it
+        had finished already (its status is final) or is gone."""
 
     @abstractmethod
     def progress(self, task_uuid: str, step: int, total: int) -> None:
@@ -78,8 +87,9 @@ class TaskStore(ABC):
     def delete(self, task_uuid: str) -> None: ...
 
     @abstractmethod
-    def recover(self, message: str) -> int:
-        """Mark records left queued/running by a dead process as failed; returns how many."""
+    def recover(self, message: str) -> list[TaskRecord]:
+        """Mark records left queued/running by a dead process as failed; returns them, failed (their error
+        webhooks are the caller's to send)."""
 
     @abstractmethod
     def sweep(self) -> int:
@@ -89,7 +99,8 @@ class TaskStore(ABC):
         """Say this process is still running its queued/running tasks (shared stores; called periodically)."""
 
     def expire_stale(self, message: str) -> int:
-        """Fail the queued/running tasks of processes that stopped heartbeating (shared stores); -> how many."""
+        """Fail the queued/running tasks of processes that are gone (shared stores), and queue their error
+        webhooks with them; -> how many."""
         return 0
 
     def close(self) -> None:
@@ -98,15 +109,24 @@ class TaskStore(ABC):
 
 # A record's columns, in every store; the JSON ones hold lists of items.
 COLUMNS = ("task_uuid", "task_type", "status", "step", "total_steps", "expected_items", "items", "errors",
-            "created_at", "expires_at")
+           "created_at", "expires_at", "webhook_url")
 JSON_COLUMNS = {"items", "errors"}
 
 
 def check_fields(fields: dict[str, Any]) -> None:
-    """`TaskStore.update` may set these, and nothing else (never the taskUUID or the taskType)."""
-    unknown = set(fields) - set(COLUMNS[2:])
+    """`TaskStore.update` may set these, and nothing else (never the taskUUID, the taskType or the webhook)."""
+    unknown = set(fields) - set(COLUMNS[2:-1])
     if unknown:
         raise ValueError(f"unknown task fields {unknown}")
+
+
+def sqlite_failure(exc: sqlite3.Error, what: str) -> StoreUnavailable:
+    """A SQLite error as the store error it means: a full disk is named (`StorageFull`); anything else makes
+    the store unavailable for this call. (`what`: "the task database", "the outbox".)"""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return StorageFull(f"{what} could not be written: the disk is full")
+    return StoreUnavailable(f"{what} failed ({type(exc).__name__}: {exc})")
 
 
 class SQLiteTaskStore(TaskStore):
@@ -123,64 +143,77 @@ class SQLiteTaskStore(TaskStore):
                 "CREATE TABLE IF NOT EXISTS tasks (task_uuid TEXT PRIMARY KEY, task_type TEXT NOT NULL, "
                 "status TEXT NOT NULL, step INTEGER NOT NULL, total_steps INTEGER NOT NULL, "
                 "expected_items INTEGER NOT NULL, items TEXT NOT NULL, errors TEXT NOT NULL, "
-                "created_at REAL NOT NULL, expires_at REAL NOT NULL)"
+                "created_at REAL NOT NULL, expires_at REAL NOT NULL, webhook_url TEXT)"
             )
+            if "webhook_url" not in {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}:
+                self._db.execute("ALTER TABLE tasks ADD COLUMN webhook_url TEXT")  # a file from an older version
             self._db.execute("CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at)")
+
+    def _run(self, sql: str, params: Any = (), fetch: str | None = None) -> Any:
+        """One statement under the lock -> its rows ("all"), first row ("one") or row count."""
+        try:
+            with self._lock:
+                cur = self._db.execute(sql, params)
+                return cur.fetchall() if fetch == "all" else cur.fetchone() if fetch == "one" else cur.rowcount
+        except sqlite3.Error as exc:
+            raise sqlite_failure(exc, "the task database") from None
 
     def create(self, record: TaskRecord) -> bool:
         row = [getattr(record, c) for c in COLUMNS]
         row = [json.dumps(v) if c in JSON_COLUMNS else v for c, v in zip(COLUMNS, row)]
-        with self._lock:
-            cur = self._db.execute(
-                f"INSERT OR IGNORE INTO tasks ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", row
-            )
-        return cur.rowcount == 1
+        return self._run(f"INSERT OR IGNORE INTO tasks ({', '.join(COLUMNS)}) VALUES "
+                         f"({', '.join('?' * len(COLUMNS))})", row) == 1
 
     def get(self, task_uuid: str) -> TaskRecord | None:
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {', '.join(COLUMNS)} FROM tasks WHERE task_uuid = ? AND expires_at > ?",
-                (task_uuid, time.time()),
-            ).fetchone()
-        if row is None:
-            return None
-        values = {c: (json.loads(v) if c in JSON_COLUMNS else v) for c, v in zip(COLUMNS, row)}
-        return TaskRecord(**values)
+        row = self._run(f"SELECT {', '.join(COLUMNS)} FROM tasks WHERE task_uuid = ? AND expires_at > ?",
+                        (task_uuid, time.time()), "one")
+        return None if row is None else _record(row)
 
-    def update(self, task_uuid: str, **fields: Any) -> None:
+    def update(self, task_uuid: str, **fields: Any) -> bool:
         check_fields(fields)
         sets = ", ".join(f"{k} = ?" for k in fields)
         values = [json.dumps(v) if k in JSON_COLUMNS else v for k, v in fields.items()]
-        with self._lock:
-            self._db.execute(f"UPDATE tasks SET {sets} WHERE task_uuid = ?", (*values, task_uuid))
+        return self._run(f"UPDATE tasks SET {sets} WHERE task_uuid = ? AND status IN (?, ?)",
+                         (*values, task_uuid, QUEUED, RUNNING)) == 1
 
     def progress(self, task_uuid: str, step: int, total: int) -> None:
-        with self._lock:
-            self._db.execute("UPDATE tasks SET status = ?, step = ?, total_steps = ? WHERE task_uuid = ? AND "
-                             "status IN (?, ?) AND step <= ?", (RUNNING, step, total, task_uuid, QUEUED, RUNNING, step))
+        self._run("UPDATE tasks SET status = ?, step = ?, total_steps = ? WHERE task_uuid = ? AND status IN (?, ?) "
+                  "AND step <= ?", (RUNNING, step, total, task_uuid, QUEUED, RUNNING, step))
 
     def delete(self, task_uuid: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM tasks WHERE task_uuid = ?", (task_uuid,))
+        self._run("DELETE FROM tasks WHERE task_uuid = ?", (task_uuid,))
 
-    def recover(self, message: str) -> int:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT task_uuid, task_type FROM tasks WHERE status IN (?, ?)", (QUEUED, RUNNING)
-            ).fetchall()
-            for task_uuid, task_type in rows:
-                error = {"code": "inferenceError", "message": message, "status": ERROR,
-                         "taskType": task_type, "taskUUID": task_uuid}
-                self._db.execute(
-                    "UPDATE tasks SET status = ?, errors = ? WHERE task_uuid = ?",
-                    (ERROR, json.dumps([error]), task_uuid),
-                )
-        return len(rows)
+    def recover(self, message: str) -> list[TaskRecord]:
+        rows = self._run(f"SELECT {', '.join(COLUMNS)} FROM tasks WHERE status IN (?, ?)", (QUEUED, RUNNING), "all")
+        lost = []
+        for row in rows:
+            record = _record(row)
+            record.status = ERROR
+            record.errors = [lost_error(record, message)]
+            if self.update(record.task_uuid, status=ERROR, errors=record.errors):
+                lost.append(record)
+        return lost
 
     def sweep(self) -> int:
-        with self._lock:
-            return self._db.execute("DELETE FROM tasks WHERE expires_at <= ?", (time.time(),)).rowcount
+        return self._run("DELETE FROM tasks WHERE expires_at <= ?", (time.time(),))
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _record(row: tuple) -> TaskRecord:
+    return TaskRecord(**{c: (json.loads(v) if c in JSON_COLUMNS else v) for c, v in zip(COLUMNS, row)})
+
+
+def lost_error(record: TaskRecord, message: str) -> dict[str, Any]:
+    """The error of a task whose process stopped before it finished, as records keep errors (with `status` and
+    the `httpStatus` getResponse answers with)."""
+    return {"code": "inferenceError", "message": message, "taskType": record.task_type,
+            "taskUUID": record.task_uuid, "status": ERROR, "httpStatus": 500}
+
+
+def webhook_error(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded error as its webhook sends it: `{"errors": [item]}`, without the record's own fields."""
+    item = {k: v for k, v in recorded.items() if k not in ("status", "httpStatus")}
+    return {"errors": [item]}

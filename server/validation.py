@@ -445,7 +445,7 @@ _FIXED_CODES = (
     "invalidApiKey", "missingApiKey", "invalidJSON", "invalidRequestBody", "payloadTooLarge", "maxTasksExceeded",
     "invalidTask", "internalServerError", "serviceUnavailable", "modelNotReady", "rateLimitExceeded",
     "inferenceError", "nsfwContentDetected", "taskFailedOrNotFound", "unknownModel", "imageNotFound",
-    "invalidRequest", "unsupportedCheckInputs", "conflictImageInputs",
+    "invalidRequest", "unsupportedCheckInputs", "conflictImageInputs", "storageFull",
 )
 
 
