@@ -82,7 +82,10 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     metrics = Metrics(TASK_TYPES, error_codes())
     probes = ops.Probes(config, images, shared.db if shared is not None else None)
     dispatcher = Dispatcher(config, slot, images, tasks, outbox, metrics, low_disk=lambda: probes.low_disk)
-    sessions = Sessions(config.ws_resume_window, config.ws_resume_buffer, shared.sessions if shared else None)
+    sessions = Sessions(config.ws_resume_window, config.ws_resume_buffer, shared.sessions if shared else None,
+                        max_bytes=config.ws_resume_bytes, max_total_bytes=config.ws_resume_total_bytes,
+                        instance=shared.instance if shared is not None else "",
+                        on_drop=lambda reason, n: metrics.ws_frames_dropped.labels(reason).inc(n))
 
     async def sweep_forever() -> None:
         while True:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+
+ANONYMOUS = "anonymous"  # the caller of a server without keys
 
 
 class Authenticator:
@@ -24,6 +27,15 @@ class Authenticator:
         for known in self._keys:
             matched |= hmac.compare_digest(candidate, known)
         return matched
+
+    def identify(self, key: object) -> str | None:
+        """Who calls with `key`: an id derived from the key (a digest, never the key itself), or None when the
+        key is not valid. Every caller of a server without keys is `ANONYMOUS`."""
+        if not self.check(key):
+            return None
+        if self.open:
+            return ANONYMOUS
+        return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def bearer(header: str) -> str | None:

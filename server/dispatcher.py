@@ -18,6 +18,7 @@ from typing import Any
 
 from k5serve.logcontext import current_task
 
+from .admission import Admission, Connection
 from .config import ServerConfig
 from .delivery import Delivery
 from .images import Limits
@@ -86,6 +87,8 @@ class Dispatcher:
         low_disk: Callable[[], str | None] = lambda: None,
     ):
         self.metrics = metrics
+        self.retry_after = config.retry_after
+        self.admission = Admission(config.max_tasks_per_connection, config.max_tasks_per_key)
         limits = Limits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
                         allow_private_urls=config.allow_private_urls)  # for every input image, whatever the task
         self.inference = ImageInference(config, slot, images, tasks, Delivery(config, images, tasks, outbox, metrics),
@@ -105,15 +108,42 @@ class Dispatcher:
         """False once shutdown began: new imageInference tasks are refused."""
         return self.inference.accepting
 
-    async def run(self, tasks: list[Any], *, base_url: str) -> Reply:
-        """Run every task of one request concurrently; items come back in task order."""
-        results = await asyncio.gather(*(self.run_one(t, base_url=base_url) for t in tasks))
+    async def run(self, tasks: list[Any], *, base_url: str, caller: str) -> Reply:
+        """Run every task of one request concurrently, each admitted for `caller` (`Admission`); items come back
+        in task order."""
+
+        async def admitted(raw: Any) -> tuple[list[dict], TaskError | None]:
+            refused = self.admit(raw, caller)
+            if refused is not None:
+                return [], refused
+            try:
+                return await self.run_one(raw, base_url=base_url)
+            finally:
+                self.admission.leave(caller)
+
+        results = await asyncio.gather(*(admitted(t) for t in tasks))
         reply = Reply()
         for items, error in results:
             reply.data.extend(items)
             if error is not None:
                 reply.add_error(error)
         return reply
+
+    def admit(self, raw: Any, caller: str, connection: Connection | None = None) -> TaskError | None:
+        """Take `raw` into `caller`'s tasks in flight (then `admission.leave` it once answered), or the 429 that
+        refuses it (counted like any answer)."""
+        why = self.admission.enter(caller, connection)
+        if why is None:
+            return None
+        task_type = raw.get("taskType") if isinstance(raw, dict) else None
+        task_uuid = raw.get("taskUUID") if isinstance(raw, dict) else None
+        error = task_error("rateLimitExceeded", f"Too many tasks in flight: {why}; retry after {self.retry_after} s.",
+                           task_type=task_type if isinstance(task_type, str) else None,
+                           task_uuid=task_uuid if isinstance(task_uuid, str) else None, http_status=429,
+                           retryAfter=self.retry_after)
+        if self.metrics is not None:
+            self.metrics.task_answered(task_type, error.item.code)
+        return error
 
     async def run_one(self, raw: Any, *, base_url: str) -> tuple[list[dict], TaskError | None]:
         task_uuid = raw.get("taskUUID") if isinstance(raw, dict) else None

@@ -104,10 +104,11 @@ async def post_tasks(request: Request) -> wire.WireResponse:
     # Either a Bearer header or an authentication task as the first element.
     auth_task = tasks[0] if isinstance(tasks[0], dict) and tasks[0].get("taskType") == "authentication" else None
     key = auth_task.get("apiKey") if auth_task is not None else header_key
-    if not state.auth.check(key):
+    caller = state.auth.identify(key)
+    if caller is None:
         return _errors(401, invalid_api_key() if key else invalid_api_key(MISSING_KEY))
 
-    reply = await state.dispatcher.run(tasks, base_url=str(request.base_url))
+    reply = await state.dispatcher.run(tasks, base_url=str(request.base_url), caller=caller)
     headers = {"Retry-After": str(state.config.retry_after)} if reply.status == 429 else None
     return wire.WireResponse(reply.body(), status_code=reply.status, headers=headers)
 

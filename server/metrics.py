@@ -40,6 +40,10 @@ class Metrics:
         self.http_requests = Counter("k5serve_http_requests", "HTTP requests by route and status code",
                                      ["route", "status"], registry=r)
         self.ws_frames = Counter("k5serve_websocket_frames", "WebSocket frames received", registry=r)
+        self.ws_frames_dropped = Counter(
+            "k5serve_websocket_frames_dropped", "Result frames kept for a disconnected WebSocket session and dropped "
+            "before it came back: past the session's bound (session), past the bound over all sessions (total), "
+            "or older than the resume window (expired)", ["reason"], registry=r)
         self.ws_connections_opened = Counter("k5serve_websocket_connections_opened", "WebSocket connections accepted",
                                              registry=r)
         self.tasks = Counter("k5serve_tasks", "Tasks answered, by taskType and outcome (success or the error code)",

@@ -394,13 +394,20 @@ class PostgresSessionBuffer(SessionBuffer):
         self.db = db
         self.max_frames = max_frames  # per session: older frames go, as from a bounded deque
 
-    def register(self, session_uuid: str) -> None:
-        self.db.run(f"INSERT INTO k5serve_ws_sessions (session_uuid, last_seen) VALUES (%s, {_NOW}) "
-                    f"ON CONFLICT (session_uuid) DO UPDATE SET last_seen = {_NOW}", (session_uuid,))
+    def register(self, session_uuid: str, owner: str, holder: str) -> None:
+        self.db.run(f"INSERT INTO k5serve_ws_sessions (session_uuid, last_seen, owner, holder) VALUES (%s, {_NOW}, "
+                    f"%s, %s) ON CONFLICT (session_uuid) DO UPDATE SET last_seen = {_NOW}, owner = EXCLUDED.owner, "
+                    "holder = EXCLUDED.holder", (session_uuid, owner, holder))
 
-    def known(self, session_uuid: str, window: float) -> bool:
-        return self.db.run(f"SELECT 1 FROM k5serve_ws_sessions WHERE session_uuid = %s AND last_seen > {_NOW} - %s",
-                           (session_uuid, window), fetch="one") is not None
+    def resume(self, session_uuid: str, owner: str, holder: str, window: float) -> bool:
+        return self.db.run(f"UPDATE k5serve_ws_sessions SET holder = %s, last_seen = {_NOW} WHERE session_uuid = %s "
+                           f"AND owner = %s AND last_seen > {_NOW} - %s RETURNING 1",
+                           (holder, session_uuid, owner, window), fetch="one") is not None
+
+    def holders(self, session_uuids: list[str]) -> dict[str, str | None]:
+        rows = self.db.run("SELECT session_uuid, holder FROM k5serve_ws_sessions WHERE session_uuid = ANY(%s)",
+                           (session_uuids,), fetch="all")
+        return dict(rows)
 
     def push(self, session_uuid: str, frame: str) -> None:
         # One statement: the DELETE sees the rows from before the INSERT, so it keeps the newest max_frames - 1

@@ -83,6 +83,25 @@ def encodable(text: str) -> bool:
     return True
 
 
+class SharedItem(dict):
+    """A result item that several answers send at once (getResponse of one task, asked for again and again):
+    its WebSocket frame is encoded once, the first time one is needed, and shared by all of them."""
+
+    __slots__ = ("_frame",)
+
+    def frame(self) -> str:
+        try:
+            return self._frame
+        except AttributeError:
+            self._frame = dumps({"data": [self]})
+            return self._frame
+
+
+def data_frame(item: dict) -> str:
+    """The frame `{"data": [item]}` (encoded once for a SharedItem)."""
+    return item.frame() if isinstance(item, SharedItem) else dumps({"data": [item]})
+
+
 class WireResponse(JSONResponse):
     """A JSONResponse that never fails to encode what it was given."""
 

@@ -3,7 +3,9 @@
 Frames in: a JSON array of tasks. The first task must be `authentication`; its reply carries a
 `connectionSessionUUID`. `ping` is answered at once with its own pong frame. Every other task runs as
 its own asyncio task, so a slow generation never holds up pings or other tasks; its items are sent
-when ready, each exactly once. Results that finish while the client is away wait in the session's
+when ready, each exactly once. A connection may have `max_tasks_per_connection` tasks in flight (until
+their frames are sent), its key `max_tasks_per_key` over all connections (`admission.py`); more are
+answered `rateLimitExceeded` at once. Results that finish while the client is away wait in the session's
 buffer and are re-delivered when the client authenticates again with the same connectionSessionUUID
 within `ws_resume_window` seconds (`sessions.py`; with a server database, on any front-end).
 """
@@ -18,6 +20,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from . import wire
+from .admission import Connection
 from .protocol import ErrorItem, invalid_api_key
 from .sessions import Session
 from .validation import batch_error
@@ -53,6 +56,8 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     auth_deadline = time.monotonic() + config.ws_auth_timeout
     state.metrics.ws_connections_opened.inc()
     session: Session | None = None
+    caller = ""  # who authenticated (auth.Authenticator.identify)
+    connection = Connection()
     running: set[asyncio.Task] = set()
     base_url = _http_base(ws)
     try:
@@ -86,19 +91,21 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                     pong = {"data": [{"taskType": "ping", "pong": True}]}
                     await (session.send(pong) if session else _send_direct(ws, pong))
                 elif task_type == "authentication":
-                    if not state.auth.check(raw.get("apiKey")):
+                    who = state.auth.identify(raw.get("apiKey"))
+                    if who is None:
                         error = invalid_api_key()
                         await _send_direct(ws, {"errors": [error.wire()]})
                         continue
                     if session is not None:
                         session.detach(ws)
-                    session, resumed = await state.sessions.open(ws, raw.get("connectionSessionUUID"), lambda uuid: {
-                        "data": [{"taskType": "authentication", "connectionSessionUUID": uuid}]})
+                    caller = who
+                    session, resumed = await state.sessions.open(ws, raw.get("connectionSessionUUID"), caller, (
+                        lambda uuid: {"data": [{"taskType": "authentication", "connectionSessionUUID": uuid}]}))
                     if waiting:
                         state.ws_unauthenticated -= 1
                         waiting = False
                     if resumed:
-                        await session.flush(state.sessions.window)
+                        await session.flush()
                 elif session is None:
                     error = ErrorItem(
                         code="missingApiKey",
@@ -110,9 +117,14 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                     )
                     await _send_direct(ws, {"errors": [error.wire()]})
                 else:
+                    refused = state.dispatcher.admit(raw, caller, connection)
+                    if refused is not None:  # sent here: a client that does not read its answers stops being read
+                        await session.send({"errors": [refused.item.wire()]})
+                        continue
                     job = asyncio.create_task(_run(state.dispatcher, session, raw, base_url))
                     running.add(job)
                     job.add_done_callback(running.discard)
+                    job.add_done_callback(lambda _, who=caller: state.dispatcher.admission.leave(who, connection))
     except WebSocketDisconnect:
         pass
     finally:
@@ -131,7 +143,7 @@ async def _run(dispatcher, session: Session, raw: Any, base_url: str) -> None:
     """One task: results go to the session, which buffers them if the client is away. Each item goes in a
     frame of its own, so a client with a small message limit still gets every item that fits in one."""
     items, error = await dispatcher.run_one(raw, base_url=base_url)
-    frames = [wire.dumps({"data": [item]}) for item in items]
+    frames = [wire.data_frame(item) for item in items]
     if error is not None:
         frames.append(wire.dumps({"errors": [error.item.wire()]}))
     largest = max(map(len, frames), default=0)

@@ -108,14 +108,17 @@ def test_async_over_http_and_get_response(private_server):
 
 
 def test_results_survive_a_restart_and_a_killed_task_is_an_error_after_restart(tmp_path_factory, data_dir):
+    """...and its error webhook is sent once by the restarted server (a webhook-only client learns of it)."""
     own = own_data_dir(tmp_path_factory, data_dir, "durable")
-    first = RunningServer(own, "--poll-wait", "30")
+    receiver = Receiver(failures=0)
+    first = RunningServer(own, "--poll-wait", "30", "--allow-private-urls")
     done = task(deliveryMethod="async")
     first.post([done])
     [before] = first.post([{"taskType": "getResponse", "taskUUID": done["taskUUID"]}]).json()["data"]
     assert before["status"] == "success"
 
-    killed = task(deliveryMethod="async", steps=50, numberResults=20)  # far longer than one 30 s poll
+    killed = task(deliveryMethod="async", steps=50, numberResults=20,  # far longer than one 30 s poll
+                  webhookURL=receiver.url + "/hook")
     first.post([killed])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # wait until it is running
@@ -126,7 +129,7 @@ def test_results_survive_a_restart_and_a_killed_task_is_an_error_after_restart(t
     first.proc.wait(10)
     first.stop()
 
-    second = RunningServer(own, "--poll-wait", "0")
+    second = RunningServer(own, "--poll-wait", "0", "--allow-private-urls")
     try:
         [after] = second.post([{"taskType": "getResponse", "taskUUID": done["taskUUID"]}]).json()["data"]
         assert after == before
@@ -136,8 +139,15 @@ def test_results_survive_a_restart_and_a_killed_task_is_an_error_after_restart(t
         [err] = resp.json()["errors"]
         assert err["code"] == "inferenceError" and "restarted" in err["message"] and err["status"] == "error"
         assert not list((own / "images").glob(".*.tmp"))
+        [(method, path, _, body)] = receiver.wait_for(1)
+        hook = json.loads(body)
+        assert method == "POST" and path == "/hook" and list(hook) == ["errors"]
+        assert hook["errors"][0] == {k: v for k, v in err.items() if k != "status"}  # what getResponse says
+        time.sleep(2)
+        assert len(receiver.received) == 1  # once
     finally:
         second.stop()
+        receiver.close()
 
 
 def test_sigterm_finishes_tasks_in_flight(tmp_path_factory, data_dir):

@@ -73,9 +73,12 @@ class Connection {
       }
       this.receive(frame);
     };
-    ws.onclose = () => {
+    ws.onclose = (event) => {
       if (this.ws !== ws) return;
       this.ready = false;
+      // 4001: another connection resumed this session (a duplicated tab): work on a session of our own;
+      // unfinished tasks are caught up with getResponse after the reconnect.
+      if (event.code === 4001) sessionStorage.removeItem(SESSION);
       if (this.stopped) return;
       status("offline", "reconnecting…");
       this.timer = setTimeout(() => this.connect(), Math.min(10000, 500 * 2 ** this.retries++));
