@@ -129,6 +129,17 @@ class _StateCollector(Collector):
             for outcome, value in counts.items():
                 deliveries.add_metric([kind, outcome], float(value))
         yield deliveries
+        connections = CounterMetricFamily("k5serve_connections_closed", "Connections the server closed: a request "
+                                          "head not complete within --header-timeout (slow_head), or over "
+                                          "--max-connections (refused, answered 503)", labels=["reason"])
+        for reason, value in (state.get("connections_closed") or {}).items():
+            connections.add_metric([reason], float(value))
+        yield connections
+        disk = GaugeMetricFamily("k5serve_disk_free_bytes", "Free bytes on the disks of the data directory and "
+                                 "a folder image store", labels=["folder"])
+        for folder, value in (state.get("disk_free") or {}).items():
+            disk.add_metric([folder], float(value))
+        yield disk
         database = state.get("database")
         if database is not None:
             yield CounterMetricFamily("k5serve_database_errors", "Task database errors (failed queries, the server "

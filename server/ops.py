@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
-from . import ws
+from . import listen, ws
 from .config import ServerConfig
 from .metrics import CONTENT_TYPE_LATEST
 from .slot import FAILED
@@ -161,7 +161,9 @@ def install(app: FastAPI) -> None:
         body = readiness(app)  # one look at the worker per scrape
         return {"ready": body["ready"], "queue_depth": body.get("queue", 0), "queue_limit": body.get("queueLimit", 0),
                 "memory": body.get("gpuMemoryBytes", {}), "outbox": app.state.outbox.stats,
-                "websockets": ws.open_connections(app),
+                "websockets": ws.open_connections(app), "disk_free": dict(app.state.probes.free),
+                "connections_closed": {"slow_head": listen.closed_slow_heads(),
+                                       "refused": listen.refused_connections()},
                 "database": body["database"]["pool"] if "database" in body else None}
 
     app.state.metrics.watch(metric_state)

@@ -100,10 +100,10 @@ class Option:
             return value
         if isinstance(value, str):
             return self._one(value, source)
-        numeric = {int: (int,), float: (int, float)}.get(self.type)
+        numeric = _NUMERIC.get(self.type)
         if numeric is None or isinstance(value, bool) or not isinstance(value, numeric):
             raise ConfigError(f"{source}: invalid value {value!r} for --{self.name}")
-        return self.type(value)
+        return self.type(value) if self.type in (int, float) else self._one(str(value), source)
 
     def _one(self, text: str, source: str | None = None) -> Any:
         try:
@@ -180,6 +180,10 @@ def replica_range(text: str) -> tuple[int, int]:
     if not sep or not low.isdigit() or not high.isdigit() or not 0 <= int(low) <= int(high) or int(high) < 1:
         raise argparse.ArgumentTypeError("expected MIN:MAX replicas, e.g. 1:4")
     return int(low), int(high)
+
+
+# Types whose values a config file may give as TOML numbers (checked as a flag's text would be).
+_NUMERIC = {int: (int,), float: (int, float), positive: (int,), non_negative: (int,), positive_float: (int, float)}
 
 
 def coefficients(path: str) -> tuple[float, ...]:

@@ -127,7 +127,7 @@ class Database:
     calls waiting for a connection. `up_since` says how long the database has been reachable without a break,
     which is what `PostgresTaskStore.expire_stale` needs before it may judge other front-ends gone."""
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 5.0):
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 3.0):
         self.errors = 0  # database errors seen (failed queries, unreachable server)
         self.probe_error: str | None = None  # why the server cannot be reached now (the circuit is open); None: it can
         self.up_since: float | None = time.monotonic()  # reachable without a break since then; None: not now

@@ -157,10 +157,10 @@ def test_the_resume_buffer_is_bounded_in_bytes_oldest_first():
     for i in range(5):
         sessions.keep(a, f"{i}" * 300)  # 1500 bytes for a: its two oldest go
     assert [text[0] for _, text in a.buffer] == ["2", "3", "4"] and drops == [("session", 1), ("session", 1)]
-    sessions.keep(b, "b" * 700)  # 1600 in all: the oldest of all (a's) go first
-    assert [text[0] for _, text in a.buffer] == ["4"] and sessions.buffered_bytes == 1000
-    assert drops[-1] == ("total", 2)
-    assert sessions.drain(a) == ["4" * 300] and sessions.buffered_bytes == 700
+    sessions.keep(b, "b" * 700)  # 1600 in all: the oldest of all (a's) goes first
+    assert [text[0] for _, text in a.buffer] == ["3", "4"] and sessions.buffered_bytes == 1300
+    assert drops[-1] == ("total", 1)
+    assert sessions.drain(a) == ["3" * 300, "4" * 300] and sessions.buffered_bytes == 700
 
 
 # --- a full disk -------------------------------------------------------------------------------------------

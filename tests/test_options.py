@@ -60,6 +60,15 @@ def test_lists_switches_and_paths_from_every_source(tmp_path):
     assert resolve([], {"K5SERVE_ALLOW_PRIVATE_URLS": "0"})["allow_private_urls"] is False
 
 
+def test_checked_numbers_are_taken_as_toml_numbers(tmp_path):
+    values = resolve([], {}, "task-lease = 7\nheader-timeout = 2.5\nmax-connections = 100\nmin-free-disk = 0\n",
+                     tmp_path)
+    assert (values["task_lease"], values["header_timeout"], values["max_connections"], values["min_free_disk"]) == (
+        7.0, 2.5, 100, 0)
+    with pytest.raises(opt.ConfigError, match="invalid value '0' for --max-connections: must be"):
+        resolve([], {}, "max-connections = 0\n", tmp_path)
+
+
 @pytest.mark.parametrize(("source", "env", "file", "message"), [
     ("file", {}, "imge-ttl = 5\n", "unknown option 'imge-ttl'"),
     ("file", {}, "image-ttl = 'soon'\n", "invalid value 'soon' for --image-ttl"),

@@ -132,8 +132,12 @@ def test_websocket_frames_wait_in_the_database_bounded_per_session(db):
 
     buf = PostgresSessionBuffer(db, max_frames=3)
     mine, other = str(uuid.uuid4()), str(uuid.uuid4())
-    buf.register(mine)
-    assert buf.known(mine, 60) and not buf.known(other, 60)
+    buf.register(mine, "key-a", "frontend-1:socket-1")
+    assert not buf.resume(other, "key-a", "frontend-1:socket-2", 60)  # unknown
+    assert not buf.resume(mine, "key-b", "frontend-2:socket-3", 60)  # another key's
+    assert buf.holders([mine]) == {mine: "frontend-1:socket-1"}
+    assert buf.resume(mine, "key-a", "frontend-2:socket-4", 60)  # taken over, on another front-end
+    assert buf.holders([mine, other]) == {mine: "frontend-2:socket-4"}
     for i in range(5):
         buf.push(mine, f"frame {i}")
     buf.push(other, "theirs")
@@ -430,3 +434,19 @@ def test_a_database_outage_longer_than_the_lease_loses_nothing(pair, pg):
         receiver.close()
     flips = {u: codes for u, codes in seen.items() if codes - {"processing", "success", "serviceUnavailable"}}
     assert not flips  # no client read a failure, not even for a moment
+
+
+def test_a_session_resumed_on_the_other_front_end_closes_the_socket_that_held_it(pair):
+    from test_limits import closed_with
+    from test_ws import Client
+
+    a, b = pair
+    on_a = Client(a)
+    session = on_a.auth()
+    on_b = Client(b)
+    try:
+        assert on_b.auth(session=session) == session
+        code, reason = closed_with(on_a, timeout=10)  # A learns it from the database (once a second)
+        assert code == 4001 and "resumed on another connection" in reason
+    finally:
+        on_b.close()
