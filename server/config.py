@@ -40,7 +40,7 @@ class ServerConfig:
     image_urls: str = "proxy"  # S3: "proxy" (imageURL on this server, streamed) or "presigned" (on the bucket)
     task_lease: float = 30.0  # with a database: seconds without a heartbeat before a front-end's tasks fail
     min_free_disk: int = 256 * 2**20  # bytes free on the data dir's and image folder's disks, else new work is refused
-    max_tasks_per_connection: int = 64  # tasks of any type in flight on one WebSocket or HTTP request, else 429
+    max_tasks_per_connection: int = 64  # tasks of any type in flight on one WebSocket, else rateLimitExceeded
     max_tasks_per_key: int = 256  # the same over all connections of one API key (open access: of everyone)
     ws_resume_bytes: int = 32 * 2**20  # frames kept for one disconnected WebSocket session, oldest dropped first
     ws_resume_total_bytes: int = 128 * 2**20  # the same over all sessions of this front-end

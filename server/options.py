@@ -287,12 +287,14 @@ SERVE_OPTIONS = MODEL_OPTIONS + (
            "which streams the object (proxy), or a presigned URL on the bucket valid for the image's TTL, at "
            "most 7 days (presigned)", choices=("proxy", "presigned")),
     Option("task-lease", ServerConfig, "task_lease", "with --database: seconds a front-end may go without "
-           "renewing its running tasks' heartbeat before another front-end fails them", type=positive_float),
+           "renewing its heartbeat before another front-end fails its tasks (a database outage does not count)",
+           type=positive_float),
     Option("min-free-disk", ServerConfig, "min_free_disk", "bytes that must stay free on the disks of --data-dir "
            "and a folder --image-store: below it /ready answers 503 and new tasks and uploads are refused with "
            "storageFull (0: no check)", type=non_negative),
     Option("max-tasks-per-connection", ServerConfig, "max_tasks_per_connection", "tasks of any type one "
-           "WebSocket connection or HTTP request may have in flight; more are answered 429 rateLimitExceeded",
+           "WebSocket connection may have in flight (until their answers are sent); more are answered "
+           "rateLimitExceeded (an HTTP request's are bounded by --max-tasks-per-request)",
            type=positive),
     Option("max-tasks-per-key", ServerConfig, "max_tasks_per_key", "the same over all connections that use one "
            "API key (with open access: over everyone)", type=positive),

@@ -337,6 +337,34 @@ def test_a_task_running_through_a_reload_still_arrives(page):
     assert page.locator(f".task[data-task='{task_uuid}'] .tile").count() == 1  # once, not twice
 
 
+def test_a_duplicated_tab_works_on_its_own_session(page, srv):
+    """A duplicated tab copies the tab's session storage, connectionSessionUUID included: the copy takes the
+    session over, and the original, closed with 4001, opens a session of its own and still gets its task."""
+    page.fill("#positivePrompt", "a lantern in the fog")
+    page.fill("#numberResults", "1")
+    set_value(page, "#steps", 40)
+    card = generate(page)
+    task_uuid = card.get_attribute("data-task")
+    page.wait_for_function(f"() => document.querySelector(\".task[data-task='{task_uuid}'] .state\")"
+                           ".textContent.startsWith('step')")
+    session = page.evaluate("sessionStorage.getItem('k5serve.session')")
+    stored = page.evaluate("JSON.stringify(Object.entries(sessionStorage))")
+    copy = page.context.new_page()
+    copy.set_default_timeout(TIMEOUT_MS)
+    copy.add_init_script(f"for (const [k, v] of {stored}) sessionStorage.setItem(k, v);")
+    try:
+        copy.goto(srv.url + "/")
+        copy.wait_for_selector("#connection[data-state=connected]")
+        assert copy.evaluate("sessionStorage.getItem('k5serve.session')") == session  # the copy resumed it
+        page.wait_for_function(f"() => sessionStorage.getItem('k5serve.session') !== '{session}'")
+        page.wait_for_selector("#connection[data-state=connected]")
+        wait_done(page, page.locator(f".task[data-task='{task_uuid}']"), 1)  # caught up on its own session
+        assert page.locator(f".task[data-task='{task_uuid}'] .tile").count() == 1
+        assert page.js_errors == []
+    finally:
+        copy.close()
+
+
 def test_an_editing_request_with_an_uploaded_image_returns_an_image(page, tmp_path):
     source = tmp_path / "input.png"
     Image.new("RGB", (896, 1152), (200, 60, 30)).save(source)
