@@ -128,6 +128,9 @@ def main() -> None:
                   if line.startswith('k5serve_tasks_total{outcome="rateLimitExceeded",type="getResponse"}'))
     print(f"{args.clients} WebSocket clients that never read, {args.requests} getResponse of one {size:.2f} MB "
           f"result (a 1024x1024 PNG as base64Data), held {args.hold:g} s, then the clients leave\n")
+    trail = [(t, next((r for at, r, _ in after if at - left >= t), after[-1][1])) for t in (10, 30, 60, 120, 180)
+             if t <= args.after]
+    print("RSS after the clients left: " + ", ".join(f"{t} s: {r:.0f} MiB" for t, r in trail) + "\n")
     print("| RSS before MiB | peak MiB | growth MiB | /health max s (held) | RSS at leave MiB | "
           f"{args.after:g} s after MiB | after vs before MiB | refused 429 |")
     print("|---|---|---|---|---|---|---|---|")

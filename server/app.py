@@ -130,7 +130,10 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
         lost = tasks.recover("The server restarted before this task finished; run it again.")
         for record in lost:
             if record.webhook_url:
-                outbox.enqueue_webhook(record.webhook_url, webhook_error(record.errors[0]), record.task_uuid)
+                try:
+                    outbox.enqueue_webhook(record.webhook_url, webhook_error(record.errors[0]), record.task_uuid)
+                except StoreUnavailable as exc:  # e.g. a full disk: the record says it failed, the hook is lost
+                    log.error("task %s: its error webhook could not be queued: %s", record.task_uuid, exc)
         if lost:
             log.warning("%d task(s) were in flight when the server last stopped; marked as failed", len(lost))
         slot.start()
@@ -141,9 +144,10 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
         try:
             yield
         finally:
+            # The heartbeat goes on while tasks finish (or other front-ends would take this one for gone).
+            unfinished = await dispatcher.drain(config.shutdown_timeout)
             for job in background:
                 job.cancel()
-            unfinished = await dispatcher.drain(config.shutdown_timeout)
             if unfinished:
                 log.warning("%d task(s) did not finish before shutdown; recorded as failed", unfinished)
             await outbox.flush(timeout=10)

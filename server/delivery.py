@@ -41,6 +41,7 @@ class Delivery:
         self.tasks = tasks
         self.outbox = outbox
         self.metrics = metrics
+        self._later: set[asyncio.Task] = set()  # failures recorded once a full disk has room again
 
     def ttl(self, task: ImageInferenceTask) -> int:
         """Seconds a task's images and record are kept: its own `ttl`, else the operator's default."""
@@ -57,7 +58,7 @@ class Delivery:
             written = await self._retrying(task, "its result", expires_at, self.tasks.update, task.taskUUID,
                                            status=SUCCESS, step=spec.steps, total_steps=spec.steps, items=items,
                                            expires_at=expires_at)
-            if not written:
+            if not written and not await self._took(task, lambda r: r.status == SUCCESS and r.items == items):
                 raise task_error("inferenceError", "This task was recorded as failed before its result could be "
                                  "stored (its front-end was taken for gone); run it again.", task_type=task.taskType,
                                  task_uuid=task.taskUUID, http_status=500)
@@ -88,12 +89,43 @@ class Delivery:
         by another front-end, which sent the webhook) is left as it is."""
         recorded = err.item.wire() | {"status": "error", "httpStatus": err.http_status}
         expires_at = time.time() + self.ttl(task)
-        if await self._retrying(task, "its failure", expires_at, self.tasks.update, task.taskUUID, status=ERROR,
-                                errors=[recorded], expires_at=expires_at):
-            if task.webhookURL and self.outbox is not None:
+        self._failed(task, err, worker)
+        try:
+            written = await self._retrying(task, "its failure", expires_at, self.tasks.update, task.taskUUID,
+                                           status=ERROR, errors=[recorded], expires_at=expires_at)
+        except StorageFull as exc:  # the answer goes out now; the record is written once there is room
+            log.warning("task %s: recording its failure: %s; retried until there is room", task.taskUUID, exc)
+            job = asyncio.ensure_future(self._record_failure_later(task, recorded, expires_at))
+            self._later.add(job)
+            job.add_done_callback(self._later.discard)
+            return
+        if written or await self._took(task, lambda r: r.status == ERROR and r.errors == [recorded]):
+            await self._error_webhook(task, recorded, expires_at)
+
+    async def _record_failure_later(self, task: ImageInferenceTask, recorded: dict, expires_at: float) -> None:
+        try:
+            if await self._retrying(task, "its failure", expires_at, self.tasks.update, task.taskUUID, status=ERROR,
+                                    errors=[recorded], expires_at=expires_at, full_too=True):
+                await self._error_webhook(task, recorded, expires_at)
+        except StoreUnavailable as exc:
+            log.error("task %s: its failure could not be recorded before its TTL ran out: %s", task.taskUUID, exc)
+
+    async def _error_webhook(self, task: ImageInferenceTask, recorded: dict, expires_at: float) -> None:
+        if task.webhookURL and self.outbox is not None:
+            try:
                 await self._retrying(task, "its webhook", expires_at, self.outbox.enqueue_webhook, task.webhookURL,
                                      webhook_error(recorded), task.taskUUID)
-        self._failed(task, err, worker)
+            except StoreUnavailable as exc:
+                log.error("task %s: its error webhook could not be queued: %s", task.taskUUID, exc)
+
+    async def _took(self, task: ImageInferenceTask, ours) -> bool:
+        """After an update that changed nothing: whether the record holds our write all the same (a retry
+        after a write whose answer was lost) rather than another front-end's."""
+        try:
+            record = await executors.database(self.tasks.get, task.taskUUID)
+        except StoreUnavailable:
+            return False
+        return record is not None and ours(record)
 
     def fail_now(self, task: ImageInferenceTask, err: TaskError, worker: str = "") -> None:
         """`fail` in one try, on this thread (at shutdown, when there is no time to wait for the database)."""
@@ -112,15 +144,17 @@ class Delivery:
         log.warning("task %s failed: %s, worker %s", task.taskUUID, err.item.message, worker or "?")
 
     async def _retrying(self, task: ImageInferenceTask, what: str, deadline: float, call: Callable[..., T],
-                        *args: Any, **kwargs: Any) -> T:
-        """`call` on the database's threads, again and again while the database is unavailable (not when a disk is
-        full), until it goes through or `deadline` (wall-clock) passes; then the last error is raised."""
+                        *args: Any, full_too: bool = False, **kwargs: Any) -> T:
+        """`call` on the database's threads, again and again while the database is unavailable (and, with
+        `full_too`, while a disk is full), until it goes through or `deadline` (wall-clock) passes; then the last
+        error is raised."""
         delay, first = RETRY_DELAYS[0], True
         while True:
             try:
                 return await executors.database(call, *args, **kwargs)
             except StorageFull:
-                raise
+                if not full_too or time.time() + delay > deadline:
+                    raise
             except StoreUnavailable as exc:
                 if isinstance(exc, ImageStoreError) or time.time() + delay > deadline:
                     raise

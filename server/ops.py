@@ -85,19 +85,21 @@ class Probes:
         why = why or f"no answer within {self.TIMEOUT:g} s"
         if name == "image store":
             self.image_store = {"kind": self.images.kind, "problem": f"the image store is not answering ({why})"}
-        elif name == "disk":
+        elif name == "disk" and self.min_free > 0:
             self.low_disk = f"the free space of the data directory cannot be read ({why})"
 
     def _image_store_found(self, status: dict[str, Any]) -> None:
         self.image_store = status
 
     def _free_space(self) -> dict[str, int]:
-        return {role: shutil.disk_usage(folder).free for role, folder in self.folders.items()}
+        """Free bytes of each folder that exists (with --database and an s3:// store the data directory may
+        not: then nothing is written there either)."""
+        return {role: shutil.disk_usage(folder).free for role, folder in self.folders.items() if folder.exists()}
 
     def _disk_found(self, free: dict[str, int]) -> None:
         self.free = free
         low = [f"the {role} ({self.folders[role]}) has {n / 2**20:.0f} MiB free" for role, n in free.items()
-               if n < self.min_free]
+               if n < self.min_free]  # (none with --min-free-disk 0)
         was = self.low_disk
         self.low_disk = "; ".join(low) + f", below --min-free-disk ({self.min_free / 2**20:.0f} MiB)" if low else None
         if self.low_disk != was:

@@ -127,7 +127,8 @@ class Database:
     calls waiting for a connection. `up_since` says how long the database has been reachable without a break,
     which is what `PostgresTaskStore.expire_stale` needs before it may judge other front-ends gone."""
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 3.0):
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 16, timeout: float = 3.0):
+        # max_size: as many as the threads that make database calls (executors.SIZES["database"])
         self.errors = 0  # database errors seen (failed queries, unreachable server)
         self.probe_error: str | None = None  # why the server cannot be reached now (the circuit is open); None: it can
         self.up_since: float | None = time.monotonic()  # reachable without a break since then; None: not now
@@ -199,7 +200,13 @@ class Database:
         except (psycopg.errors.TransactionRollback, psycopg.errors.QueryCanceled) as exc:
             self.errors += 1  # (OperationalErrors that say nothing about reaching the server)
             raise StoreUnavailable(f"the task database could not complete a statement ({_describe(exc)})") from None
-        except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:  # PoolTimeout included
+        except PoolTimeout as exc:  # every connection busy, or none to be had: a probe tells which
+            self.probe(max_age=0)
+            if self.probe_error is None:
+                self.errors += 1
+                raise StoreUnavailable(f"the task database is busy ({_describe(exc)})") from None
+            raise StoreUnavailable(self.probe_error) from None
+        except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as exc:
             if pool is self.pool:  # (a call on a pool replaced since says nothing about now)
                 self._unreachable(exc)
             raise StoreUnavailable(f"the task database is unreachable ({_describe(exc)})") from None
@@ -292,9 +299,16 @@ class PostgresTaskStore(TaskStore):
         return []
 
     def heartbeat(self) -> None:
-        """This front-end is alive: one row for all its tasks, in database time."""
-        self.db.run(f"INSERT INTO k5serve_frontends (instance, heartbeat_at) VALUES (%s, {_NOW}) ON CONFLICT "
-                    "(instance) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at", (self.owner,))
+        """This front-end is alive: its own row, in database time, and (for front-ends of schema version 2 still
+        running during an upgrade, which read only that) each of its unfinished tasks."""
+
+        def beat(conn: psycopg.Connection) -> None:
+            conn.execute(f"INSERT INTO k5serve_frontends (instance, heartbeat_at) VALUES (%s, {_NOW}) ON CONFLICT "
+                         "(instance) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at", (self.owner,))
+            conn.execute(f"UPDATE k5serve_tasks SET heartbeat_at = {_NOW} WHERE owner = %s AND status IN (%s, %s)",
+                         (self.owner, QUEUED, RUNNING))
+
+        self.db.transaction(beat)
 
     def expire_stale(self, message: str) -> int:
         """Fail the tasks of front-ends gone for a lease, and queue their error webhooks in the same transaction

@@ -82,6 +82,7 @@ class Session:
         self.home = home
         self.ws: WebSocket | None = None
         self.holder = ""  # the attached socket's id, as the shared buffer knows it
+        self.synced = True  # False: the shared buffer could not be told that this socket holds it (yet)
         self.buffer: deque[tuple[float, str]] = deque()
         self.buffered_bytes = 0
         self.detached_at: float | None = None
@@ -157,7 +158,8 @@ class Sessions:
         session = self._by_uuid.get(resume) if isinstance(resume, str) else None
         if session is not None and session.owner != owner:
             session = None  # someone else's: theirs stays theirs, this caller gets a session of its own
-        known_here = session is not None or resume in self._by_uuid
+        known_here = session is not None or (isinstance(resume, str) and resume in self._by_uuid)
+        synced = True  # the shared buffer knows this socket holds it
         if self.shared is not None and well_formed_uuid(resume) and (session is not None or not known_here):
             try:  # (the shared record says which socket holds it: another front-end's closes its own)
                 if await executors.database(self.shared.resume, resume, owner, holder, self.window):
@@ -167,6 +169,7 @@ class Sessions:
             except StoreUnavailable as exc:
                 log.warning("resuming WebSocket session %s: %s; %s", resume, exc,
                             "on this front-end only" if session else "starting a new one")
+                synced = False
         resumed = session is not None
         if session is None:
             session = Session(str(uuid.uuid4()), owner, self)
@@ -177,6 +180,7 @@ class Sessions:
                 except StoreUnavailable as exc:
                     log.warning("WebSocket session %s: %s; it can be resumed on this front-end only", session.uuid,
                                 exc)
+                    synced = False
         async with session.lock:  # no result frame can slip in before the greeting
             old = session.ws
             if old is not None and old is not ws:
@@ -184,6 +188,7 @@ class Sessions:
                 session.detach(old)
                 close_soon(old, *TAKEN_OVER)
             session.attach(ws, holder)
+            session.synced = synced
             try:
                 await asyncio.wait_for(ws.send_text(wire.dumps(greeting(session.uuid))), SEND_TIMEOUT)
             except Exception:  # noqa: BLE001 - gone already: what comes for it waits for a reconnect
@@ -192,6 +197,9 @@ class Sessions:
 
     def keep(self, session: Session, text: str) -> None:
         """Keep a frame for `session`'s reconnect, within the bounds (the oldest frames go first)."""
+        if self._by_uuid.get(session.uuid) is not session:  # swept: its client did not come back in time
+            self.on_drop("expired", 1)
+            return
         session.buffer.append((time.monotonic(), text))
         session.buffered_bytes += len(text)
         self.buffered_bytes += len(text)
@@ -203,7 +211,9 @@ class Sessions:
             self.on_drop("session", dropped)
         dropped = 0
         while self.buffered_bytes > self.max_total_bytes:
-            oldest = min((s for s in self._by_uuid.values() if s.buffer), key=lambda s: s.buffer[0][0])
+            oldest = min((s for s in self._by_uuid.values() if s.buffer), key=lambda s: s.buffer[0][0], default=None)
+            if oldest is None:
+                break
             self._drop_oldest(oldest)
             dropped += 1
         if dropped:
@@ -231,10 +241,15 @@ class Sessions:
         attached = [s for s in self._by_uuid.values() if s.ws is not None]
         if self.shared is None or not attached:
             return
-        holders = await executors.database(self.shared.holders, [s.uuid for s in attached])
+        for session in [s for s in attached if not s.synced]:  # attached while the database was away: tell it now
+            await executors.database(self.shared.register, session.uuid, session.owner, session.holder)
+            session.synced = True
+        ours = {s.uuid: s.holder for s in attached}  # (a socket attached while the holders are read is not judged)
+        holders = await executors.database(self.shared.holders, list(ours))
         for session in attached:
             holder = holders.get(session.uuid)
-            if session.ws is not None and holder is not None and holder != session.holder:
+            if session.ws is not None and session.holder == ours[session.uuid] and holder is not None \
+                    and holder != session.holder:
                 log.info("session %s: resumed on another front-end; closing the connection here", session.uuid)
                 ws = session.ws
                 session.detach(ws)

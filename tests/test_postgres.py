@@ -411,7 +411,8 @@ def test_a_database_outage_longer_than_the_lease_loses_nothing(pair, pg):
             assert a.post([task()], timeout=10).status_code == 503
             refused.append(time.monotonic() - t0)
             time.sleep(0.5)
-        assert max(health) < 1 and max(ready) < 2 and max(refused) < 5, (health, ready, refused)
+        # (the figures are 1, 2 and 5 s: benchmarks/outage.py; here some room for a loaded CI machine)
+        assert max(health) < 2 and max(ready) < 3 and max(refused) < 6, (health, ready, refused)
     finally:
         pg.ensure_running()
     try:

@@ -93,7 +93,7 @@ def test_slow_but_complete_requests_are_answered(srv):
     s = connect(srv)
     for _ in range(2):  # two requests on one keep-alive connection, each head in two parts
         s.sendall(PARTIAL_HEAD)
-        time.sleep(HEADER_TIMEOUT / 2)
+        time.sleep(HEADER_TIMEOUT / 4)
         s.sendall(b"\r\n")
         answer = http.client.HTTPResponse(s)
         answer.begin()
