@@ -98,12 +98,13 @@ class Probes:
 
     def _disk_found(self, free: dict[str, int]) -> None:
         self.free = free
-        low = [f"the {role} ({self.folders[role]}) has {n / 2**20:.0f} MiB free" for role, n in free.items()
-               if n < self.min_free]  # (none with --min-free-disk 0)
-        was = self.low_disk
-        self.low_disk = "; ".join(low) + f", below --min-free-disk ({self.min_free / 2**20:.0f} MiB)" if low else None
+        low = [role for role, n in free.items() if n < self.min_free]  # (none with --min-free-disk 0)
+        was = self.low_disk  # (for clients and /ready: no paths)
+        self.low_disk = "; ".join(f"the {role} has {free[role] / 2**20:.0f} MiB free" for role in low) + (
+            f", below --min-free-disk ({self.min_free / 2**20:.0f} MiB)") if low else None
         if self.low_disk != was:
-            (log.warning if self.low_disk else log.info)("disk space: %s", self.low_disk or "enough again")
+            (log.warning if self.low_disk else log.info)("disk space: %s", "; ".join(
+                f"{self.folders[role]} has {free[role] / 2**20:.0f} MiB free" for role in low) or "enough again")
 
 
 def readiness(app: FastAPI) -> dict[str, Any]:
