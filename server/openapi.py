@@ -27,9 +27,11 @@ V1_STATUSES = {
     "404": "getResponse for an unknown or expired task (taskFailedOrNotFound)",
     "409": "A taskUUID that was already used (conflictTaskUUID)",
     "413": "The body is larger than the server accepts (payloadTooLarge)",
-    "429": "The generation queue is full (rateLimitExceeded); see Retry-After",
+    "429": "The generation queue is full, or the caller has too many tasks in flight (rateLimitExceeded); see "
+           "Retry-After",
     "500": "A generation failed (inferenceError)",
-    "503": "The model is loading or the server is shutting down",
+    "503": "The model is loading (modelNotReady), the server is shutting down or a store is unreachable "
+           "(serviceUnavailable), or a disk is full (storageFull)",
 }
 
 EXAMPLE = [{"taskType": "imageInference", "taskUUID": "6bb2cc2c-32ed-46fc-875c-ed8935da82b4", "model": MODEL_ID,
