@@ -86,16 +86,25 @@ class Session:
         self.buffer: deque[tuple[float, str]] = deque()
         self.buffered_bytes = 0
         self.detached_at: float | None = None
-        self.lock = asyncio.Lock()
+        self.lock = asyncio.Lock()  # which socket holds the session, the buffer, and the greeting before all
+        self.sending = asyncio.Lock()  # one frame at a time on the attached socket (a new lock per socket, so a
+        #                                send stuck on an old socket holds up neither a take-over nor the new one)
 
     async def send(self, payload: dict) -> None:
         await self.send_text(wire.dumps(payload))
 
     async def send_text(self, text: str) -> None:
-        """Send now, or keep for a reconnect when the socket is gone or too slow."""
-        async with self.lock:
-            ws = self.ws
-            if ws is not None:
+        """Send now to the socket that holds the session, or keep for a reconnect when there is none (gone, too
+        slow)."""
+        while True:
+            async with self.lock:
+                ws, sending = self.ws, self.sending
+                if ws is None:
+                    await self._keep(text)
+                    return
+            async with sending:
+                if self.ws is not ws:  # taken over or let go while this frame waited: look again
+                    continue
                 try:
                     await asyncio.wait_for(ws.send_text(text), SEND_TIMEOUT)
                     return
@@ -103,16 +112,20 @@ class Session:
                     log.info("session %s: send failed, keeping the frame for a reconnect", self.uuid)
                     if self.detach(ws):
                         close_soon(ws, *TOO_SLOW)
-            if self.home.shared is not None:
-                try:  # where a reconnect to any front-end finds it
-                    await executors.database(self.home.shared.push, self.uuid, text)
-                    return
-                except StoreUnavailable as exc:
-                    log.warning("session %s: %s; keeping the frame on this front-end only", self.uuid, exc)
-            self.home.keep(self, text)
+
+    async def _keep(self, text: str) -> None:
+        """(Under `lock`.) Where a reconnect to any front-end finds it, else on this front-end."""
+        if self.home.shared is not None:
+            try:
+                await executors.database(self.home.shared.push, self.uuid, text)
+                return
+            except StoreUnavailable as exc:
+                log.warning("session %s: %s; keeping the frame on this front-end only", self.uuid, exc)
+        self.home.keep(self, text)
 
     def attach(self, ws: WebSocket, holder: str) -> None:
         self.ws, self.holder, self.detached_at = ws, holder, None
+        self.sending = asyncio.Lock()
 
     def detach(self, ws: WebSocket) -> bool:
         """Let go of `ws` if it is this session's socket; True if it was."""
@@ -189,10 +202,11 @@ class Sessions:
                 close_soon(old, *TAKEN_OVER)
             session.attach(ws, holder)
             session.synced = synced
-            try:
-                await asyncio.wait_for(ws.send_text(wire.dumps(greeting(session.uuid))), SEND_TIMEOUT)
-            except Exception:  # noqa: BLE001 - gone already: what comes for it waits for a reconnect
-                session.detach(ws)
+            async with session.sending:
+                try:
+                    await asyncio.wait_for(ws.send_text(wire.dumps(greeting(session.uuid))), SEND_TIMEOUT)
+                except Exception:  # noqa: BLE001 - gone already: what comes for it waits for a reconnect
+                    session.detach(ws)
         return session, resumed
 
     def keep(self, session: Session, text: str) -> None:
