@@ -2,19 +2,18 @@
 
 One large result (a 1024x1024 PNG as base64Data, a few MB) is generated first. Then `--clients` WebSocket
 clients each authenticate and send their share of `--requests` getResponse tasks for it, one frame each, and
-never read a byte (raw sockets with a small receive buffer; the frames are made by the `websockets` library's
-sans-I/O client). Meanwhile the server's resident memory (VmRSS) and `/health` latency are sampled every
-0.2 s. After `--hold` seconds the clients close their sockets, and the memory is followed for `--after`
-seconds more. A real server (`k5serve serve` on loopback). Not a timed test.
+never read a byte (tests/rawws.py: raw sockets with a 4 KiB receive buffer). Meanwhile the server's
+resident memory (VmRSS) and `/health` latency are sampled every 0.2 s. After `--hold` seconds the clients
+close their sockets, and the memory is followed for `--after` seconds more. A real server (`k5serve serve`
+on loopback). Not a timed test.
 
     .venv/bin/python benchmarks/greedy_clients.py --tiny --clients 50 --requests 400
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import socket
+import sys
 import tempfile
 import threading
 import time
@@ -24,8 +23,9 @@ from pathlib import Path
 import common
 import httpx
 from load_frontends import MODEL
-from websockets.client import ClientProtocol
-from websockets.uri import parse_uri
+
+sys.path.insert(0, str(common.ROOT / "tests"))
+from rawws import RawClient  # noqa: E402 - a helper module of the tests' (no test code in it)
 
 
 def rss_mib(pid: int) -> float:
@@ -33,34 +33,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-class Greedy:
-    """A WebSocket client that sends and never reads."""
-
-    def __init__(self, url: str):
-        uri = parse_uri(url.replace("http", "ws") + "/v1")
-        self.protocol = ClientProtocol(uri, max_size=None)
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.connect((uri.host, uri.port))
-        self.protocol.send_request(self.protocol.connect())
-        self._flush()
-        while self.protocol.handshake_exc is None and self.protocol.state.name == "CONNECTING":
-            self.protocol.receive_data(self.sock.recv(4096))  # the handshake answer, and nothing after it
-        if self.protocol.handshake_exc is not None:
-            raise self.protocol.handshake_exc
-
-    def _flush(self) -> None:
-        for data in self.protocol.data_to_send():
-            self.sock.sendall(data)
-
-    def send(self, tasks: list[dict]) -> None:
-        self.protocol.send_text(json.dumps(tasks).encode())
-        self._flush()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def main() -> None:
@@ -99,7 +71,7 @@ def main() -> None:
         baseline = rss_mib(server.proc.pid)
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        clients = [Greedy(server.url) for _ in range(args.clients)]
+        clients = [RawClient(server.url) for _ in range(args.clients)]  # they never read
         for c in clients:
             c.send([{"taskType": "authentication", "apiKey": "none"}])
         for i in range(args.requests):

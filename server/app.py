@@ -32,7 +32,7 @@ from .protocol import TASK_TYPES, ErrorItem
 from .sessions import Sessions
 from .slot import ModelSlot
 from .store import DirectoryImageStore, ImageStore
-from .tasks import SQLiteTaskStore, StoreUnavailable, webhook_error
+from .tasks import SQLiteTaskStore, StoreUnavailable, TaskStore, webhook_error
 from .validation import error_codes
 from .wire import WireResponse
 
@@ -71,6 +71,20 @@ def open_image_store(config: ServerConfig) -> ImageStore:
     return DirectoryImageStore(Path(config.image_store or config.data_dir / "images"))
 
 
+def recover(tasks: TaskStore, outbox: Outbox) -> None:
+    """At start-up: fail the tasks the last run of this server left unfinished (SQLite), and queue their error
+    webhooks."""
+    lost = tasks.recover("The server restarted before this task finished; run it again.")
+    for record in lost:
+        if record.webhook_url:
+            try:
+                outbox.enqueue_webhook(record.webhook_url, webhook_error(record.errors[0]), record.task_uuid)
+            except StoreUnavailable as exc:  # e.g. a full disk: the record says it failed, the hook is lost
+                log.error("task %s: its error webhook could not be queued: %s", record.task_uuid, exc)
+    if lost:
+        log.warning("%d task(s) were in flight when the server last stopped; marked as failed", len(lost))
+
+
 def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     images = open_image_store(config)
     shared = SharedStores(config) if config.database else None
@@ -81,7 +95,7 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     outbox = Outbox(outbox_store, allow_private=config.allow_private_urls)
     metrics = Metrics(TASK_TYPES, error_codes())
     probes = ops.Probes(config, images, shared.db if shared is not None else None)
-    dispatcher = Dispatcher(config, slot, images, tasks, outbox, metrics, low_disk=lambda: probes.low_disk)
+    dispatcher = Dispatcher(config, slot, images, tasks, outbox, metrics, check_room=probes.check_room)
     sessions = Sessions(config.ws_resume_window, config.ws_resume_buffer, shared.sessions if shared else None,
                         max_bytes=config.ws_resume_bytes, max_total_bytes=config.ws_resume_total_bytes,
                         instance=shared.instance if shared is not None else "",
@@ -127,15 +141,7 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        lost = tasks.recover("The server restarted before this task finished; run it again.")
-        for record in lost:
-            if record.webhook_url:
-                try:
-                    outbox.enqueue_webhook(record.webhook_url, webhook_error(record.errors[0]), record.task_uuid)
-                except StoreUnavailable as exc:  # e.g. a full disk: the record says it failed, the hook is lost
-                    log.error("task %s: its error webhook could not be queued: %s", record.task_uuid, exc)
-        if lost:
-            log.warning("%d task(s) were in flight when the server last stopped; marked as failed", len(lost))
+        recover(tasks, outbox)
         slot.start()
         await outbox.start()
         background = [asyncio.create_task(sweep_forever()), asyncio.create_task(probes.run())]

@@ -25,7 +25,7 @@ from .outbox import Outbox
 from .protocol import ImageInferenceTask, TaskError, task_error
 from .results import describe_passes, result_items
 from .store import ImageStore, ImageStoreError, StoredImage
-from .tasks import ERROR, SUCCESS, StorageFull, StoreUnavailable, TaskStore, webhook_error
+from .tasks import ERROR, SUCCESS, StorageFull, StoreUnavailable, TaskStore, recorded_error, webhook_error
 
 log = logging.getLogger("k5serve.dispatcher")
 T = TypeVar("T")
@@ -87,28 +87,31 @@ class Delivery:
         """Record the task's error (with its HTTP status, kept for getResponse, never sent) and queue its
         webhook, retried like a result while the database is away. A task whose record is final already (failed
         by another front-end, which sent the webhook) is left as it is."""
-        recorded = err.item.wire() | {"status": "error", "httpStatus": err.http_status}
+        recorded = recorded_error(err.item.wire(), err.http_status)
         expires_at = time.time() + self.ttl(task)
         self._failed(task, err, worker)
         try:
-            written = await self._retrying(task, "its failure", expires_at, self.tasks.update, task.taskUUID,
-                                           status=ERROR, errors=[recorded], expires_at=expires_at)
+            await self._record_failure(task, recorded, expires_at)
         except StorageFull as exc:  # the answer goes out now; the record is written once there is room
             log.warning("task %s: recording its failure: %s; retried until there is room", task.taskUUID, exc)
-            job = asyncio.ensure_future(self._record_failure_later(task, recorded, expires_at))
+            job = asyncio.ensure_future(self._record_failure(task, recorded, expires_at, full_too=True))
             self._later.add(job)
             job.add_done_callback(self._later.discard)
+
+    async def _record_failure(self, task: ImageInferenceTask, recorded: dict, expires_at: float,
+                              full_too: bool = False) -> None:
+        """Write the failure (retried as `_retrying` says), then queue its webhook if the write was ours. In the
+        background (`full_too`), a failure to write by the deadline is logged."""
+        try:
+            written = await self._retrying(task, "its failure", expires_at, self.tasks.update, task.taskUUID,
+                                           status=ERROR, errors=[recorded], expires_at=expires_at, full_too=full_too)
+        except StoreUnavailable as exc:
+            if not full_too:
+                raise
+            log.error("task %s: its failure could not be recorded before its TTL ran out: %s", task.taskUUID, exc)
             return
         if written or await self._took(task, lambda r: r.status == ERROR and r.errors == [recorded]):
             await self._error_webhook(task, recorded, expires_at)
-
-    async def _record_failure_later(self, task: ImageInferenceTask, recorded: dict, expires_at: float) -> None:
-        try:
-            if await self._retrying(task, "its failure", expires_at, self.tasks.update, task.taskUUID, status=ERROR,
-                                    errors=[recorded], expires_at=expires_at, full_too=True):
-                await self._error_webhook(task, recorded, expires_at)
-        except StoreUnavailable as exc:
-            log.error("task %s: its failure could not be recorded before its TTL ran out: %s", task.taskUUID, exc)
 
     async def _error_webhook(self, task: ImageInferenceTask, recorded: dict, expires_at: float) -> None:
         if task.webhookURL and self.outbox is not None:
@@ -129,7 +132,7 @@ class Delivery:
 
     def fail_now(self, task: ImageInferenceTask, err: TaskError, worker: str = "") -> None:
         """`fail` in one try, on this thread (at shutdown, when there is no time to wait for the database)."""
-        recorded = err.item.wire() | {"status": "error", "httpStatus": err.http_status}
+        recorded = recorded_error(err.item.wire(), err.http_status)
         try:
             if self.tasks.update(task.taskUUID, status=ERROR, errors=[recorded],
                                  expires_at=time.time() + self.ttl(task)) and task.webhookURL and self.outbox:

@@ -84,7 +84,7 @@ class Dispatcher:
         tasks: TaskStore,
         outbox: Outbox | None = None,
         metrics: Metrics | None = None,
-        low_disk: Callable[[], str | None] = lambda: None,
+        check_room: Callable[[], None] = lambda: None,
     ):
         self.metrics = metrics
         self.retry_after = config.retry_after
@@ -92,11 +92,11 @@ class Dispatcher:
         limits = Limits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
                         allow_private_urls=config.allow_private_urls)  # for every input image, whatever the task
         self.inference = ImageInference(config, slot, images, tasks, Delivery(config, images, tasks, outbox, metrics),
-                                        limits, low_disk)
+                                        limits, check_room)
         self.handlers: dict[str, Handler] = {
             "imageInference": self.inference,
             "getResponse": GetResponse(tasks, config.poll_wait),
-            "imageUpload": ImageUpload(config, images, limits, low_disk),
+            "imageUpload": ImageUpload(config, images, limits, check_room),
             "modelSearch": ModelSearch(slot),
             "authentication": authentication,
             "ping": ping,
@@ -135,19 +135,15 @@ class Dispatcher:
         why = self.admission.enter(caller, connection)
         if why is None:
             return None
-        task_type = raw.get("taskType") if isinstance(raw, dict) else None
-        task_uuid = raw.get("taskUUID") if isinstance(raw, dict) else None
+        task_type, task_uuid = _ids(raw)
         error = task_error("rateLimitExceeded", f"Too many tasks in flight: {why}; retry after {self.retry_after} s.",
-                           task_type=task_type if isinstance(task_type, str) else None,
-                           task_uuid=task_uuid if isinstance(task_uuid, str) else None, http_status=429,
-                           retryAfter=self.retry_after)
+                           task_type=task_type, task_uuid=task_uuid, http_status=429, retryAfter=self.retry_after)
         if self.metrics is not None:
             self.metrics.task_answered(task_type, error.item.code)
         return error
 
     async def run_one(self, raw: Any, *, base_url: str) -> tuple[list[dict], TaskError | None]:
-        task_uuid = raw.get("taskUUID") if isinstance(raw, dict) else None
-        task_type = raw.get("taskType") if isinstance(raw, dict) else None
+        task_type, task_uuid = _ids(raw)
         # Every log line about this task (here, in jobs it starts, in the worker) carries its taskUUID.
         current_task.set(task_uuid if well_formed_uuid(task_uuid) else None)  # never a client's free text
         try:
@@ -156,15 +152,11 @@ class Dispatcher:
             items, error = [], err
         except StoreUnavailable as exc:  # a store is away or full: this task fails now, it does not hang
             log.warning("task failed: %s", getattr(exc, "detail", exc))
-            items, error = [], store_error(exc, task_type=task_type if isinstance(task_type, str) else None,
-                                           task_uuid=task_uuid if isinstance(task_uuid, str) else None)
+            items, error = [], store_error(exc, task_type=task_type, task_uuid=task_uuid)
         except Exception:  # noqa: BLE001 - a bug must fail its task, not the connection
             log.exception("task failed unexpectedly")
-            items, error = [], task_error(
-                "internalServerError", "Internal server error while handling this task.",
-                task_type=task_type if isinstance(task_type, str) else None,
-                task_uuid=task_uuid if isinstance(task_uuid, str) else None, http_status=500,
-            )
+            items, error = [], task_error("internalServerError", "Internal server error while handling this task.",
+                                          task_type=task_type, task_uuid=task_uuid, http_status=500)
         if self.metrics is not None:
             self.metrics.task_answered(task_type, error.item.code if error is not None else None)
         return items, error
@@ -194,6 +186,14 @@ class Dispatcher:
                 allowedValues=list(TASK_TYPES),
             )
         return handler
+
+
+def _ids(raw: Any) -> tuple[str | None, str | None]:
+    """A raw task's (taskType, taskUUID) where they are strings: what the error items that answer it carry."""
+    if not isinstance(raw, dict):
+        return None, None
+    task_type, task_uuid = raw.get("taskType"), raw.get("taskUUID")
+    return (task_type if isinstance(task_type, str) else None), (task_uuid if isinstance(task_uuid, str) else None)
 
 
 def _echo(value: str) -> str:

@@ -54,9 +54,9 @@ class ActiveTask:
 
 class ImageInference:
     def __init__(self, config: ServerConfig, slot: ModelSlot, images: ImageStore, tasks: TaskStore,
-                 delivery: Delivery, limits: Limits, low_disk: Callable[[], str | None] = lambda: None):
+                 delivery: Delivery, limits: Limits, check_room: Callable[[], None] = lambda: None):
         self.config = config
-        self.low_disk = low_disk  # why the disk is too full to take work now (ops.Probes), or None
+        self.check_room = check_room  # raises StorageFull while the disk is too full to take work (ops.Probes)
         self.slot = slot
         self.images = images
         self.tasks = tasks
@@ -93,8 +93,7 @@ class ImageInference:
                 except OutboundURLError as exc:
                     raise fail(error_code("invalid", parameter), str(exc), 400, parameter=parameter) from None
 
-        if self.low_disk():  # refused before generating: a result could not be stored
-            raise fail("storageFull", f"This server is low on disk space ({self.low_disk()}); retry later.", 503)
+        self.check_room()  # refused before generating: a result could not be stored
         spec = to_spec(task, **await self._input_image(task))
         now = time.time()
         record = TaskRecord(task.taskUUID, task.taskType, expected_items=task.numberResults,

@@ -29,6 +29,7 @@ from .config import ServerConfig
 from .metrics import CONTENT_TYPE_LATEST
 from .slot import FAILED
 from .store import DirectoryImageStore, ImageStore
+from .tasks import StorageFull
 from .wire import WireResponse
 
 log = logging.getLogger("k5serve.app")
@@ -87,6 +88,12 @@ class Probes:
             self.image_store = {"kind": self.images.kind, "problem": f"the image store is not answering ({why})"}
         elif name == "disk" and self.min_free > 0:
             self.low_disk = f"the free space of the data directory cannot be read ({why})"
+
+    def check_room(self) -> None:
+        """Raise StorageFull while a disk is below --min-free-disk: new work would be thrown away for lack of
+        space (the dispatcher answers it as any store error: 503 storageFull)."""
+        if self.low_disk:
+            raise StorageFull(f"this server is low on disk space ({self.low_disk})")
 
     def _image_store_found(self, status: dict[str, Any]) -> None:
         self.image_store = status

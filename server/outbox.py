@@ -9,6 +9,7 @@ Entries live behind `OutboxStore`: `SQLiteOutboxStore` (one file, one process: u
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -26,7 +27,7 @@ from k5serve.logcontext import current_task
 
 from . import executors
 from .safe_http import OutboundURLError, origin_of, parse_url, redact, safe_client
-from .tasks import StoreUnavailable, sqlite_failure
+from .tasks import StoreUnavailable, sqlite_run
 
 log = logging.getLogger("k5serve.outbound")
 
@@ -111,16 +112,7 @@ class SQLiteOutboxStore(OutboxStore):
         self._db.execute(_SCHEMA)
         if "task_uuid" not in {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}:
             self._db.execute("ALTER TABLE outbox ADD COLUMN task_uuid TEXT")  # a file from an older version
-
-    def _run(self, sql: str, params: tuple = (), fetch: str | None = None):
-        """One statement under the lock -> its rows ("all"), first row ("one") or None; a full disk is
-        StorageFull, any other SQLite failure StoreUnavailable."""
-        try:
-            with self._lock:
-                cur = self._db.execute(sql, params)
-                return cur.fetchall() if fetch == "all" else cur.fetchone() if fetch == "one" else None
-        except sqlite3.Error as exc:
-            raise sqlite_failure(exc, "the outbox") from None
+        self._run = functools.partial(sqlite_run, self._db, self._lock, "the outbox")
 
     def add(self, kind: str, url: str, body: bytes, content_type: str, task_uuid: str | None) -> None:
         now = time.time()

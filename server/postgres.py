@@ -334,8 +334,9 @@ class PostgresTaskStore(TaskStore):
             now = time.time()
             for task_uuid, url, errors in rows:
                 if url:
-                    conn.execute(_OUTBOX_ADD, ("webhook", url, origin_of(url), json.dumps(webhook_error(errors[0])),
-                                               "application/json", now, now, task_uuid))
+                    body = json.dumps(webhook_error(errors[0])).encode()
+                    conn.execute(_OUTBOX_ADD, ("webhook", url, origin_of(url), body, "application/json", now, now,
+                                               task_uuid))
             return len(rows)
 
         return self.db.transaction(fail)
@@ -346,7 +347,7 @@ class PostgresTaskStore(TaskStore):
 
 
 _OUTBOX_ADD = ("INSERT INTO k5serve_outbox (kind, url, origin, body, content_type, created, next_at, task_uuid) "
-               "VALUES (%s, %s, %s, convert_to(%s, 'UTF8'), %s, %s, %s, %s)")
+               "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)")
 
 
 class PostgresOutboxStore(OutboxStore):
@@ -362,7 +363,7 @@ class PostgresOutboxStore(OutboxStore):
 
     def add(self, kind: str, url: str, body: bytes, content_type: str, task_uuid: str | None) -> None:
         now = time.time()
-        self.db.run(_OUTBOX_ADD.replace("convert_to(%s, 'UTF8')", "%s"),
+        self.db.run(_OUTBOX_ADD,
                     (kind, url, origin_of(url), body, content_type, now, now, task_uuid))
 
     def claim(self, limit: int, exclude: set[int], busy: set[str], now: float) -> list[OutboxEntry]:

@@ -13,6 +13,7 @@ that). Calls may block (a database round trip): the server makes them off the ev
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
@@ -120,13 +121,19 @@ def check_fields(fields: dict[str, Any]) -> None:
         raise ValueError(f"unknown task fields {unknown}")
 
 
-def sqlite_failure(exc: sqlite3.Error, what: str) -> StoreUnavailable:
-    """A SQLite error as the store error it means: a full disk is named (`StorageFull`); anything else makes
-    the store unavailable for this call. (`what`: "the task database", "the outbox".)"""
-    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    if code == sqlite3.SQLITE_FULL:
-        return StorageFull(f"{what} could not be written: the disk is full")
-    return StoreUnavailable(f"{what} failed ({type(exc).__name__}: {exc})")
+def sqlite_run(db: sqlite3.Connection, lock: threading.Lock, what: str, sql: str, params: Any = (),
+               fetch: str | None = None) -> Any:
+    """One statement on `db` under `lock` -> its rows ("all"), first row ("one") or row count. A SQLite error
+    becomes the store error it means: a full disk is named (`StorageFull`); anything else makes the store
+    unavailable for this call. (`what`: "the task database", "the outbox".)"""
+    try:
+        with lock:
+            cur = db.execute(sql, params)
+            return cur.fetchall() if fetch == "all" else cur.fetchone() if fetch == "one" else cur.rowcount
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:
+            raise StorageFull(f"{what} could not be written: the disk is full") from None
+        raise StoreUnavailable(f"{what} failed ({type(exc).__name__}: {exc})") from None
 
 
 class SQLiteTaskStore(TaskStore):
@@ -148,15 +155,7 @@ class SQLiteTaskStore(TaskStore):
             if "webhook_url" not in {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}:
                 self._db.execute("ALTER TABLE tasks ADD COLUMN webhook_url TEXT")  # a file from an older version
             self._db.execute("CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at)")
-
-    def _run(self, sql: str, params: Any = (), fetch: str | None = None) -> Any:
-        """One statement under the lock -> its rows ("all"), first row ("one") or row count."""
-        try:
-            with self._lock:
-                cur = self._db.execute(sql, params)
-                return cur.fetchall() if fetch == "all" else cur.fetchone() if fetch == "one" else cur.rowcount
-        except sqlite3.Error as exc:
-            raise sqlite_failure(exc, "the task database") from None
+        self._run = functools.partial(sqlite_run, self._db, self._lock, "the task database")
 
     def create(self, record: TaskRecord) -> bool:
         row = [getattr(record, c) for c in COLUMNS]
@@ -206,11 +205,15 @@ def _record(row: tuple) -> TaskRecord:
     return TaskRecord(**{c: (json.loads(v) if c in JSON_COLUMNS else v) for c, v in zip(COLUMNS, row)})
 
 
+def recorded_error(item: dict[str, Any], http_status: int) -> dict[str, Any]:
+    """An error item as records keep it: with `status` and the `httpStatus` getResponse answers with."""
+    return item | {"status": ERROR, "httpStatus": http_status}
+
+
 def lost_error(record: TaskRecord, message: str) -> dict[str, Any]:
-    """The error of a task whose process stopped before it finished, as records keep errors (with `status` and
-    the `httpStatus` getResponse answers with)."""
-    return {"code": "inferenceError", "message": message, "taskType": record.task_type,
-            "taskUUID": record.task_uuid, "status": ERROR, "httpStatus": 500}
+    """The recorded error of a task whose process stopped before it finished."""
+    return recorded_error({"code": "inferenceError", "message": message, "taskType": record.task_type,
+                           "taskUUID": record.task_uuid}, 500)
 
 
 def webhook_error(recorded: dict[str, Any]) -> dict[str, Any]:

@@ -17,17 +17,15 @@ from .validation import parse
 
 class ImageUpload:
     def __init__(self, config: ServerConfig, images: ImageStore, limits: Limits,
-                 low_disk: Callable[[], str | None] = lambda: None):
+                 check_room: Callable[[], None] = lambda: None):
         self.config = config
         self.images = images
         self._limits = limits
-        self.low_disk = low_disk  # why the disk is too full to take an upload now, or None
+        self.check_room = check_room  # raises StorageFull while the disk is too full to take an upload
 
     async def __call__(self, raw: dict[str, Any], base_url: str) -> list[dict]:
         task = parse(ImageUploadTask, raw)
-        if self.low_disk():
-            raise task_error("storageFull", f"This server is low on disk space ({self.low_disk()}); retry later.",
-                             task_type="imageUpload", task_uuid=task.taskUUID, http_status=503)
+        self.check_room()
         try:
             data = await load_image_bytes(task.image, self.images, self._limits)
             decoded = await asyncio.to_thread(decode, data, self._limits)

@@ -5,10 +5,8 @@ buffer is bounded in bytes; and a full disk is named, refused early and survived
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -16,6 +14,7 @@ import uuid
 import httpx
 import pytest
 from conftest import API_KEY, RunningServer, own_data_dir, task
+from rawws import RawClient
 from test_http_api import only_error, only_item
 from test_ws import Client
 from websockets.exceptions import ConnectionClosed
@@ -59,52 +58,18 @@ def test_a_second_socket_takes_a_live_session_over_and_the_first_is_told(srv):
         second.close()
 
 
-class Stuck:
-    """A WebSocket client that authenticates, reads the answer, and then reads nothing more (a raw socket with a
-    4 KiB receive buffer; frames made by the `websockets` library's sans-I/O client)."""
-
-    def __init__(self, srv):
-        from websockets.client import ClientProtocol
-        from websockets.uri import parse_uri
-
-        uri = parse_uri(srv.url.replace("http", "ws") + "/v1")
-        self.protocol = ClientProtocol(uri, max_size=None)
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.connect((uri.host, uri.port))
-        self.protocol.send_request(self.protocol.connect())
-        self._flush()
-        while self.protocol.state.name == "CONNECTING":
-            self.protocol.receive_data(self.sock.recv(4096))
-        self.send([{"taskType": "authentication", "apiKey": API_KEY}])
-        frames: list = []
-        while not frames:
-            self.protocol.receive_data(self.sock.recv(4096))
-            frames = [e for e in self.protocol.events_received() if getattr(e, "data", None)]
-        self.session = json.loads(frames[0].data)["data"][0]["connectionSessionUUID"]
-
-    def _flush(self) -> None:
-        for data in self.protocol.data_to_send():
-            self.sock.sendall(data)
-
-    def send(self, tasks: list) -> None:
-        self.protocol.send_text(json.dumps(tasks).encode())
-        self._flush()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_a_take_over_does_not_wait_for_a_socket_that_stopped_reading(srv):
     big = task(outputType="base64Data", outputFormat="PNG")
     only_item(srv.post([big], headers={"Authorization": f"Bearer {API_KEY}"}))
-    stuck = Stuck(srv)
+    stuck = RawClient(srv.url)  # reads its authentication answer, then nothing more
+    stuck.send([{"taskType": "authentication", "apiKey": API_KEY}])
+    session = stuck.read_frame()["data"][0]["connectionSessionUUID"]
     try:
         stuck.send([{"taskType": "getResponse", "taskUUID": big["taskUUID"]} for _ in range(3)])
         time.sleep(2)  # the server is now stuck sending megabytes nobody reads
         fresh = Client(srv)
         started = time.monotonic()
-        assert fresh.auth(session=stuck.session) == stuck.session
+        assert fresh.auth(session=session) == session
         assert time.monotonic() - started < 10  # not the 30 s a send may wait
         frame = fresh.until(big["taskUUID"], timeout=60)  # what the stuck socket could not take comes here
         assert frame["data"][0]["imageBase64Data"]
