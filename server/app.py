@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 
 from k5serve import __version__
 
@@ -189,6 +190,20 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     async def bad_request(request: Request, exc: RequestValidationError) -> WireResponse:
         item = ErrorItem(code="invalidRequest", message=str(exc.errors()[0].get("msg", "invalid request")))
         return WireResponse({"errors": [item.wire()]}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, exc: HTTPException) -> WireResponse:
+        """A path or method the server does not serve, answered in the Runware error shape like the rest."""
+        where = f"{request.method} {request.url.path[:200]}"
+        if exc.status_code == 405:
+            item = ErrorItem(code="methodNotAllowed", message=f"{where} is not served: send tasks as a JSON array "
+                             "with POST /v1, or open a WebSocket to /v1.")
+        elif exc.status_code == 404:
+            item = ErrorItem(code="notFound", message=f"{where}: no such endpoint; the API is POST /v1 (and a "
+                             "WebSocket on /v1); /docs describes every endpoint.")
+        else:
+            item = ErrorItem(code="invalidRequest", message=str(exc.detail))
+        return WireResponse({"errors": [item.wire()]}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> WireResponse:

@@ -24,9 +24,59 @@ BANNER = """
   CPU TEST MODE: serving GENERATED TINY WEIGHTS ({reason}).
   Images are noise from a randomly initialised model. The API, validation and
   pipeline code are the real ones. For real images on a GPU run:
-      k5serve weights download && k5serve serve
+      {prog} weights download && {prog} serve
 ==============================================================================
 """
+# What one image costs in the CPU test mode: `k5serve generate --tiny` at 1024x1024 and the default 20 steps
+# on a 2-core x86_64 VM (docs/performance.md); the tiny model's cost hardly depends on the size.
+TINY_SECONDS_2_CORES = 5
+
+
+def _prog() -> str:
+    """How the user ran k5serve, for commands to paste: the script's path as typed, or `python -m k5serve`."""
+    script = Path(sys.argv[0])
+    if script.name != "k5serve":
+        return f"{sys.executable} -m k5serve"
+    if _on_path(script):
+        return "k5serve"
+    try:
+        return str(script.resolve().relative_to(Path.cwd()))  # .venv/bin/k5serve in the checkout
+    except ValueError:
+        return str(script)
+
+
+def _on_path(script: Path) -> bool:
+    import shutil
+
+    found = shutil.which("k5serve")
+    return found is not None and Path(found).resolve() == script.resolve()
+
+
+def serve_banner(found, url: str, key_required: bool) -> str:
+    """The block the server prints at start-up in the CPU test mode, for a person at a terminal."""
+    import os
+
+    prog = _prog()
+    cores = os.cpu_count() or 1
+    lines = [
+        f"k5serve: CPU TEST MODE ({found.tiny_reason})",
+        "",
+        "Images are noise from tiny random weights: the API, validation and",
+        "pipeline are the real ones, the model is not.",
+        "",
+        f"Playground:  {url}/",
+        f"API:         POST {url}/v1 , WebSocket {url.replace('http', 'ws', 1)}/v1",
+        "API key:     " + ("required: send one given with --api-key (Authorization: Bearer KEY)" if key_required
+                           else "none needed (started without --api-key)"),
+        f"Speed:       about {TINY_SECONDS_2_CORES} s an image on 2 CPU cores (this machine has {cores});",
+        '             "steps": 10 is a quicker smoke test',
+        "Real images: on a CUDA GPU with the weights downloaded:",
+        f"             {prog} weights download",
+        f"             {prog} serve",
+    ]
+    width = max(len(line) for line in lines)
+    rule = "+" + "-" * (width + 2) + "+"
+    return "\n".join([rule, *(f"| {line.ljust(width)} |" for line in lines), rule])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,26 +97,38 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--inject-crash-prompt", help=argparse.SUPPRESS)  # testing aid: see replica.K5Replica
     serve.set_defaults(func=cmd_serve, options=opt.LOG_OPTIONS + opt.SERVE_OPTIONS)
 
-    gen = sub.add_parser("generate", help="generate images offline from Runware tasks or flags")
-    opt.add_options(gen, opt.MODEL_OPTIONS)
-    gen.add_argument("tasks", nargs="*", type=Path, help="JSON file (one task or an array) or JSONL file")
-    gen.add_argument("--out", type=Path, default=Path("out"), help="folder for images and results.json")
-    gen.add_argument("--prompt")
-    gen.add_argument("--negative-prompt")
-    gen.add_argument("--width", type=int, default=1024)
-    gen.add_argument("--height", type=int, default=1024)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--cfg-scale", type=float)
-    gen.add_argument("--scheduler")
-    gen.add_argument("--number-results", type=int)
-    gen.add_argument("--output-format", default="PNG")
-    gen.add_argument("--accelerator-options", type=json.loads, metavar="JSON",
-                     help="Runware acceleratorOptions for --prompt, e.g. "
-                          '\'{"teaCache": true, "teaCacheDistance": 0.3}\'')
-    gen.add_argument("--stats", action="store_true",
-                     help="add per-task stats to results.json: transformer passes computed/skipped per CFG branch, "
-                          "seconds per step")
+    gen = sub.add_parser(
+        "generate", help="generate images offline from Runware tasks or flags",
+        description="Generate images without a server: the same validation, results and costs as the API. "
+                    "Images and results.json go to --out.",
+        epilog="Without downloaded weights or a GPU add --tiny (CPU test mode: generated tiny weights, noise for "
+               "images), e.g. k5serve generate --tiny --prompt 'a red fox' --steps 10")
+    everyday = gen.add_argument_group("the image")
+    everyday.add_argument("--prompt", help="what to draw (positivePrompt)")
+    everyday.add_argument("tasks", nargs="*", type=Path,
+                          help="instead of or beside --prompt: JSON file (one task or an array) or JSONL file")
+    everyday.add_argument("--out", type=Path, default=Path("out"),
+                          help="folder for images and results.json (default: %(default)s)")
+    everyday.add_argument("--width", type=int, default=1024,
+                          help="pixels; width x height is one of the model's sizes, e.g. 1024x1024, 1280x768, "
+                               "768x1280 (default: %(default)s)")
+    everyday.add_argument("--height", type=int, default=1024, help="pixels (default: %(default)s)")
+    everyday.add_argument("--steps", type=int, help="denoising steps (default: the API's, 20; 10 is a quick test)")
+    everyday.add_argument("--seed", type=int, help="same seed, same image (default: random)")
+    everyday.add_argument("--output-format", default="JPG", metavar="{JPG,PNG,WEBP}",
+                          help="image file format (default: %(default)s, as the API)")
+    everyday.add_argument("--number-results", type=int, help="images per prompt (default: 1)")
+    more = gen.add_argument_group("more of the API's parameters")
+    more.add_argument("--negative-prompt", help="what to avoid")
+    more.add_argument("--cfg-scale", type=float, help="CFGScale: prompt guidance (default: 7)")
+    more.add_argument("--scheduler", help="a Runware scheduler name (default: the model's FlowMatch Euler)")
+    more.add_argument("--accelerator-options", type=json.loads, metavar="JSON",
+                      help="Runware acceleratorOptions for --prompt, e.g. "
+                           '\'{"teaCache": true, "teaCacheDistance": 0.3}\'')
+    more.add_argument("--stats", action="store_true",
+                      help="add per-task stats to results.json: transformer passes computed/skipped per CFG branch, "
+                           "seconds per step")
+    opt.add_options(gen.add_argument_group("weights and device"), opt.MODEL_OPTIONS)
     gen.set_defaults(func=cmd_generate, options=opt.LOG_OPTIONS + opt.MODEL_OPTIONS)
 
     calibrate = sub.add_parser("calibrate", help="fit step-cache parameters on the loaded weights")
@@ -109,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     except opt.ConfigError as exc:
         parser.exit(2, f"k5serve: error: {exc}\n")
     vars(args).update(values)
-    args.log_format = args.log_format or ("json" if args.command == "serve" else "text")
+    # serve logs JSON lines for a program to read, and text at a terminal; the other commands log text.
+    args.log_format = args.log_format or ("json" if args.command == "serve" and not sys.stderr.isatty() else "text")
     from . import logs
 
     logs.configure(args.log_level, args.log_format, secrets=tuple(getattr(args, "api_key", None) or ()))
@@ -123,8 +186,9 @@ def _size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def _checkpoints(args: argparse.Namespace, *, i2i: bool = True, safety: bool = True):
-    """The run's checkpoints (k5serve.weights.checkpoints), with the CPU test mode's banner when it is on."""
+def _checkpoints(args: argparse.Namespace, *, i2i: bool = True, safety: bool = True, banner: bool = True):
+    """The run's checkpoints (k5serve.weights.checkpoints), with the CPU test mode's banner when it is on
+    (`banner=False`: the caller prints its own)."""
     import torch
     from k5serve.pipelines.config import LoadConfig
     from k5serve.weights.checkpoints import CheckpointChoice, CheckpointError, resolve_checkpoints
@@ -140,8 +204,8 @@ def _checkpoints(args: argparse.Namespace, *, i2i: bool = True, safety: bool = T
                          f"{'the CPU' if found.device in ('cpu', 'auto') else found.device}"
                          f"{'' if torch.cuda.is_available() else ', and no CUDA GPU is visible'})")
     if found.tiny:
-        if args.log_format == "text":  # JSON logs stay one object per line; the warning below says the same
-            print(BANNER.format(reason=found.tiny_reason), file=sys.stderr, flush=True)
+        if banner and args.log_format == "text":  # JSON logs stay one object per line; the warning says the same
+            print(BANNER.format(reason=found.tiny_reason, prog=_prog()), file=sys.stderr, flush=True)
         log.warning("CPU TEST MODE: serving generated tiny weights from %s (%s); images are noise from a random "
                     "model", found.t2i, found.tiny_reason)
     return found
@@ -205,7 +269,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
-    found = _checkpoints(args)
+    found = _checkpoints(args, banner=False)
+    if found.tiny and (args.log_format == "text" or sys.stderr.isatty()):  # for a person: JSON lines for a program
+        host = "127.0.0.1" if listen.host in ("0.0.0.0", "::", "") else listen.host
+        url = f"http://{f'[{host}]' if ':' in host else host}:{listen.port}"
+        print(serve_banner(found, url, bool(config.api_keys)), file=sys.stderr, flush=True)
     if any(len(key) < 16 for key in config.api_keys):
         log.warning("an API key shorter than 16 characters is easy to guess; use a long random one (logs mask "
                     "every occurrence of each key, so a short one also masks ordinary text)")

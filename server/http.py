@@ -126,6 +126,8 @@ async def get_image(name: str, request: Request):
         "Cache-Control": f"private, max-age={max(0, int(found.expires_at - time.time()))}",
         "Expires": email.utils.formatdate(found.expires_at, usegmt=True),
     }
+    if found.created_at is not None:  # (a file's mtime, which FileResponse would send, is its expiry)
+        headers["Last-Modified"] = email.utils.formatdate(found.created_at, usegmt=True)
     if found.path is not None:
         return FileResponse(found.path, media_type=found.media_type, headers=headers)
     if found.size is not None:

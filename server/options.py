@@ -198,8 +198,8 @@ def coefficients(path: str) -> tuple[float, ...]:
 
 LOG_OPTIONS = (
     Option("log-level", LogConfig, "level", "log level: debug, info, warning, error"),
-    Option("log-format", LogConfig, "format", "json (one object per line, with taskUUID; the default for serve) "
-           "or text", choices=("json", "text")),
+    Option("log-format", LogConfig, "format", "json (one object per line, with taskUUID; serve's default when "
+           "stderr is not a terminal) or text (the default at a terminal)", choices=("json", "text")),
 )
 
 MODEL_OPTIONS = (

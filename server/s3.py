@@ -113,8 +113,9 @@ class S3ImageStore(ImageStore):
                 except ImageStoreError as exc:
                     log.warning("%s", exc.detail)
             return None
+        created = obj.get("LastModified")
         return LiveImage(parsed[1], expires_at, chunks=body.iter_chunks(_CHUNK), size=obj.get("ContentLength"),
-                         close=body.close)
+                         close=body.close, created_at=created.timestamp() if created is not None else None)
 
     def read(self, image_uuid: str) -> bytes | None:
         listing = self._call("reading an image", self._s3.list_objects_v2, Bucket=self.bucket,

@@ -49,6 +49,7 @@ class LiveImage:
     chunks: Iterator[bytes] | None = None
     size: int | None = None
     close: Callable[[], None] | None = None  # for a stream
+    created_at: float | None = None  # when it was stored (the response's Last-Modified)
 
     @property
     def media_type(self) -> str:
@@ -169,7 +170,8 @@ class DirectoryImageStore(ImageStore):
         if stat.st_mtime <= time.time():
             path.unlink(missing_ok=True)
             return None
-        return LiveImage(parsed[1], stat.st_mtime, path=path, size=stat.st_size)
+        # The file's mtime is its expiry; its ctime was last set when it was renamed into place, at creation.
+        return LiveImage(parsed[1], stat.st_mtime, path=path, size=stat.st_size, created_at=stat.st_ctime)
 
     def read(self, image_uuid: str) -> bytes | None:
         for ext in EXTENSIONS:

@@ -446,6 +446,7 @@ _FIXED_CODES = (
     "invalidTask", "internalServerError", "serviceUnavailable", "modelNotReady", "rateLimitExceeded",
     "inferenceError", "nsfwContentDetected", "taskFailedOrNotFound", "unknownModel", "imageNotFound",
     "invalidRequest", "unsupportedCheckInputs", "conflictImageInputs", "storageFull",
+    "methodNotAllowed", "notFound",
 )
 
 

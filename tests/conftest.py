@@ -88,11 +88,11 @@ def own_data_dir(tmp_path_factory, data_dir: Path, name: str = "server") -> Path
 
 
 def _server_factory(data_dir, tmp_path_factory):
-    """(start(*extra) -> RunningServer, stop_all)."""
+    """(start(*extra, env=None) -> RunningServer, stop_all)."""
     started: list[RunningServer] = []
 
-    def start(*extra: str) -> RunningServer:
-        server = RunningServer(own_data_dir(tmp_path_factory, data_dir), *extra)
+    def start(*extra: str, env: dict[str, str] | None = None) -> RunningServer:
+        server = RunningServer(own_data_dir(tmp_path_factory, data_dir), *extra, env=env)
         started.append(server)
         return server
 

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import MODEL, ROOT
+from conftest import API_KEY, MODEL, ROOT
 from PIL import Image
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -34,7 +34,16 @@ def test_generate_from_flags(tmp_path, data_dir):
     for item in result["data"]:
         assert item["taskType"] == "imageInference" and item["imageURL"].startswith("file://")
         assert Image.open(item["imagePath"]).size == (1024, 1024)
+        assert item["imagePath"].endswith(".jpg")  # the API's default format
     assert "steps" in res.stderr and "tasks" in res.stderr  # progress bars
+
+
+def test_generate_help_puts_everyday_flags_first():
+    res = k5serve("generate", "--help")
+    assert res.returncode == 0
+    text = res.stdout
+    assert text.index("--prompt PROMPT ") < text.index("--steps STEPS ") < text.index("--model MODEL ")
+    assert "default: JPG" in text and "default: 1024" in text and "--tiny" in text.split("--model MODEL ")[0]
 
 
 def test_generate_from_task_files_with_an_invalid_task(tmp_path, data_dir):
@@ -99,7 +108,26 @@ def test_serve_without_weights_fails_clearly(tmp_path):
     env = dict(ENV, HF_HOME=str(tmp_path / "hf"))
     res = k5serve("serve", "--data-dir", str(tmp_path), "--port", "1", env=env)
     assert res.returncode != 0
-    assert "k5serve weights download" in res.stderr
+    assert "k5serve weights download" in res.stderr and "--tiny" in res.stderr
+    res = k5serve("generate", "--prompt", "a red fox", "--data-dir", str(tmp_path), env=env)
+    assert res.returncode != 0
+    assert "k5serve weights download" in res.stderr and "--tiny" in res.stderr
+
+
+def test_serve_in_test_mode_says_so_in_a_block(start_server):
+    srv = start_server("--api-key", API_KEY, env={"K5SERVE_LOG_FORMAT": "text"})
+    log = srv.log()
+    block = log[log.index("+---"):log.rindex("---+")]
+    assert "CPU TEST MODE (--tiny)" in block and "noise from tiny random weights" in block
+    assert f"Playground:  {srv.url}/" in block and f"POST {srv.url}/v1" in block
+    assert "API key:     required" in block and API_KEY not in log
+    assert "s an image on 2 CPU cores" in block and '"steps": 10' in block
+    assert "weights download" in block
+
+
+def test_serve_logs_json_lines_when_not_at_a_terminal(server):
+    log = server.log()
+    assert "+---" not in log and '"CPU TEST MODE: serving generated tiny weights' in log
 
 
 def test_generate_needs_input(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -163,12 +164,23 @@ def test_request_ttl_sets_expiry(server):
     assert 50 <= int(got.headers["cache-control"].split("max-age=")[1]) <= 60
 
 
+def test_image_dates_say_when_it_was_made_and_when_it_expires(server):
+    from email.utils import parsedate_to_datetime
+
+    before = time.time()
+    item = only_item(server.post([task(ttl=3600)]))
+    got = httpx.get(item["imageURL"])
+    date, made = (parsedate_to_datetime(got.headers[h]).timestamp() for h in ("date", "last-modified"))
+    expires = parsedate_to_datetime(got.headers["expires"]).timestamp()
+    # The creation time, not the expiry (the file's mtime); uvicorn's Date is renewed once a second.
+    assert int(before) - 1 <= made <= date + 1
+    assert 3500 <= expires - made <= 3601
+
+
 def test_operator_ttl_expires_images(start_server):
     srv = start_server("--image-ttl", "2")
     item = only_item(srv.post([task()]))
     assert httpx.get(item["imageURL"]).status_code == 200
-    import time
-
     time.sleep(3)
     assert httpx.get(item["imageURL"]).status_code == 404
     assert not (srv.data_dir / "images" / item["imageURL"].rsplit("/", 1)[1]).exists()
@@ -314,6 +326,19 @@ def test_oversized_body_refused_before_reading(server):
 def test_ping_over_http(server):
     resp = server.post([{"taskType": "ping", "ping": True}])
     assert resp.json() == {"data": [{"taskType": "ping", "pong": True}]}
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_other_methods_on_the_endpoint_get_the_error_shape(server, method):
+    resp = httpx.request(method, server.url + "/v1")
+    err = only_error(resp, 405)
+    assert err["code"] == "methodNotAllowed" and "POST /v1" in err["message"] and f"{method} /v1" in err["message"]
+    assert resp.headers["allow"] == "POST"
+
+
+def test_unknown_paths_get_the_error_shape(server):
+    err = only_error(httpx.post(server.url + "/v2", json=[]), 404)
+    assert err["code"] == "notFound" and "POST /v2" in err["message"] and "POST /v1" in err["message"]
 
 
 def test_trailing_slash_endpoint(server):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from email.utils import parsedate_to_datetime
 
 import httpx
 import pytest
@@ -111,6 +112,9 @@ def test_image_urls_from_a_are_served_by_b_until_the_ttl(pair, s3):
     from_a, from_b = httpx.get(item["imageURL"]), httpx.get(f"{b.url}/image/{name}")
     assert from_a.status_code == from_b.status_code == 200 and from_a.content == from_b.content
     assert from_a.headers["content-type"] == "image/jpeg" and from_a.content[:3] == b"\xff\xd8\xff"
+    made, date = (parsedate_to_datetime(from_b.headers[h]) for h in ("last-modified", "date"))
+    assert made.timestamp() <= date.timestamp() + 1  # when it was made, not when it expires
+    assert parsedate_to_datetime(from_b.headers["expires"]) > date
     assert f"served/{name}" in s3.keys("k5serve-images", "served/")
     time.sleep(SHORT_TTL + 1)
     for url in (item["imageURL"], f"{b.url}/image/{name}"):

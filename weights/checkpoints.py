@@ -70,7 +70,8 @@ def _t2i(choice: CheckpointChoice, device: str, cuda: bool) -> tuple[Path | None
         path = resolve(choice.model)
     except WeightsNotFound as exc:
         if not choice.fallback_tiny:
-            raise CheckpointError(str(exc)) from None
+            raise CheckpointError(f"{exc}; or add --tiny for the CPU test mode (generated tiny weights: the real "
+                                  "API and pipeline, noise for images)") from None
         return None, f"no downloaded weights for {choice.model}"
     if cuda or device != "auto" or not choice.fallback_tiny:
         return path, None
