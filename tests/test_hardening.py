@@ -1,4 +1,4 @@
-"""Inputs that used to break the server (issue #10), each against the real server: bodies the JSON parser
+"""Inputs that used to break the server, each against the real server: bodies the JSON parser
 refuses for reasons other than syntax, lone surrogates, hostile metric labels, huge numbers, keys in logs,
 too many tasks, unauthenticated bodies, WebSocket clients with a 1 MiB message limit, the OpenAPI schema."""
 
