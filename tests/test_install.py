@@ -4,11 +4,13 @@ The repository keeps `server/`, `pipelines/`, `accel/`, `weights/` at its top le
 maps them to `k5serve.server`, ... Editable installs of mapped packages go through setuptools' import hook
 rather than a path entry, so both modes are checked: from a copy of the working tree, into a fresh virtualenv,
 then run from a directory outside it. The new virtualenv takes its dependencies (and pip and setuptools, for
-`--no-build-isolation`) from this test environment through a `.pth` line, so nothing is downloaded.
+`--no-build-isolation`) from this test environment through a `.pth` line, so nothing is downloaded. Neither
+install prints a setuptools warning.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +51,30 @@ def working_tree_copy(dest):
     return dest
 
 
+def setuptools_warnings(output: str) -> list[str]:
+    """The warnings the build backend printed during an install (pip shows them as `file:line: SomeWarning: ...`).
+
+    Left out: setuptools' "Editable installation" notice (an InformationOnly, printed for every editable install
+    that goes through its import hook, as a package-dir mapping must), which is about no setting of this project.
+    """
+    return [line.strip() for line in output.splitlines()
+            if (re.search(r"\b[A-Za-z]*Warning: ", line) or "Package would be ignored" in line)
+            and not line.rstrip().endswith("Warning: Editable installation.")]
+
+
+def test_setuptools_warnings_are_recognised():
+    seen = """  /venv/setuptools/command/build_py.py:215: BuildBackendWarning: Package 'k5serve.server.x' is ...
+  !!
+          # Package would be ignored #
+  /venv/setuptools/command/editable_wheel.py:354: BuildBackendWarning: Editable installation.
+  /venv/setuptools/dist.py:759: SetuptoolsDeprecationWarning: License classifiers are deprecated.
+WARNING: Location 'file:///opt/pypi-more/simple/pip/' is ignored: it is neither a file nor a directory.
+Successfully installed k5serve-0.1.0"""
+    found = setuptools_warnings(seen)
+    assert len(found) == 3, found
+    assert "Package would be ignored" in found[1] and found[2].endswith("License classifiers are deprecated.")
+
+
 @pytest.mark.parametrize("mode", ["regular", "editable"])
 def test_installs_as_one_k5serve_package(tmp_path, mode):
     source = working_tree_copy(tmp_path / "src")
@@ -58,10 +84,12 @@ def test_installs_as_one_k5serve_package(tmp_path, mode):
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           capture_output=True, text=True, check=True).stdout.strip()
     (tmp_path / site / "k5serve_test_deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    install = [python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+    # Not --quiet: pip shows what the build backend warns about, as a user running `pip install` sees it.
+    install = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", "--no-build-isolation",
                *(["-e"] if mode == "editable" else []), str(source)]
     res = subprocess.run(install, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
+    assert setuptools_warnings(res.stdout + res.stderr) == [], res.stdout + res.stderr
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
