@@ -1,5 +1,5 @@
-"""The playground: `GET /` (type a prompt, watch it render, reuse what worked) and `GET /queue` (what the server
-is doing), with their assets under `/playground/`.
+"""The playground: `GET /` (type a prompt, watch it render, reuse what worked), `GET /queue` (what the server
+is doing) and `GET /docs` (the API, read from /openapi.json), with their assets under `/playground/`.
 
 Static files only, served from this package (nothing from another host, so the page works on an offline
 network). The page is a plain client of the public protocol: the WebSocket at `/v1`, `GET /tasks`, `/ready`
@@ -17,7 +17,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 
-PAGES = Path(__file__).parent / "playground"  # index.html, queue.html
+PAGES = Path(__file__).parent / "playground"  # index.html, queue.html, api.html
 ASSETS = PAGES / "static"  # CSS and JavaScript, at /playground/
 HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")  # a Host header fit for the CSP
 
@@ -57,6 +57,13 @@ async def playground(request: Request) -> FileResponse:
 @router.get("/queue", include_in_schema=False)
 async def queue_page(request: Request) -> FileResponse:
     return _page("queue.html", request)
+
+
+@router.get("/docs", include_in_schema=False)
+async def api_page(request: Request) -> FileResponse:
+    """The API as a page to read: /openapi.json rendered by static/api.js (FastAPI's own /docs is off: its
+    Swagger UI comes from a CDN, out of reach offline and outside the CSP)."""
+    return _page("api.html", request)
 
 
 def install(app: FastAPI) -> None:

@@ -1,5 +1,6 @@
-"""The playground page (`GET /`) and the queue view (`GET /queue`), driven in a real browser: Playwright for Python
-with Debian's Chromium, headless, against the real server on tiny weights, with API keys and a LoRA folder.
+"""The playground page (`GET /`), the queue view (`GET /queue`) and the API page (`GET /docs`), driven in a real
+browser: Playwright for Python with Debian's Chromium, headless, against the real server on tiny weights, with API
+keys and a LoRA folder.
 
 Screenshots of the main states are written to `test-artifacts/playground/` (or `$K5SERVE_TEST_ARTIFACTS`).
 The tests of one module share one page and run in order: each generation takes seconds on the CPU.
@@ -107,11 +108,14 @@ def test_the_page_is_served_from_here_with_a_strict_policy(srv):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     policy = page.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
-    assert "http" not in page.text.replace('href="/openapi.json"', "").split("<body>")[0]  # no asset from elsewhere
-    for asset in ("app.css", "common.js", "playground.js", "queue.js"):
+    assert "http" not in page.text.split("<body>")[0]  # no asset from elsewhere
+    for asset in ("app.css", "common.js", "playground.js", "queue.js", "api.js"):
         reply = httpx.get(f"{srv.url}/playground/{asset}")
         assert reply.status_code == 200 and not re.search(r"https?://", reply.text), asset
     assert "content-security-policy" in httpx.get(srv.url + "/queue").headers
+    docs = httpx.get(srv.url + "/docs")  # the API page: our own, no Swagger UI from a CDN
+    assert docs.status_code == 200 and docs.headers["content-security-policy"] == policy
+    assert "http" not in docs.text and "/playground/api.js" in docs.text
     for outside in ("index.html", "%2e%2e/index.html", "%2e%2e/%2e%2e/playground.py", "..%2f..%2fapp.py"):
         assert httpx.get(f"{srv.url}/playground/{outside}").status_code == 404, outside  # pages only with their CSP
     forged = httpx.get(srv.url + "/", headers={"Host": "evil; script-src *"}).headers["content-security-policy"]
@@ -199,6 +203,71 @@ def wait_done(page, card, count: int) -> set[str]:
             return seen
         time.sleep(0.1)
     raise AssertionError(f"no {count} images after {TIMEOUT_MS / 1000} s; saw {seen}")
+
+
+# Whether an element is wholly inside the window and not covered (the point at its centre is it or inside it).
+IN_VIEW = """e => {
+  const r = e.getBoundingClientRect(), hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+  return r.width > 0 && r.top >= 0 && r.left >= 0 && r.bottom <= innerHeight && r.right <= innerWidth
+    && !!hit && (hit === e || e.contains(hit));
+}"""
+
+# What is cut off on the page: a select whose chosen text is wider than its box, an element whose content overflows
+# a box that clips or scrolls it sideways, an element sticking out of its panel, a page wider than the window.
+CUT_OFF = """() => {
+  const out = [], ctx = document.createElement("canvas").getContext("2d");
+  for (const e of document.querySelectorAll("body *")) {
+    const r = e.getBoundingClientRect(), style = getComputedStyle(e);
+    if (!r.width || !r.height || style.visibility === "hidden" || e.closest("dialog:not([open])")) continue;
+    const name = [e.tagName.toLowerCase(), e.id && `#${e.id}`, ...[...e.classList].map((c) => `.${c}`)].join("");
+    if (e.tagName === "SELECT") {
+      ctx.font = `${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+      const text = e.selectedOptions[0]?.text || "";
+      const room = e.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight) - 20;  // the arrow
+      if (ctx.measureText(text).width > room) out.push(`${name}: "${text}" is wider than its ${Math.floor(room)} px`);
+      continue;
+    }
+    if (["INPUT", "TEXTAREA", "IMG"].includes(e.tagName)) continue;
+    if (e.clientWidth && e.scrollWidth > e.clientWidth + 1 && style.overflowX !== "visible") {
+      out.push(`${name}: ${e.scrollWidth} px of content in ${e.clientWidth} px`);
+    }
+    const box = e.parentElement?.closest(".panel, .task, .notice, .topbar, dialog");
+    const b = box?.getBoundingClientRect();
+    if (b && (r.left < b.left - 1 || r.right > b.right + 1)) out.push(`${name} sticks out of its ${box.className}`);
+  }
+  const width = document.documentElement.scrollWidth;
+  if (width > innerWidth) out.push(`the page is ${width} px wide`);
+  return out;
+}"""
+
+
+def in_view(page, selector: str) -> bool:
+    return page.eval_on_selector(selector, IN_VIEW)
+
+
+def open_everything(page) -> None:
+    """Every section of the form open, with its longest content (the DBCache options, the longest scheduler)."""
+    for section in ("image-input", "lora-section", "cache-section", "output-section"):
+        open_section(page, section)
+    page.check("input[name=imageMode][value=seed]")
+    page.select_option("#cacheMethod", "dbCache")
+
+
+def close_everything(page) -> None:
+    page.check("input[name=imageMode][value=none]")
+    page.select_option("#cacheMethod", "")
+    for section in ("image-input", "lora-section", "cache-section", "output-section"):
+        page.eval_on_selector(f"#{section}", "details => details.open = false")
+
+
+def assert_nothing_cut_off(page) -> None:
+    assert page.evaluate(CUT_OFF) == []
+    open_everything(page)
+    for scheduler in ("", "DPM++ 2M SDE Exponential"):
+        page.select_option("#scheduler", scheduler)
+        assert page.evaluate(CUT_OFF) == [], scheduler
+    page.select_option("#scheduler", "")
+    close_everything(page)
 
 
 def test_a_wrong_key_is_refused_plainly_and_the_right_one_connects(page):
@@ -407,6 +476,7 @@ def test_queue_view_shows_the_server_and_its_tasks(page, srv):
     queue.wait_for_selector("#readiness[data-state=ready]")
     facts = queue.inner_text("#facts")
     assert "cpu" in facts and "tiny test weights" in facts
+    assert "CPU test mode" in queue.inner_text("#test-mode")  # here too
     # the page asks every 2 s, so the first task must stay running for several of its refreshes: 50 steps
     # (about 8 s here; 14 steps, about 2.5 s after its first progress report, were missed once in CI)
     first = task(deliveryMethod="async", steps=50)
@@ -419,6 +489,140 @@ def test_queue_view_shows_the_server_and_its_tasks(page, srv):
     queue.wait_for_selector("#idle:not([hidden])", timeout=180_000)  # it refreshes itself until both are done
     assert "images generated" in queue.inner_text("#counts")
     assert not queue.is_visible("#key-dialog")
+
+
+# -- a new tab at 1280x800 ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def desk(browser, srv, visits):
+    """A new tab (its own session storage: no key yet) on a 1280x800 window."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme="light")
+    visits.watch(context)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
+    page.goto(srv.url + "/")
+    page.js_errors = errors
+    yield page
+    context.close()
+
+
+def test_enter_in_the_key_dialog_connects_and_the_test_mode_notice_shows(desk):
+    desk.wait_for_selector("#key-dialog[open]")
+    notice = desk.locator("#test-mode")  # --tiny: said loudly, on load
+    notice.wait_for()
+    text = notice.inner_text()
+    assert "CPU test mode: images are noise from tiny random weights" in text
+    assert "k5serve weights download" in text and "k5serve serve" in text and "steps: 10" in text
+    assert re.search(r"seconds per image|s at 10 steps", text), text
+    desk.fill("#key-input", API_KEY)
+    desk.press("#key-input", "Enter")  # the form's implicit submission: Connect, not Cancel
+    desk.wait_for_selector("#connection[data-state=connected]")
+    assert desk.evaluate("sessionStorage.getItem('k5serve.apiKey')") == API_KEY
+    assert notice.is_visible()
+
+    desk.fill("#positivePrompt", "a harbour at night")
+    set_value(desk, "#steps", 10)
+    card = generate(desk)
+    wait_done(desk, card, 1)
+    assert "the last task here" in desk.inner_text("#test-mode-time")  # the time it measured
+    desk.click("#test-mode button")
+    assert not notice.is_visible()
+    desk.reload()  # on every load
+    desk.wait_for_selector("#connection[data-state=connected]")
+    notice.wait_for()
+
+
+def test_generate_is_in_view_with_its_shortcut_and_nothing_is_cut_off(desk):
+    assert in_view(desk, "#generate")  # at 1280x800, without scrolling
+    assert desk.inner_text("#generate .shortcut") in ("Ctrl+Enter", "⌘+Enter")
+    assert desk.get_attribute("#generate", "aria-keyshortcuts") == "Control+Enter Meta+Enter"
+    assert_nothing_cut_off(desk)
+    desk.eval_on_selector("#form-body", "body => body.scrollTop = body.scrollHeight")
+    assert in_view(desk, "#generate")
+    shot(desk, "10-desk-1280x800")
+
+
+def test_an_invalid_form_focuses_its_first_error_in_view(desk):
+    desk.eval_on_selector("#form-body", "body => body.scrollTop = body.scrollHeight")  # the prompt scrolled away
+    desk.fill("#positivePrompt", "")
+    desk.eval_on_selector("#form-body", "body => body.scrollTop = body.scrollHeight")
+    count = desk.locator(".task").count()
+    desk.click("#generate")
+    slot = ".field-error[data-for=positivePrompt]"
+    assert "2 to 32000 characters" in desk.inner_text(slot)
+    assert desk.evaluate("document.activeElement.id") == "positivePrompt"
+    assert in_view(desk, slot) and in_view(desk, "#positivePrompt")
+    assert desk.locator(".task").count() == count
+    shot(desk, "11-desk-empty-prompt")
+
+    desk.fill("#positivePrompt", "a harbour at night")  # a field further down, with the form scrolled to the top
+    desk.fill("#numberResults", "0")
+    desk.eval_on_selector("#form-body", "body => body.scrollTop = 0")
+    desk.locator("#positivePrompt").press("Control+Enter")
+    assert desk.evaluate("document.activeElement.id") == "numberResults"
+    assert "Images: a whole number from 1 to 20" in desk.inner_text(".field-error[data-for=numberResults]")
+    assert in_view(desk, ".field-error[data-for=numberResults]")  # not under the Generate bar
+    desk.fill("#numberResults", "1")
+
+
+def test_the_newest_image_is_large_with_its_facts_download_and_reuse(desk):
+    older = desk.locator(f".task[data-task='{desk.locator('.task').first.get_attribute('data-task')}']")
+    desk.fill("#positivePrompt", "a harbour at dawn")
+    set_value(desk, "#steps", 20)
+    desk.click(".size:has(input[value='1280x768'])")
+    card = generate(desk)
+    assert "latest" not in older.get_attribute("class")  # the task before is a thumbnail now
+    assert older.locator(".tile img").bounding_box()["width"] < 300
+    seen = wait_done(desk, card, 1)
+    assert any(re.fullmatch(r"step \d+ of 20 · about \d+(\.\d)? s left", text) for text in seen), seen  # an ETA
+    desk.wait_for_function("() => document.querySelector('.task.latest .tile img').complete")
+    image = card.locator(".tile img")
+    assert "latest" in card.get_attribute("class") and image.bounding_box()["width"] >= 400
+    caption = card.locator("figcaption")
+    assert re.match(r"seed \d+ · 1280×768 · \d+\.\d s", caption.inner_text())
+    for action in (".download", ".reuse"):
+        assert in_view(desk, f".task.latest {action}"), action  # at hand, without scrolling
+    assert card.locator(".download").get_attribute("href") == image.get_attribute("src")
+    assert card.locator(".download").get_attribute("download")
+    shot(desk, "12-desk-newest-large")
+
+    seed = caption.inner_text().split()[1]
+    desk.fill("#positivePrompt", "something else")
+    desk.click(".size:has(input[value='1024x1024'])")
+    card.locator(".reuse").click()
+    assert desk.input_value("#positivePrompt") == "a harbour at dawn"
+    assert desk.is_checked("input[name=seedMode][value=fixed]") and desk.input_value("#seed") == seed
+    assert desk.is_checked(".size input[value='1280x768']") and desk.input_value("#steps") == "20"
+    assert desk.evaluate("document.activeElement.id") == "positivePrompt"
+    assert desk.js_errors == []
+
+
+def test_the_api_link_opens_a_readable_page(desk, srv):
+    desk.click("#api-link")
+    desk.wait_for_url(srv.url + "/docs")
+    desk.wait_for_selector(".op")
+    def text(selector: str) -> str:
+        return " ".join(desk.inner_text(selector).split())
+
+    assert not text("body").startswith("{")  # not the raw document
+    assert text("#op-post--v1 h2") == "POST /v1 Run Runware tasks"
+    assert "GET /tasks Tasks queued and running" in text("#api-toc")
+    v1 = text("#op-post--v1")
+    assert "Request body (required)" in v1 and "ImageInferenceTask" in v1 and "Responses" in v1 and "429" in v1
+    assert "rateLimitExceeded" in v1 and '"positivePrompt": "a red fox in the snow"' in v1  # the example
+    assert "Parameters Name In Type Required Description name path string yes" in text("#op-get--image-name-")
+    task_fields = text("#schema-ImageInferenceTask")
+    assert "positivePrompt" in task_fields and "2 to 32000 characters" in task_fields and "10 to 50" in task_fields
+    assert "9223372036854775807" in task_fields  # the seed's maximum as written, past a JavaScript number's precision
+    desk.click("#schema-ImageInferenceTask a[href='#schema-LoraItem']")
+    assert in_view(desk, "#schema-LoraItem h3")
+    assert desk.evaluate("document.documentElement.scrollWidth") <= 1280
+    shot(desk, "13-api-page")
+    assert desk.js_errors == []
 
 
 def test_phone_width_and_dark_mode(browser, srv, visits):
@@ -441,7 +645,18 @@ def test_phone_width_and_dark_mode(browser, srv, visits):
     assert width <= 390, f"the page scrolls sideways on a phone ({width} px)"
     background = phone.evaluate("getComputedStyle(document.body).backgroundColor")
     assert background == "rgb(20, 23, 28)", background  # the dark palette
-    shot(phone, "09-phone-dark", full_page=True)
+    assert phone.locator("#test-mode").is_visible()
+    assert in_view(phone, "#generate")  # without scrolling: it sticks to the bottom of the window
+    shot(phone, "09-phone-dark")
+    assert_nothing_cut_off(phone)
+
+    phone.evaluate("window.scrollTo(0, document.querySelector('#output-section').offsetTop)")  # the prompt out of view
+    assert not in_view(phone, "#positivePrompt") and in_view(phone, "#generate")
+    phone.click("#generate")  # the prompt is empty
+    assert phone.evaluate("document.activeElement.id") == "positivePrompt"
+    assert in_view(phone, ".field-error[data-for=positivePrompt]")
+    shot(phone, "09-phone-empty-prompt")
+    assert phone.locator(".task").count() == 0
     context.close()
 
 

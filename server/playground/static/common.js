@@ -48,11 +48,13 @@ export function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-// Ask for a key in the page's key dialog; resolves with the key entered, or null when cancelled.
+// Ask for a key in the page's key dialog; resolves with the key entered, or null when cancelled. Cancel is a
+// plain button (not a submit button), so Enter in the field submits with Connect, the only submit button.
 export function askForKey(message) {
   const dialog = document.getElementById("key-dialog");
   const input = document.getElementById("key-input");
   document.getElementById("key-message").textContent = message;
+  dialog.querySelector(".key-cancel").onclick = () => dialog.close("cancel");
   input.value = "";
   return new Promise((resolve) => {
     dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok" ? input.value.trim() : null),
@@ -65,4 +67,28 @@ export function askForKey(message) {
 
 export function formatSeconds(s) {
   return s < 60 ? `${s.toFixed(1)} s` : `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+}
+
+// The CPU test mode notice, under the header, whenever /ready reports tiny weights: on every load (a dismissal
+// lasts until the next one). #test-mode-time is the page's to update with a time it measured.
+export function testModeNotice(ready) {
+  const shown = document.getElementById("test-mode");
+  if (!ready?.tiny_weights || shown) return shown;
+  const code = (text) => el("code", { text });
+  const notice = el("aside", { id: "test-mode", class: "notice", role: "note", "aria-label": "CPU test mode" },
+    el("p", {},
+      el("strong", { text: "CPU test mode: images are noise from tiny random weights." }),
+      " Each image takes a few seconds here ",
+      el("span", { id: "test-mode-time", text: "(about 2.5 s at 10 steps, 1024×1024, on 2 CPU cores)" }), "; ",
+      code("steps: 10"), " is a quick smoke test. For real images, on a machine with an NVIDIA GPU: ",
+      code("k5serve weights download"), " (about 60 GB, once), then ", code("k5serve serve"), "."),
+    el("button", { type: "button", class: "link", text: "dismiss", onclick: () => { notice.hidden = true; } }));
+  document.getElementById("notices")?.append(notice);
+  return notice;
+}
+
+// The key that goes with Enter for the keyboard shortcut: ⌘ on Apple systems, Ctrl elsewhere.
+export function modifierName() {
+  const platform = navigator.userAgentData?.platform || navigator.platform || "";
+  return /mac|iphone|ipad/i.test(platform) ? "⌘" : "Ctrl";
 }

@@ -1,7 +1,7 @@
 // The playground: a client of the server's public protocol only. Tasks go over the Runware WebSocket at /v1
 // (authentication, imageUpload, modelSearch, imageInference, getResponse); progress comes from GET /tasks; the
 // ranges the page checks come from /openapi.json, the same models the server validates with.
-import { apiKey, askForKey, el, formatSeconds, getJSON, setApiKey, uuid4 } from "./common.js";
+import { apiKey, askForKey, el, formatSeconds, getJSON, modifierName, setApiKey, testModeNotice, uuid4 } from "./common.js";
 
 const MODEL = "runware:kandinsky-5.0-image-lite@1";
 const SESSION = "k5serve.session"; // connectionSessionUUID: results that finish during a reload are resumed
@@ -395,6 +395,29 @@ function showError(field, message) {
   if (input) input.setAttribute("aria-invalid", "true");
 }
 
+// The field an error slot belongs to, to focus: its input, the chosen size, the drop area, the LoRA picker.
+function fieldOf(slot) {
+  const name = slot.dataset.for;
+  if (name === "size") return document.querySelector('input[name="size"]:checked') || document.querySelector('input[name="size"]');
+  if (name === "image") return $("drop").hidden ? document.querySelector('input[name="imageMode"]:checked') : $("drop");
+  if (name === "lora") return $("lora-pick");
+  if (name === "_task") return $("positivePrompt");
+  return document.querySelector(`[data-param="${CSS.escape(name)}"]`);
+}
+
+// Scroll to the first error in the form (in page order) with its message in view, and focus its field.
+function revealFirstError() {
+  const slot = [...document.querySelectorAll("#form .field-error")].find((s) => s.textContent);
+  if (!slot) return;
+  const field = fieldOf(slot);
+  if (field && !field.disabled) field.focus({ preventScroll: true });
+  const label = field?.id ? document.querySelector(`label[for="${CSS.escape(field.id)}"]`) : null;
+  // its label, its field, then the message, each scrolled into view as needed: the message wins if not all fit
+  for (const target of [label, field?.closest(".size, .drop, fieldset") || field, slot]) {
+    target?.scrollIntoView({ block: "nearest" });
+  }
+}
+
 function clearErrors() {
   for (const slot of document.querySelectorAll(".field-error")) slot.textContent = "";
   for (const input of document.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
@@ -481,6 +504,7 @@ async function generate() {
     const problems = check(settings);
     if (problems.length) {
       for (const [field, message] of problems) showError(field, message);
+      revealFirstError();
       return;
     }
   }
@@ -531,7 +555,10 @@ function received(entry, item) {
   entry.images.push({ imageUUID: item.imageUUID, imageURL: item.imageURL, seed: item.seed, width: item.width || w,
     height: item.height || h, cost: item.cost, nsfw: item.NSFWContent, seconds: (Date.now() - entry.created) / 1000 });
   lastSeed = item.seed;
-  if (entry.images.length >= Number(entry.settings.numberResults)) finish(entry, "done");
+  if (entry.images.length >= Number(entry.settings.numberResults)) {
+    finish(entry, "done");
+    measured(entry);
+  }
   saveGallery();
   renderEntry(entry);
 }
@@ -543,11 +570,14 @@ function failed(entry, error) {
     setTimeout(() => !entry.done && conn.send([{ taskType: "getResponse", taskUUID: entry.taskUUID }]), 1000);
     return;
   }
+  const wasLatest = latestEntry() === entry;
   entry.error = { code: error.code, message: error.message, parameter: error.parameter };
   finish(entry, "error");
   serverError(error);
   saveGallery();
-  renderEntry(entry);
+  if (wasLatest) renderGallery(); // the task before it is shown large again
+  else renderEntry(entry);
+  if (entries[0] === entry && !entry.resumed && Date.now() - entry.created < 15000) revealFirstError();
 }
 
 function finish(entry, how) {
@@ -569,6 +599,7 @@ async function pollProgress() {
         for (const row of body.tasks) {
           for (const entry of active.values()) {
             if (!entry.taskUUID.startsWith(row.id)) continue;
+            timeSteps(entry, row);
             Object.assign(entry, { status: row.status, step: row.step, steps: row.steps, position: row.position });
             renderProgress(entry);
           }
@@ -581,10 +612,36 @@ async function pollProgress() {
   }
 }
 
+// The step times: when the task was first seen running (t0 at step s0) and when its current step was first
+// seen (tStep); wall-clock milliseconds, so they survive a reload with the gallery.
+function timeSteps(entry, row) {
+  if (row.status !== "running") return;
+  const now = Date.now();
+  if (entry.t0 === undefined || entry.status !== "running" || row.step < entry.s0) {
+    entry.t0 = entry.tStep = now;
+    entry.s0 = row.step;
+  } else if (row.step !== entry.step) {
+    entry.tStep = now;
+  }
+}
+
+// Seconds left: the mean time of the steps seen so far times the steps to go, less the time the current step
+// has run; null until a step has been timed.
+function secondsLeft(entry) {
+  const timed = entry.step - entry.s0;
+  if (!(timed > 0) || !entry.steps) return null;
+  const perStep = (entry.tStep - entry.t0) / timed;
+  return Math.max(0, (perStep * (entry.steps - entry.step) - (Date.now() - entry.tStep)) / 1000);
+}
+
 function progressText(entry) {
   if (entry.status === "error") return entry.error ? `failed: ${entry.error.message} (${entry.error.code})` : "failed";
   if (entry.status === "done") return `done in ${formatSeconds(entry.seconds || 0)}`;
-  if (entry.status === "running") return `step ${entry.step} of ${entry.steps}`;
+  if (entry.status === "running") {
+    const left = secondsLeft(entry);
+    const eta = left === null ? "estimating time left" : left < 0.5 ? "finishing…" : `about ${formatSeconds(left)} left`;
+    return `step ${entry.step} of ${entry.steps} · ${eta}`;
+  }
   return entry.position ? `queued · position ${entry.position}` : "queued";
 }
 
@@ -596,6 +653,7 @@ function renderProgress(entry) {
   card.querySelector(".progress").setAttribute("aria-valuenow", String(Math.round(fraction * 100)));
   card.querySelector(".state").textContent = progressText(entry);
   card.dataset.status = entry.status;
+  if (entries[0] === entry) $("foot-status").textContent = `Newest: ${progressText(entry)}`;
 }
 
 function describe(s) {
@@ -605,25 +663,40 @@ function describe(s) {
     s.cacheMethod].filter(Boolean).join(" · ");
 }
 
+function fileName(img) {
+  return img.imageURL.split("?")[0].split("/").pop();
+}
+
+// The newest task is shown large, each image with its seed, size and time, Download and Reuse; older tasks as
+// thumbnails (a click opens the viewer, which has the same actions).
 function renderEntry(entry) {
   if (!entries.includes(entry)) return; // cleared from the gallery
+  const latest = latestEntry() === entry;
   const old = document.querySelector(`.task[data-task="${entry.taskUUID}"]`);
   const tiles = entry.images.map((img) => {
-    const picture = el("img", { src: img.imageURL, alt: entry.settings.positivePrompt, loading: "lazy",
+    const picture = el("img", { src: img.imageURL, alt: entry.settings.positivePrompt, loading: latest ? "eager" : "lazy",
       width: img.width, height: img.height });
     picture.addEventListener("error", () => { img.expired = true; tile.classList.add("expired"); saveGallery(); });
     const facts = [`seed ${img.seed}`, img.width && `${img.width}×${img.height}`, formatSeconds(img.seconds),
       img.cost !== undefined && img.cost !== null && `$${Number(img.cost).toFixed(4)}`].filter(Boolean).join(" · ");
+    const actions = latest && !img.expired ? el("span", { class: "actions" },
+      el("a", { class: "download", href: img.imageURL, download: fileName(img), text: "Download" }),
+      el("button", { type: "button", class: "reuse", text: "Reuse settings", title: "Put these settings and this seed back into the form",
+        onclick: () => reuse(entry, img) })) : null;
     const tile = el("figure", { class: `tile${img.expired ? " expired" : ""}` },
       el("button", { type: "button", class: "open", title: "View full size", onclick: () => view(entry, img) }, picture),
-      el("figcaption", {}, facts, img.nsfw === true ? el("span", { class: "badge nsfw", text: "NSFW" }) : null,
-        img.nsfw === false ? el("span", { class: "badge", text: "safe" }) : null));
+      el("figcaption", {}, el("span", { class: "facts" }, facts,
+        img.nsfw === true ? el("span", { class: "badge nsfw", text: "NSFW" }) : null,
+        img.nsfw === false ? el("span", { class: "badge", text: "safe" }) : null), actions));
     return tile;
   });
+  const [w, h] = sizeOf(entry);
   for (let i = entry.images.length; !entry.done && i < Number(entry.settings.numberResults); i++) {
-    tiles.push(el("figure", { class: "tile pending" }, el("div", { class: "placeholder" })));
+    const placeholder = el("div", { class: "placeholder" });
+    if (w && h) placeholder.style.setProperty("--ratio", String(w / h));
+    tiles.push(el("figure", { class: "tile pending" }, placeholder));
   }
-  const card = el("article", { class: "task", "data-task": entry.taskUUID, "data-status": entry.status },
+  const card = el("article", { class: `task${latest ? " latest" : ""}`, "data-task": entry.taskUUID, "data-status": entry.status },
     el("header", {}, el("p", { class: "prompt", text: entry.settings.positivePrompt }),
       el("p", { class: "muted small", text: describe(entry.settings) })),
     el("div", { class: "progress", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100" },
@@ -636,8 +709,21 @@ function renderEntry(entry) {
   $("empty").hidden = entries.length > 0;
 }
 
+// The task shown large: the newest one that has not failed without images (a refused task leaves the last
+// images large).
+function latestEntry() {
+  return entries.find((entry) => entry.status !== "error" || entry.images.length);
+}
+
+// The size a task asked for, or its input image's: -> [width, height] (or []).
+function sizeOf(entry) {
+  if (entry.settings.size && entry.settings.size !== "match") return entry.settings.size.split("x").map(Number);
+  return entry.images[0]?.width ? [entry.images[0].width, entry.images[0].height] : [];
+}
+
 function renderGallery() {
   $("gallery").replaceChildren();
+  $("foot-status").textContent = "";
   for (const entry of [...entries].reverse()) renderEntry(entry);
   $("empty").hidden = entries.length > 0;
 }
@@ -667,6 +753,16 @@ function catchUp() {
   }
 }
 
+// The test-mode notice says what a task took here, once one has finished.
+function measured(entry) {
+  const slot = $("test-mode-time");
+  if (!slot) return;
+  const n = entry.images.length;
+  const [w, h] = sizeOf(entry);
+  slot.textContent = `(the last task here: ${formatSeconds(entry.seconds)} for ${n === 1 ? "1 image" : `${n} images`}`
+    + ` at ${entry.steps} steps${w ? `, ${w}×${h}` : ""})`;
+}
+
 // -- the image viewer ---------------------------------------------------------------------------------------
 
 let viewing = null;
@@ -676,20 +772,29 @@ function view(entry, img) {
   $("viewer-img").alt = entry.settings.positivePrompt;
   $("viewer-info").textContent = `${entry.settings.positivePrompt} — seed ${img.seed}, ${describe(entry.settings)}`;
   $("viewer-download").href = img.imageURL;
-  $("viewer-download").download = img.imageURL.split("/").pop();
+  $("viewer-download").download = fileName(img);
   $("viewer").showModal();
 }
 
-function reuse() {
-  const { entry, img } = viewing;
+// Every setting of that task back into the form, with the seed fixed to that image's.
+function reuse(entry, img) {
   fillForm({ ...entry.settings, seedMode: "fixed", seed: String(img.seed) });
-  $("viewer").close();
+  if ($("viewer").open) $("viewer").close();
   $("positivePrompt").focus();
+  $("positivePrompt").scrollIntoView({ block: "nearest" });
 }
 
 // -- start --------------------------------------------------------------------------------------------------
 
 async function start() {
+  $("mod-key").textContent = modifierName();
+  getJSON("/ready").then(({ body }) => {
+    if (!body) return;
+    $("model").textContent = body.tiny_weights ? "Kandinsky 5.0 Image Lite · tiny test weights" : "Kandinsky 5.0 Image Lite";
+    testModeNotice(body);
+    const last = entries.find((entry) => entry.status === "done");
+    if (last) measured(last);
+  });
   await loadLimits();
   applyLimits();
   const saved = sessionStorage.getItem(FORM);
@@ -738,7 +843,8 @@ async function start() {
     if (method) $("cacheThreshold").value = THRESHOLD_DEFAULT[method];
     refreshForm();
   });
-  $("viewer-reuse").addEventListener("click", reuse);
+  $("viewer-reuse").addEventListener("click", () => reuse(viewing.entry, viewing.img));
+  $("foot-status").addEventListener("click", () => document.querySelector("#gallery .task")?.scrollIntoView({ block: "start" }));
   $("viewer-close").addEventListener("click", () => $("viewer").close());
   $("clear-gallery").addEventListener("click", () => {
     const unfinished = entries.filter((entry) => !entry.done); // still coming: kept
@@ -763,9 +869,6 @@ async function start() {
     catchUp();
   };
   conn.connect();
-  getJSON("/ready").then(({ body }) => {
-    if (body) $("model").textContent = body.tiny_weights ? "Kandinsky 5.0 Image Lite · tiny test weights" : "Kandinsky 5.0 Image Lite";
-  });
 }
 
 start();

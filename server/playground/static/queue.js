@@ -1,5 +1,5 @@
 // The queue view: /ready (model, device, readiness) and GET /tasks (what is queued and running), every 2 s.
-import { askForKey, el, formatSeconds, getJSON, setApiKey } from "./common.js";
+import { askForKey, el, formatSeconds, getJSON, setApiKey, testModeNotice } from "./common.js";
 
 const $ = (id) => document.getElementById(id);
 const REFRESH_MS = 2000;
@@ -22,6 +22,7 @@ function showReady(body, status) {
     pill.textContent = "server unreachable";
     return;
   }
+  testModeNotice(body);
   pill.dataset.state = body.ready ? "ready" : "unready";
   pill.textContent = body.ready ? "ready" : `not ready (${status})`;
   $("reasons").hidden = !body.reasons;
