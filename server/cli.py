@@ -27,9 +27,9 @@ BANNER = """
       {prog} weights download && {prog} serve
 ==============================================================================
 """
-# What one image costs in the CPU test mode: `k5serve generate --tiny` at 1024x1024 and the default 20 steps
-# on a 2-core x86_64 VM (docs/performance.md); the tiny model's cost hardly depends on the size.
-TINY_SECONDS_2_CORES = 5
+# What one image costs in the CPU test mode over HTTP at 1024x1024 and the default 20 steps on a 2-core x86_64
+# VM (docs/performance.md#cpu-test-mode); the tiny model's cost hardly depends on the size.
+TINY_SECONDS_2_CORES = 3
 
 
 def _prog() -> str:
@@ -68,7 +68,7 @@ def serve_banner(found, url: str, key_required: bool) -> str:
         f"API:         POST {url}/v1 , WebSocket {url.replace('http', 'ws', 1)}/v1",
         "API key:     " + ("required: send one given with --api-key (Authorization: Bearer KEY)" if key_required
                            else "none needed (started without --api-key)"),
-        f"Speed:       about {TINY_SECONDS_2_CORES} s an image on 2 CPU cores (this machine has {cores});",
+        f"Speed:       about {TINY_SECONDS_2_CORES} s an image at 20 steps on 2 CPU cores (here: {cores});",
         '             "steps": 10 is a quicker smoke test',
         "Real images: on a CUDA GPU with the weights downloaded:",
         f"             {prog} weights download",

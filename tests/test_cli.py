@@ -121,7 +121,7 @@ def test_serve_in_test_mode_says_so_in_a_block(start_server):
     assert "CPU TEST MODE (--tiny)" in block and "noise from tiny random weights" in block
     assert f"Playground:  {srv.url}/" in block and f"POST {srv.url}/v1" in block
     assert "API key:     required" in block and API_KEY not in log
-    assert "s an image on 2 CPU cores" in block and '"steps": 10' in block
+    assert "s an image at 20 steps on 2 CPU cores" in block and '"steps": 10' in block
     assert "weights download" in block
 
 
