@@ -155,9 +155,10 @@ def visits():
     return Visits()
 
 
-@pytest.fixture(scope="module")
-def page(browser, srv, visits):
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="light")
+def open_tab(browser, srv, visits, width: int, height: int):
+    """A new window of its own (its own session storage) on the playground; the page's JavaScript errors are
+    collected in `page.js_errors`. -> (context, page)."""
+    context = browser.new_context(viewport={"width": width, "height": height}, color_scheme="light")
     visits.watch(context)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
@@ -166,6 +167,12 @@ def page(browser, srv, visits):
     page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
     page.goto(srv.url + "/")
     page.js_errors = errors
+    return context, page
+
+
+@pytest.fixture(scope="module")
+def page(browser, srv, visits):
+    context, page = open_tab(browser, srv, visits, 1280, 900)
     yield page
     context.close()
 
@@ -497,15 +504,7 @@ def test_queue_view_shows_the_server_and_its_tasks(page, srv):
 @pytest.fixture(scope="module")
 def desk(browser, srv, visits):
     """A new tab (its own session storage: no key yet) on a 1280x800 window."""
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme="light")
-    visits.watch(context)
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
-    page.goto(srv.url + "/")
-    page.js_errors = errors
+    context, page = open_tab(browser, srv, visits, 1280, 800)
     yield page
     context.close()
 
