@@ -32,19 +32,23 @@ endif
 TORCH_PINS := $(shell sed -n 's/^ *"\(torch\(vision\)\{0,1\}==[^"]*\)".*/\1/p' pyproject.toml)
 
 .PHONY: install serve test bench generate clean
+.DEFAULT_GOAL := install
 
-$(VENV)/bin/python:
+# pip is the last thing `python -m venv` makes: a venv that failed half-way (Debian's python3.X without its
+# python3.X-venv package, say) is removed, not left for later runs to trip over.
+$(PIP):
 	@test -n "$(PYTHON)" || { echo "k5serve needs Python 3.11, 3.12 or 3.13, and none of $(PYTHONS) runs here." \
 	    "Install one, or name one: make $(MAKECMDGOALS) PYTHON=/path/to/python3.13" >&2; exit 1; }
 	@v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>&1) || { echo "k5serve needs" \
 	    "Python 3.11, 3.12 or 3.13; PYTHON=$(PYTHON) does not run here: $$(echo "$$v" | head -n 1)" >&2; exit 1; }; \
 	case $$v in 3.11|3.12|3.13) ;; *) echo "k5serve needs Python 3.11, 3.12 or 3.13; PYTHON=$(PYTHON) is" \
 	    "Python $$v." >&2; exit 1;; esac
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "k5serve: $(PYTHON) -m venv failed; on Debian and" \
+	    "Ubuntu install the python3.X-venv package of that Python" >&2; exit 1; }
 	$(PIP) install --upgrade --quiet pip
 
 # The package and its core dependencies: what `k5serve serve` and `k5serve generate` need.
-$(CORE): pyproject.toml | $(VENV)/bin/python
+$(CORE): pyproject.toml | $(PIP)
 	$(if $(TORCH_INDEX_URL),$(PIP_INSTALL) $(TORCH_PINS) --index-url $(TORCH_INDEX_URL))
 	$(PIP_INSTALL) -e .
 	touch $@
@@ -63,6 +67,7 @@ serve: $(CORE)
 # One image without a server: make generate PROMPT="a red fox" [ARGS="--steps 10 --seed 1"]; images and
 # results.json go to out/. Without downloaded weights or a GPU add ARGS=--tiny (CPU test mode: generated tiny
 # weights, noise for images). `.venv/bin/k5serve generate --help` lists the options.
+override PROMPT := $(value PROMPT)
 export PROMPT
 generate: $(CORE)
 	@test -n "$$PROMPT" || { echo 'usage: make generate PROMPT="a red fox" [ARGS=--tiny]' >&2; exit 1; }

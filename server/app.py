@@ -194,10 +194,13 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def no_route(request: Request, exc: HTTPException) -> WireResponse:
         """A path or method the server does not serve, answered in the Runware error shape like the rest."""
-        where = f"{request.method} {request.url.path[:200]}"
-        if exc.status_code == 405:
+        where = f"{getattr(request, 'method', 'WebSocket')} {request.url.path[:200]}"
+        if exc.status_code == 405 and request.url.path.rstrip("/") == "/v1":
             item = ErrorItem(code="methodNotAllowed", message=f"{where} is not served: send tasks as a JSON array "
                              "with POST /v1, or open a WebSocket to /v1.")
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "another method")
+            item = ErrorItem(code="methodNotAllowed", message=f"{where} is not served; {allowed} is.")
         elif exc.status_code == 404:
             item = ErrorItem(code="notFound", message=f"{where}: no such endpoint; the API is POST /v1 (and a "
                              "WebSocket on /v1); /docs describes every endpoint.")

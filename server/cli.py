@@ -52,31 +52,39 @@ def _on_path(script: Path) -> bool:
     return found is not None and Path(found).resolve() == script.resolve()
 
 
-def serve_banner(found, url: str, key_required: bool) -> str:
-    """The block the server prints at start-up in the CPU test mode, for a person at a terminal."""
+def serve_banner(found, url: str, key_required: bool, width: int = 76) -> str:
+    """The block the server prints at start-up in the CPU test mode, for a person at a terminal (fits 80
+    columns: longer lines wrap under their label)."""
     import os
+    import textwrap
 
     prog = _prog()
-    cores = os.cpu_count() or 1
-    lines = [
-        f"k5serve: CPU TEST MODE ({found.tiny_reason})",
-        "",
-        "Images are noise from tiny random weights: the API, validation and",
-        "pipeline are the real ones, the model is not.",
-        "",
-        f"Playground:  {url}/",
-        f"API:         POST {url}/v1 , WebSocket {url.replace('http', 'ws', 1)}/v1",
-        "API key:     " + ("required: send one given with --api-key (Authorization: Bearer KEY)" if key_required
-                           else "none needed (started without --api-key)"),
-        f"Speed:       about {TINY_SECONDS_2_CORES} s an image at 20 steps on 2 CPU cores (here: {cores});",
-        '             "steps": 10 is a quicker smoke test',
-        "Real images: on a CUDA GPU with the weights downloaded:",
-        f"             {prog} weights download",
-        f"             {prog} serve",
+    rows: list[tuple[str | None, str]] = [  # (label, text); None: no label and no indent
+        (None, f"k5serve: CPU TEST MODE ({found.tiny_reason})"),
+        (None, ""),
+        (None, "Images are noise from tiny random weights: the API, validation and pipeline are the real ones, "
+             "the model is not."),
+        (None, ""),
+        ("Playground:", f"{url}/"),
+        ("API:", f"POST {url}/v1"),
+        ("", f"WebSocket {url.replace('http', 'ws', 1)}/v1"),
+        ("API key:", "required: send one given with --api-key (Authorization: Bearer KEY)" if key_required
+         else "none needed (started without --api-key)"),
+        ("Speed:", f"about {TINY_SECONDS_2_CORES} s an image at 20 steps on 2 CPU cores (here: "
+                   f"{os.cpu_count() or 1}); \"steps\": 10 is a quicker smoke test"),
+        ("Real images:", "on a CUDA GPU with the weights downloaded:"),
+        ("", f"{prog} weights download"),
+        ("", f"{prog} serve"),
     ]
-    width = max(len(line) for line in lines)
-    rule = "+" + "-" * (width + 2) + "+"
-    return "\n".join([rule, *(f"| {line.ljust(width)} |" for line in lines), rule])
+    lines = []
+    for label, text in rows:
+        indent = "" if label is None else " " * 13
+        wrapped = textwrap.wrap(text, width, initial_indent=label.ljust(13) if label else indent,
+                                subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
+        lines.extend(wrapped or [""])
+    inner = max(len(line) for line in lines)
+    rule = "+" + "-" * (inner + 2) + "+"
+    return "\n".join([rule, *(f"| {line.ljust(inner)} |" for line in lines), rule])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     everyday.add_argument("--prompt", help="what to draw (positivePrompt)")
     everyday.add_argument("tasks", nargs="*", type=Path,
                           help="instead of or beside --prompt: JSON file (one task or an array) or JSONL file")
+    opt.add_options(everyday, [o for o in opt.MODEL_OPTIONS if o.name == "tiny"])  # no GPU, no weights: this
     everyday.add_argument("--out", type=Path, default=Path("out"),
                           help="folder for images and results.json (default: %(default)s)")
     everyday.add_argument("--width", type=int, default=1024,
@@ -128,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     more.add_argument("--stats", action="store_true",
                       help="add per-task stats to results.json: transformer passes computed/skipped per CFG branch, "
                            "seconds per step")
-    opt.add_options(gen.add_argument_group("weights and device"), opt.MODEL_OPTIONS)
+    opt.add_options(gen.add_argument_group("weights and device"), [o for o in opt.MODEL_OPTIONS if o.name != "tiny"])
     gen.set_defaults(func=cmd_generate, options=opt.LOG_OPTIONS + opt.MODEL_OPTIONS)
 
     calibrate = sub.add_parser("calibrate", help="fit step-cache parameters on the loaded weights")
@@ -304,7 +313,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return LocalWorker(engine, max_queue=config.max_queue, info=info | {"tiny_weights": found.tiny},
                            fault_prompt=args.inject_oom_prompt)
 
-    slot = ModelSlot(load_worker)
+    slot = ModelSlot(load_worker, known={"tiny_weights": found.tiny})
     try:
         app = create_app(config, slot)
     except ModuleNotFoundError as exc:

@@ -69,4 +69,5 @@ class ListenConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
-    format: str | None = None  # "json" or "text"; None: json for `serve`, text for the other commands
+    # "json" or "text"; None: json for `serve` (text when stderr is a terminal), text for the other commands
+    format: str | None = None

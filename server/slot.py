@@ -21,8 +21,11 @@ LOADING, LOADED, FAILED = "loading", "loaded", "error"
 
 
 class ModelSlot:
-    def __init__(self, load: Callable[[], Worker]):
+    def __init__(self, load: Callable[[], Worker], known: dict[str, Any] | None = None):
+        """`known`: what is known of the model before it loads (e.g. `tiny_weights`), for /ready and /health
+        from the start."""
         self._load = load
+        self.known = dict(known or {})
         self._worker: Worker | None = None
         self._thread: threading.Thread | None = None
         self.error: str | None = None  # why loading failed
@@ -63,10 +66,10 @@ class ModelSlot:
         """-> (reasons the model cannot take work now, the worker's state for /ready and /health)."""
         worker = self._worker
         if self.error:
-            return [f"model loading failed: {self.error}"], {}
+            return [f"model loading failed: {self.error}"], dict(self.known)
         if worker is None:
             note = self.loading_note
-            return ["the model is still loading" + (f" ({note})" if note else "")], {}
+            return ["the model is still loading" + (f" ({note})" if note else "")], dict(self.known)
         reasons = []
         if not worker.alive:
             reasons.append("the generation worker has stopped")
@@ -75,7 +78,7 @@ class ModelSlot:
             reasons.append(unready)
         if worker.queue_full:
             reasons.append(f"the queue is full ({worker.max_queue} waiting besides the running task)")
-        body: dict[str, Any] = {"workerAlive": worker.alive, "queue": worker.queue_depth,
+        body: dict[str, Any] = {**self.known, "workerAlive": worker.alive, "queue": worker.queue_depth,
                                 "queueLimit": worker.max_queue, **worker.describe()}
         memory = worker.memory()
         if memory:

@@ -42,8 +42,10 @@ def test_generate_help_puts_everyday_flags_first():
     res = k5serve("generate", "--help")
     assert res.returncode == 0
     text = res.stdout
-    assert text.index("--prompt PROMPT ") < text.index("--steps STEPS ") < text.index("--model MODEL ")
-    assert "default: JPG" in text and "default: 1024" in text and "--tiny" in text.split("--model MODEL ")[0]
+    options = text[text.index("options:"):]
+    assert options.index("--prompt PROMPT ") < options.index("--tiny ") < options.index("--steps STEPS ")
+    assert options.index("--steps STEPS ") < options.index("--model MODEL ")
+    assert "default: JPG" in options and "default: 1024" in options
 
 
 def test_generate_from_task_files_with_an_invalid_task(tmp_path, data_dir):
@@ -118,6 +120,7 @@ def test_serve_in_test_mode_says_so_in_a_block(start_server):
     srv = start_server("--api-key", API_KEY, env={"K5SERVE_LOG_FORMAT": "text"})
     log = srv.log()
     block = log[log.index("+---"):log.rindex("---+")]
+    assert all(len(line) <= 80 for line in block.splitlines()), block  # fits an 80-column terminal
     assert "CPU TEST MODE (--tiny)" in block and "noise from tiny random weights" in block
     assert f"Playground:  {srv.url}/" in block and f"POST {srv.url}/v1" in block
     assert "API key:     required" in block and API_KEY not in log

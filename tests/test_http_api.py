@@ -95,7 +95,7 @@ def test_number_results_batch_matches_single_requests(server):
     batch = [pixels(base64.b64decode(i["imageBase64Data"])) for i in items]
     assert np.abs(batch[0] - batch[1]).mean() > 1, "different seeds must give different images"
     alone = pixels(b64_image(server, seed=101))
-    # Batched and single runs differ only by float rounding in batched matmuls (documented in the README).
+    # Batched and single runs differ only by float rounding in batched matmuls (documented in docs/api.md).
     assert np.abs(alone - batch[1]).max() <= 2
 
 
@@ -334,6 +334,12 @@ def test_other_methods_on_the_endpoint_get_the_error_shape(server, method):
     err = only_error(resp, 405)
     assert err["code"] == "methodNotAllowed" and "POST /v1" in err["message"] and f"{method} /v1" in err["message"]
     assert resp.headers["allow"] == "POST"
+
+
+def test_other_methods_elsewhere_are_named_with_the_allowed_one(server):
+    resp = httpx.post(server.url + "/health")
+    err = only_error(resp, 405)
+    assert err["code"] == "methodNotAllowed" and err["message"] == "POST /health is not served; GET is."
 
 
 def test_unknown_paths_get_the_error_shape(server):

@@ -140,14 +140,14 @@ def test_classifier_scores_and_labels(data_dir, tmp_path):
 class InProcessServer:
     """The real app under uvicorn on a loopback port, with a model loader the test controls."""
 
-    def __init__(self, data_dir, tmp_path, load, max_queue: int = 64):
+    def __init__(self, data_dir, tmp_path, load, max_queue: int = 64, known: dict | None = None):
         from k5serve.server.app import create_app
         from k5serve.server.config import ServerConfig
         from k5serve.server.slot import ModelSlot
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(ServerConfig(data_dir=tmp_path), ModelSlot(load))
+        app = create_app(ServerConfig(data_dir=tmp_path), ModelSlot(load, known=known))
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -177,11 +177,12 @@ def test_readiness_follows_loading_and_the_queue(data_dir, tmp_path):
         release.wait(60)
         return tiny_worker(data_dir, max_queue=1)
 
-    srv = InProcessServer(data_dir, tmp_path, load)
+    srv = InProcessServer(data_dir, tmp_path, load, known={"tiny_weights": True})
     try:
         health, ready = httpx.get(srv.url + "/health"), httpx.get(srv.url + "/ready")
         assert health.status_code == 200 and health.json()["model"] == "loading"
         assert ready.status_code == 503 and ready.json()["reasons"] == ["the model is still loading"]
+        assert ready.json()["tiny_weights"] is True  # known before loading: the playground's notice needs it
         # What the model will serve is not known yet: a LoRA request is told to retry, not refused.
         loading = only_error(httpx.post(srv.url + "/v1", json=[task(lora=[{"model": "a:1@1", "weight": 1}])]), 503)
         assert loading["code"] == "modelNotReady"
