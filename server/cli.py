@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate images without a server: the same validation, results and costs as the API. "
                     "Images and results.json go to --out.",
         epilog="Without downloaded weights or a GPU add --tiny (CPU test mode: generated tiny weights, noise for "
-               "images), e.g. k5serve generate --tiny --prompt 'a red fox' --steps 10")
+               f"images), e.g. {_prog()} generate --tiny --prompt 'a red fox' --steps 10")
     everyday = gen.add_argument_group("the image")
     everyday.add_argument("--prompt", help="what to draw (positivePrompt)")
     everyday.add_argument("tasks", nargs="*", type=Path,

@@ -81,7 +81,8 @@ export function testModeNotice(ready) {
       " Each image takes a few seconds here ",
       el("span", { id: "test-mode-time", text: "(about 2 s at 10 steps, 3 s at the default 20, 1024×1024, on 2 CPU cores)" }), "; ",
       code("steps: 10"), " is a quick smoke test. For real images, on a machine with an NVIDIA GPU: ",
-      code("k5serve weights download"), " (about 60 GB, once), then ", code("k5serve serve"), "."),
+      code("k5serve weights download"), " (about 60 GB, once), then ", code("k5serve serve"),
+      " (in a checkout: ", code(".venv/bin/k5serve weights download"), ", then ", code("make serve"), ")."),
     el("button", { type: "button", class: "link", text: "dismiss", onclick: () => { notice.hidden = true; } }));
   document.getElementById("notices")?.append(notice);
   return notice;
