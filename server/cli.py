@@ -19,14 +19,6 @@ from . import options as opt
 
 log = logging.getLogger("k5serve")
 
-BANNER = """
-==============================================================================
-  CPU TEST MODE: serving GENERATED TINY WEIGHTS ({reason}).
-  Images are noise from a randomly initialised model. The API, validation and
-  pipeline code are the real ones. For real images on a GPU run:
-      {prog} weights download && {prog} serve
-==============================================================================
-"""
 # What one image costs in the CPU test mode over HTTP at 1024x1024 and the default 20 steps on a 2-core x86_64
 # VM (docs/performance.md#cpu-test-mode); the tiny model's cost hardly depends on the size.
 TINY_SECONDS_2_CORES = 3
@@ -52,9 +44,9 @@ def _on_path(script: Path) -> bool:
     return found is not None and Path(found).resolve() == script.resolve()
 
 
-def serve_banner(found, url: str, key_required: bool, width: int = 76) -> str:
-    """The block the server prints at start-up in the CPU test mode, for a person at a terminal (fits 80
-    columns: longer lines wrap under their label)."""
+def test_mode_box(found, url: str | None = None, key_required: bool = False, width: int = 76) -> str:
+    """The block printed in the CPU test mode for a person at a terminal, with the server's addresses and key
+    when `url` is given (fits 80 columns: longer lines wrap under their label)."""
     import os
     import textwrap
 
@@ -65,11 +57,11 @@ def serve_banner(found, url: str, key_required: bool, width: int = 76) -> str:
         (None, "Images are noise from tiny random weights: the API, validation and pipeline are the real ones, "
              "the model is not."),
         (None, ""),
-        ("Playground:", f"{url}/"),
-        ("API:", f"POST {url}/v1"),
-        ("", f"WebSocket {url.replace('http', 'ws', 1)}/v1"),
-        ("API key:", "required: send one given with --api-key (Authorization: Bearer KEY)" if key_required
-         else "none needed (started without --api-key)"),
+        *([("Playground:", f"{url}/"),
+           ("API:", f"POST {url}/v1"),
+           ("", f"WebSocket {url.replace('http', 'ws', 1)}/v1"),
+           ("API key:", "required: send one given with --api-key (Authorization: Bearer KEY)" if key_required
+            else "none needed (started without --api-key)")] if url is not None else []),
         ("Speed:", f"about {TINY_SECONDS_2_CORES} s an image at 20 steps on 2 CPU cores (here: "
                    f"{os.cpu_count() or 1}); \"steps\": 10 is a quicker smoke test"),
         ("Real images:", "on a CUDA GPU with the weights downloaded:"),
@@ -214,7 +206,7 @@ def _checkpoints(args: argparse.Namespace, *, i2i: bool = True, safety: bool = T
                          f"{'' if torch.cuda.is_available() else ', and no CUDA GPU is visible'})")
     if found.tiny:
         if banner and args.log_format == "text":  # JSON logs stay one object per line; the warning says the same
-            print(BANNER.format(reason=found.tiny_reason, prog=_prog()), file=sys.stderr, flush=True)
+            print(test_mode_box(found), file=sys.stderr, flush=True)
         log.warning("CPU TEST MODE: serving generated tiny weights from %s (%s); images are noise from a random "
                     "model", found.t2i, found.tiny_reason)
     return found
@@ -282,7 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if found.tiny and (args.log_format == "text" or sys.stderr.isatty()):  # for a person: JSON lines for a program
         host = "127.0.0.1" if listen.host in ("0.0.0.0", "::", "") else listen.host
         url = f"http://{f'[{host}]' if ':' in host else host}:{listen.port}"
-        print(serve_banner(found, url, bool(config.api_keys)), file=sys.stderr, flush=True)
+        print(test_mode_box(found, url, bool(config.api_keys)), file=sys.stderr, flush=True)
     if any(len(key) < 16 for key in config.api_keys):
         log.warning("an API key shorter than 16 characters is easy to guess; use a long random one (logs mask "
                     "every occurrence of each key, so a short one also masks ordinary text)")
@@ -304,16 +296,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from k5serve.pipelines.ray_worker import RayWorker  # ray: only with --workers ray
 
             return RayWorker(_load_config(args, found), _engine_config(args, found), workers,
-                             max_queue=config.max_queue, info={"tiny_weights": found.tiny},
-                             fault_prompt=args.inject_oom_prompt, crash_prompt=args.inject_crash_prompt,
-                             on_status=slot.note)
+                             max_queue=config.max_queue, fault_prompt=args.inject_oom_prompt,
+                             crash_prompt=args.inject_crash_prompt, on_status=slot.note)
         from k5serve.pipelines.local import LocalWorker
 
         engine, info = _load_engine(args, found, on_status=slot.note)
-        return LocalWorker(engine, max_queue=config.max_queue, info=info | {"tiny_weights": found.tiny},
-                           fault_prompt=args.inject_oom_prompt)
+        return LocalWorker(engine, max_queue=config.max_queue, info=info, fault_prompt=args.inject_oom_prompt)
 
-    slot = ModelSlot(load_worker, known={"tiny_weights": found.tiny})
+    slot = ModelSlot(load_worker, known={"tiny_weights": found.tiny})  # on /ready and /health from the start
     try:
         app = create_app(config, slot)
     except ModuleNotFoundError as exc:

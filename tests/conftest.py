@@ -25,35 +25,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300,
+               statuses: tuple[int, ...] = (200,)) -> None:
+    """Until `url`/ready answers with one of `statuses`; RuntimeError, with the server's log, when the process
+    exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code in statuses:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"server not healthy after {timeout} s:\n{log.read_text()}")
+
+
 class RunningServer:
-    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None, ready: bool = True):
-        """Starts the server and waits until /ready says 200 (`ready=False`: until it answers at all)."""
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None, ready: bool = True,
+                 command: tuple[str, ...] = (sys.executable, "-m", "k5serve.server.cli"), cwd: Path = ROOT):
+        """Starts `command serve --tiny ...` in `cwd` and waits until /ready says 200 (`ready=False`: until it
+        answers at all)."""
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / f"server-{self.port}.log"
-        cmd = [
-            sys.executable, "-m", "k5serve.server.cli", "serve", "--tiny",
-            "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(data_dir), *extra,
-        ]
+        cmd = [*command, "serve", "--tiny", "--host", "127.0.0.1", "--port", str(self.port),
+               "--data-dir", str(data_dir), *extra]
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait_ready(statuses=(200,) if ready else (200, 503))
-
-    def _wait_ready(self, timeout: float = 300, statuses: tuple[int, ...] = (200,)) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code in statuses:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log()}")
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(self.proc, self.url, self.log_path, statuses=(200,) if ready else (200, 503))
+        except RuntimeError:
+            self.stop()
+            raise
 
     def log(self) -> str:
         return self.log_path.read_text()

@@ -35,6 +35,7 @@ def test_generate_from_flags(tmp_path, data_dir):
         assert item["taskType"] == "imageInference" and item["imageURL"].startswith("file://")
         assert Image.open(item["imagePath"]).size == (1024, 1024)
         assert item["imagePath"].endswith(".jpg")  # the API's default format
+    assert "| k5serve: CPU TEST MODE (--tiny)" in res.stderr  # the same box as serve's, less the addresses
     assert "steps" in res.stderr and "tasks" in res.stderr  # progress bars
 
 

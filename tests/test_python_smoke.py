@@ -26,7 +26,7 @@ os.environ.setdefault("RUNWARE_IMAGE_UPLOAD_TIMEOUT", "30000")
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
-from conftest import API_KEY, MODEL, ROOT, RunningServer, free_port, own_data_dir, task  # noqa: E402
+from conftest import API_KEY, MODEL, ROOT, RunningServer, own_data_dir, task  # noqa: E402
 from packaging.specifiers import SpecifierSet  # noqa: E402
 from runware import IImageInference, Runware  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
@@ -35,25 +35,11 @@ from websockets.sync.client import connect  # noqa: E402
 K5SERVE = Path(sys.executable).parent / "k5serve"
 
 
-class ConsoleScriptServer(RunningServer):
-    """RunningServer, started as `k5serve serve --tiny` (the installed console script) from outside the checkout."""
-
-    def __init__(self, data_dir: Path, *extra: str):
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = data_dir / f"server-{self.port}.log"
-        cmd = [str(K5SERVE), "serve", "--tiny", "--host", "127.0.0.1", "--port", str(self.port),
-               "--data-dir", str(data_dir), *extra]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=data_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait_ready()
-
-
 @pytest.fixture(scope="module")
 def smoke_server(data_dir, tmp_path_factory):
-    server = ConsoleScriptServer(own_data_dir(tmp_path_factory, data_dir, "smoke"), "--api-key", API_KEY)
+    # `k5serve serve --tiny`, the installed console script, started from outside the checkout
+    own = own_data_dir(tmp_path_factory, data_dir, "smoke")
+    server = RunningServer(own, "--api-key", API_KEY, command=(str(K5SERVE),), cwd=own)
     yield server
     server.stop()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_ready
 
 README = ROOT / "README.md"
 NOT_RUN = {
@@ -62,27 +62,13 @@ def started(readme, workdir):
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, url, workdir / "serve.log")
+        wait_ready(proc, url, workdir / "serve.log")
         yield port
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:  # (make and the server it started: one process group)
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
         log.close()
-
-
-def _wait_ready(proc, url: str, log: Path, timeout: float = 300) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"make serve not ready after {timeout} s:\n{log.read_text()}")
 
 
 def run_sh(body: str, port: int, cwd: Path, timeout: float = 600) -> str:
