@@ -185,33 +185,40 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
     app.include_router(queue.router)
     ops.install(app)
     playground.install(app)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError) -> WireResponse:
-        item = ErrorItem(code="invalidRequest", message=str(exc.errors()[0].get("msg", "invalid request")))
-        return WireResponse({"errors": [item.wire()]}, status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def no_route(request: Request, exc: HTTPException) -> WireResponse:
-        """A path or method the server does not serve, answered in the Runware error shape like the rest."""
-        where = f"{getattr(request, 'method', 'WebSocket')} {request.url.path[:200]}"
-        if exc.status_code == 405 and request.url.path.rstrip("/") == "/v1":
-            item = ErrorItem(code="methodNotAllowed", message=f"{where} is not served: send tasks as a JSON array "
-                             "with POST /v1, or open a WebSocket to /v1.")
-        elif exc.status_code == 405:
-            allowed = (exc.headers or {}).get("Allow", "another method")
-            item = ErrorItem(code="methodNotAllowed", message=f"{where} is not served; {allowed} is.")
-        elif exc.status_code == 404:
-            item = ErrorItem(code="notFound", message=f"{where}: no such endpoint; the API is POST /v1 (and a "
-                             "WebSocket on /v1); /docs describes every endpoint.")
-        else:
-            item = ErrorItem(code="invalidRequest", message=str(exc.detail))
-        return WireResponse({"errors": [item.wire()]}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> WireResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        item = ErrorItem(code="internalServerError", message="Internal server error; the request was not completed.")
-        return WireResponse({"errors": [item.wire()]}, status_code=500)
-
+    install_error_handlers(app)
     return app
+
+
+# Errors that reach the app outside a task, each answered in the Runware error shape.
+async def bad_request(request: Request, exc: RequestValidationError) -> WireResponse:
+    item = ErrorItem(code="invalidRequest", message=str(exc.errors()[0].get("msg", "invalid request")))
+    return WireResponse({"errors": [item.wire()]}, status_code=400)
+
+
+async def no_route(request: Request, exc: HTTPException) -> WireResponse:
+    """A path or method the server does not serve, answered in the Runware error shape like the rest."""
+    where = f"{getattr(request, 'method', 'WebSocket')} {request.url.path[:200]}"
+    if exc.status_code == 405 and request.url.path.rstrip("/") == "/v1":
+        item = ErrorItem(code="methodNotAllowed", message=f"{where} is not served: send tasks as a JSON array "
+                         "with POST /v1, or open a WebSocket to /v1.")
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "another method")
+        item = ErrorItem(code="methodNotAllowed", message=f"{where} is not served; {allowed} is.")
+    elif exc.status_code == 404:
+        item = ErrorItem(code="notFound", message=f"{where}: no such endpoint; the API is POST /v1 (and a "
+                         "WebSocket on /v1); /docs describes every endpoint.")
+    else:
+        item = ErrorItem(code="invalidRequest", message=str(exc.detail))
+    return WireResponse({"errors": [item.wire()]}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def internal_error(request: Request, exc: Exception) -> WireResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    item = ErrorItem(code="internalServerError", message="Internal server error; the request was not completed.")
+    return WireResponse({"errors": [item.wire()]}, status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, bad_request)
+    app.add_exception_handler(HTTPException, no_route)
+    app.add_exception_handler(Exception, internal_error)
