@@ -60,7 +60,7 @@ from k5serve.pipelines.prompt_cache import PromptCache  # noqa: E402
 from k5serve.pipelines.speed import SpeedOptionError, apply_speed, check_speed, probe_attention  # noqa: E402
 from k5serve.pipelines.worker import GenerationSpec  # noqa: E402
 
-# The model page's defaults (server/protocol.py: teaCacheDistance, fbCacheThreshold, dbCacheThreshold,
+# The model page's defaults (server/protocol/models.py: teaCacheDistance, fbCacheThreshold, dbCacheThreshold,
 # cacheMaxConsecutiveSteps; tests/test_speed.py checks they agree).
 PAGE_CACHE_DEFAULTS = {"teacache": 0.5, "fbcache": 0.25, "dbcache": 0.25}
 PAGE_MAX_CONSECUTIVE = 3

@@ -23,19 +23,25 @@ from starlette.exceptions import HTTPException
 
 from k5serve import __version__
 
-from . import executors, http, openapi, ops, playground, queue, ws
-from .auth import Authenticator
 from .config import ServerConfig
-from .dispatcher import Dispatcher
-from .metrics import Metrics
-from .outbox import Outbox
-from .protocol import TASK_TYPES, ErrorItem
-from .sessions import Sessions
-from .slot import ModelSlot
-from .store import DirectoryImageStore, ImageStore
-from .tasks import SQLiteTaskStore, StoreUnavailable, TaskStore, webhook_error
-from .validation import error_codes
-from .wire import WireResponse
+from .ops.metrics import Metrics
+from .ops.probes import Probes
+from .outbound.outbox import Outbox
+from .protocol import openapi
+from .protocol.errors import ErrorItem, StoreUnavailable
+from .protocol.models import TASK_TYPES
+from .protocol.validation import error_codes
+from .protocol.wire import WireResponse
+from .store import executors
+from .store.images import DirectoryImageStore, ImageStore
+from .store.task_records import SQLiteTaskStore, TaskStore, webhook_error
+from .tasks.dispatcher import Dispatcher
+from .tasks.slot import ModelSlot
+from .transport import health as ops
+from .transport import http, playground, ws
+from .transport import task_view as queue
+from .transport.auth import Authenticator
+from .transport.sessions import Sessions
 
 log = logging.getLogger("k5serve.app")
 
@@ -48,7 +54,7 @@ class SharedStores:
     front-ends."""
 
     def __init__(self, config: ServerConfig):
-        from . import postgres  # psycopg: only with --database
+        from .store import postgres  # psycopg: only with --database
 
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.db = postgres.Database(config.database)
@@ -65,7 +71,7 @@ class SharedStores:
 def open_image_store(config: ServerConfig) -> ImageStore:
     """The store `--image-store` names: an s3:// location or a folder (default: images/ under --data-dir)."""
     if config.s3_image_store:
-        from .s3 import S3ImageStore  # boto3: only with an s3:// image store
+        from .store.s3 import S3ImageStore  # boto3: only with an s3:// image store
 
         return S3ImageStore(config.image_store, endpoint=config.s3_endpoint,
                             presigned=config.image_urls == "presigned")
@@ -95,7 +101,7 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
         tasks, outbox_store = SQLiteTaskStore(config.task_db), config.outbox_db
     outbox = Outbox(outbox_store, allow_private=config.allow_private_urls)
     metrics = Metrics(TASK_TYPES, error_codes())
-    probes = ops.Probes(config, images, shared.db if shared is not None else None)
+    probes = Probes(config, images, shared.db if shared is not None else None)
     dispatcher = Dispatcher(config, slot, images, tasks, outbox, metrics, check_room=probes.check_room)
     sessions = Sessions(config.ws_resume_window, config.ws_resume_buffer, shared.sessions if shared else None,
                         max_bytes=config.ws_resume_bytes, max_total_bytes=config.ws_resume_total_bytes,

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     vars(args).update(values)
     # serve logs JSON lines for a program to read, and text at a terminal; the other commands log text.
     args.log_format = args.log_format or ("json" if args.command == "serve" and not sys.stderr.isatty() else "text")
-    from . import logs
+    from .ops import logs
 
     logs.configure(args.log_level, args.log_format, secrets=tuple(getattr(args, "api_key", None) or ()))
     return args.func(args) or 0
@@ -256,9 +256,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .config import ListenConfig, ServerConfig
-    from .listen import serve
-    from .slot import ModelSlot
-    from .tasks import SchemaError, StoreUnavailable
+    from .protocol.errors import SchemaError, StoreUnavailable
+    from .tasks.slot import ModelSlot
+    from .transport.listen import serve
 
     config = opt.build(ServerConfig, args.options, vars(args))
     listen = opt.build(ListenConfig, args.options, vars(args))
@@ -345,7 +345,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _read_tasks(args: argparse.Namespace) -> list[Any]:
-    from .protocol import MODEL_ID
+    from .protocol.models import MODEL_ID
 
     tasks: list[Any] = []
     for path in args.tasks:
@@ -385,9 +385,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .config import ServerConfig
-    from .protocol import TaskError
-    from .results import input_error, result_items, to_spec
-    from .validation import parse_image_inference
+    from .protocol.errors import TaskError
+    from .protocol.validation import parse_image_inference
+    from .tasks.result_items import result_items
+    from .tasks.to_spec import input_error, to_spec
 
     tasks = _read_tasks(args)
     if not tasks:
@@ -471,7 +472,7 @@ def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
     from k5serve.pipelines.calibrate import calibrate_teacache
     from k5serve.pipelines.worker import GenerationSpec
 
-    from .protocol import SCHEDULER_NAMES
+    from .protocol.models import SCHEDULER_NAMES
 
     prompts = ([line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
                if args.prompts else CALIBRATION_PROMPTS)

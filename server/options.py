@@ -31,7 +31,7 @@ from k5serve.pipelines.config import ATTENTION_BACKENDS, QUANTIZE, EngineConfig,
 from k5serve.weights.checkpoints import CheckpointChoice
 
 from .config import ListenConfig, LogConfig, ServerConfig
-from .store import parse_s3_location
+from .store.images import parse_s3_location
 
 ENV_PREFIX = "K5SERVE_"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}

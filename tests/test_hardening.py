@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import task
-from k5serve.server.logs import JsonFormatter, TextFormatter
-from k5serve.server.protocol import MAX_TTL
-from k5serve.server.store import DirectoryImageStore
+from k5serve.server.ops.logs import JsonFormatter, TextFormatter
+from k5serve.server.protocol.models import MAX_TTL
+from k5serve.server.store.images import DirectoryImageStore
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
@@ -173,12 +173,12 @@ def test_a_task_whose_images_cannot_all_be_stored_leaves_none(tmp_path):
 
     from k5serve.pipelines.worker import GenerationOutput
     from k5serve.server.config import ServerConfig
-    from k5serve.server.dispatcher import Dispatcher
-    from k5serve.server.protocol import TaskError
-    from k5serve.server.results import to_spec
-    from k5serve.server.slot import ModelSlot
-    from k5serve.server.tasks import ERROR, SQLiteTaskStore, TaskRecord
-    from k5serve.server.validation import parse_image_inference
+    from k5serve.server.protocol.errors import TaskError
+    from k5serve.server.protocol.validation import parse_image_inference
+    from k5serve.server.store.task_records import ERROR, SQLiteTaskStore, TaskRecord
+    from k5serve.server.tasks.dispatcher import Dispatcher
+    from k5serve.server.tasks.slot import ModelSlot
+    from k5serve.server.tasks.to_spec import to_spec
     from PIL import Image
 
     store = DiskFullOnSecondImage(tmp_path / "images")
@@ -394,7 +394,7 @@ def test_every_error_code_in_the_source_is_in_the_closed_set():
     """Metrics label outcomes with error_codes(); a code raised somewhere but missing there would read `other`."""
     import re
 
-    from k5serve.server.validation import error_codes
+    from k5serve.server.protocol.validation import error_codes
 
     root = Path(__file__).resolve().parent.parent
     pattern = re.compile(r'(?:code=|task_error\(|fail\()\s*"([a-zA-Z]+)"')

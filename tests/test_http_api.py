@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import API_KEY, task
-from k5serve.server.protocol import SCHEDULER_NAMES
+from k5serve.server.protocol.models import SCHEDULER_NAMES
 from PIL import Image
 
 

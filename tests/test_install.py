@@ -32,7 +32,7 @@ for name in ("server", "pipelines", "accel", "weights"):
     except ModuleNotFoundError:
         pass
 import k5serve.pipelines.local, k5serve.weights.tiny, k5serve.accel.hooks  # the torch side imports too
-from k5serve.server import playground  # the page's files are package data
+from k5serve.server.transport import playground  # the page's files are package data
 assert {p.name for p in playground.PAGES.iterdir()} >= {"index.html", "queue.html", "static"}
 assert {p.name for p in playground.ASSETS.iterdir()} >= {"app.css", "common.js", "playground.js", "queue.js"}
 print("ok")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from k5serve.pipelines.schedulers import SCHEDULER_NAMES as PIPELINE_SCHEDULERS
-from k5serve.server.protocol import SCHEDULER_NAMES as CONTRACT_SCHEDULERS
+from k5serve.server.protocol.models import SCHEDULER_NAMES as CONTRACT_SCHEDULERS
 
 # The package's layers, lowest first: a module may import its own layer and the layers below, never above.
 # accel and weights are peers that know nothing of each other. k5serve/ itself (the version, the log task
@@ -20,12 +20,24 @@ FOLDERS = {"k5serve": "k5serve", "k5serve.server": "server", "k5serve.pipelines"
 GPU_STACK = ("torch", "diffusers", "transformers", "peft", "cache_dit", "ray")  # ray: only with --workers ray
 
 
+# Inside the server, its sub-packages by concern, lowest first: each may import its own sub-package and those
+# ranked below it, never one ranked the same or above. The modules at the top of server/ (app, cli, options,
+# background) assemble the rest; config (plain settings) sits below everything.
+SERVER_PARTS = {"k5serve.server.config": 0, "k5serve.server.protocol": 1, "k5serve.server.store": 2,
+                "k5serve.server.ops": 3, "k5serve.server.outbound": 3, "k5serve.server.tasks": 4,
+                "k5serve.server.transport": 5, "k5serve.server": 6}
+
+
 def package_modules() -> dict[str, Path]:
-    """Every module of the installed package by dotted name, from the folders that hold it."""
+    """Every module of the installed package by dotted name, from the folders that hold it (sub-packages
+    included: k5serve.server.tasks.dispatcher is server/tasks/dispatcher.py)."""
     modules = {}
     for package, folder in FOLDERS.items():
-        for path in sorted((ROOT / folder).glob("*.py")):
-            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join((package, *parts))] = path
     return modules
 
 
@@ -78,6 +90,40 @@ def test_imports_flow_one_way():
     assert not upward, upward
 
 
+def server_part(module: str) -> str:
+    return max((part for part in SERVER_PARTS if module == part or module.startswith(part + ".")), key=len)
+
+
+def test_the_server_has_sub_packages_by_concern():
+    """server/ is sub-packages by concern; at its top only the modules that assemble them, and the settings."""
+    modules = package_modules()
+    assert {"k5serve.server.protocol.models", "k5serve.server.store.task_records", "k5serve.server.outbound.outbox",
+            "k5serve.server.ops.metrics", "k5serve.server.tasks.image_inference", "k5serve.server.tasks.get_response",
+            "k5serve.server.tasks.image_upload", "k5serve.server.tasks.model_search",
+            "k5serve.server.transport.http", "k5serve.server.transport.ws"} <= set(modules)
+    top = sorted(m.rpartition(".")[2] for m in modules if m.count(".") == 2 and m.startswith("k5serve.server.")
+                 and not (ROOT / "server" / m.rpartition(".")[2]).is_dir())
+    assert top == ["app", "background", "cli", "config", "options"], top
+    for package in {m.rsplit(".", 1)[0] for m in modules if m.startswith("k5serve.server.")}:
+        assert package in modules, f"{package} has no __init__.py"
+
+
+def test_server_sub_packages_import_downward_only():
+    """protocol -> store -> ops / outbound -> tasks -> transport -> app, cli: nothing from a sub-package up into
+    one ranked the same or higher (ops and outbound know nothing of each other)."""
+    upward = []
+    for module, targets in import_graph().items():
+        if not module.startswith("k5serve.server"):
+            continue
+        for target in targets:
+            if not target.startswith("k5serve.server"):
+                continue
+            a, b = server_part(module), server_part(target)
+            if a != b and SERVER_PARTS[b] >= SERVER_PARTS[a]:
+                upward.append(f"{module} -> {target}")
+    assert not upward, upward
+
+
 def test_no_import_cycles():
     graph = import_graph()
     cycles, state, stack = [], {}, []
@@ -126,7 +172,7 @@ def test_the_default_server_imports_no_database_driver_or_s3_client(tmp_path, da
             "from pathlib import Path\n"
             "from k5serve.server.app import create_app\n"
             "from k5serve.server.config import ServerConfig\n"
-            "from k5serve.server.slot import ModelSlot\n"
+            "from k5serve.server.tasks.slot import ModelSlot\n"
             f"create_app(ServerConfig(data_dir=Path({str(tmp_path)!r})), ModelSlot(lambda: None))\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('psycopg', 'psycopg_pool', 'ray', 'boto3', 'botocore')))")

@@ -144,9 +144,9 @@ def test_tasks_in_flight_per_key_are_bounded_over_every_connection(srv):
 
 
 def test_repeated_get_response_shares_one_answer_and_one_frame(tmp_path):
-    from k5serve.server.responses import GetResponse
-    from k5serve.server.tasks import SQLiteTaskStore, TaskRecord
-    from k5serve.server.wire import data_frame
+    from k5serve.server.protocol.wire import data_frame
+    from k5serve.server.store.task_records import SQLiteTaskStore, TaskRecord
+    from k5serve.server.tasks.get_response import GetResponse
 
     class Counted(SQLiteTaskStore):  # the real store, its reads counted
         reads = 0
@@ -176,7 +176,7 @@ def test_repeated_get_response_shares_one_answer_and_one_frame(tmp_path):
 
 
 def test_the_resume_buffer_is_bounded_in_bytes_oldest_first():
-    from k5serve.server.sessions import Session, Sessions
+    from k5serve.server.transport.sessions import Session, Sessions
 
     drops: list[tuple[str, int]] = []
     sessions = Sessions(60, 100, max_bytes=1000, max_total_bytes=1500, on_drop=lambda r, n: drops.append((r, n)))

@@ -143,7 +143,7 @@ class InProcessServer:
     def __init__(self, data_dir, tmp_path, load, max_queue: int = 64, known: dict | None = None):
         from k5serve.server.app import create_app
         from k5serve.server.config import ServerConfig
-        from k5serve.server.slot import ModelSlot
+        from k5serve.server.tasks.slot import ModelSlot
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

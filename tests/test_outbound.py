@@ -1,4 +1,4 @@
-"""server/safe_http.py, downloads.py, outbox.py: URL policy, pinned connections, image download limits and
+"""server/outbound/ (safe_http.py, downloads.py, outbox.py): URL policy, pinned connections, image download limits and
 the webhook/upload outbox.
 
 Receivers are stdlib HTTP servers on 127.0.0.1 in threads; nothing leaves the machine. Tests that reach
@@ -15,10 +15,10 @@ import threading
 import time
 
 import pytest
-from k5serve.server import safe_http
-from k5serve.server.downloads import DownloadError, fetch_bytes
-from k5serve.server.outbox import Outbox
-from k5serve.server.safe_http import OutboundURLError, check_url
+from k5serve.server.outbound import safe_http
+from k5serve.server.outbound.downloads import DownloadError, fetch_bytes
+from k5serve.server.outbound.outbox import Outbox
+from k5serve.server.outbound.safe_http import OutboundURLError, check_url
 
 run = asyncio.run  # pytest-asyncio is not installed: each test drives its own event loop
 

@@ -22,8 +22,9 @@ from test_http_api import only_error, only_item
 
 psycopg = pytest.importorskip("psycopg")
 
-from k5serve.server.postgres import MIGRATIONS, Database, PostgresOutboxStore, PostgresTaskStore  # noqa: E402
-from k5serve.server.tasks import ERROR, RUNNING, SchemaError, StoreUnavailable, TaskRecord  # noqa: E402
+from k5serve.server.protocol.errors import SchemaError, StoreUnavailable  # noqa: E402
+from k5serve.server.store.postgres import MIGRATIONS, Database, PostgresOutboxStore, PostgresTaskStore  # noqa: E402
+from k5serve.server.store.task_records import ERROR, RUNNING, TaskRecord  # noqa: E402
 
 LEASE = "4"  # seconds: a front-end's tasks fail this long after it stops heartbeating
 
@@ -128,7 +129,7 @@ def test_outbox_entries_are_claimed_by_one_front_end_and_taken_over_after_the_le
 
 
 def test_websocket_frames_wait_in_the_database_bounded_per_session(db):
-    from k5serve.server.postgres import PostgresSessionBuffer
+    from k5serve.server.store.postgres import PostgresSessionBuffer
 
     buf = PostgresSessionBuffer(db, max_frames=3)
     mine, other = str(uuid.uuid4()), str(uuid.uuid4())

@@ -20,7 +20,7 @@ from test_http_api import only_error, only_item
 pytest.importorskip("boto3")
 pytest.importorskip("psycopg")
 
-from k5serve.server.s3 import S3ImageStore  # noqa: E402
+from k5serve.server.store.s3 import S3ImageStore  # noqa: E402
 
 SHORT_TTL = 6  # seconds A keeps generated images
 

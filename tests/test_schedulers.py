@@ -270,7 +270,7 @@ def test_batch_with_generator_list_equals_items_alone(name):
 
 
 def test_names_match_the_api_contract():
-    from k5serve.server.protocol import SCHEDULER_NAMES as CONTRACT
+    from k5serve.server.protocol.models import SCHEDULER_NAMES as CONTRACT
 
     assert SCHEDULER_NAMES == CONTRACT
 

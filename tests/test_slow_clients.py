@@ -1,4 +1,4 @@
-"""Slow clients against the real server (`server/listen.py`): a connection that does not send a complete
+"""Slow clients against the real server (`server/transport/listen.py`): a connection that does not send a complete
 request head within --header-timeout is closed, also between keep-alive requests; --max-connections bounds
 the connections open at once, and one more is answered 503 and closed; complete requests and WebSockets
 are unaffected."""

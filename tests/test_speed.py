@@ -284,7 +284,7 @@ def test_the_gpu_benchmark_script_runs_end_to_end_on_the_cpu(tmp_path):
 def test_the_benchmark_uses_the_model_pages_cache_defaults():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_gpu
-    from k5serve.server.protocol import AcceleratorOptions
+    from k5serve.server.protocol.models import AcceleratorOptions
 
     fields = AcceleratorOptions.model_fields
     assert bench_gpu.PAGE_CACHE_DEFAULTS == {"teacache": fields["teaCacheDistance"].default,

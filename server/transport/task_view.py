@@ -1,0 +1,50 @@
+"""`GET /tasks`: what this front-end is generating right now, for the queue view and the playground's progress bars.
+
+Read-only and keyed like `POST /v1` (an `Authorization: Bearer` key where the server has keys). A task is named
+by the first 8 characters of its taskUUID only: the whole UUID reads a task's results (`getResponse`), so the
+listing must not hand other clients' UUIDs out; a client knows its own tasks by that prefix. Prompts are not
+listed either. Each front-end lists the tasks it queued (with `--database`, every front-end keeps its own queue).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from ..protocol.errors import invalid_api_key
+from ..protocol.wire import WireResponse
+from .auth import bearer
+
+router = APIRouter()
+
+ID_LENGTH = 8  # characters of the taskUUID shown
+
+
+def listing(inference, worker) -> dict[str, Any]:
+    """The active tasks in submission order: running ones with their step, queued ones with their place."""
+    now, position, rows = time.time(), 0, []
+    for active in list(inference.active.values()):
+        row: dict[str, Any] = {"id": active.task_uuid[:ID_LENGTH], "status": "running" if active.running else "queued",
+                               "width": active.width, "height": active.height, "numberResults": active.number_results,
+                               "step": active.step, "steps": active.total or active.steps,
+                               "seconds": round(now - active.submitted, 1)}
+        if not active.running:
+            position += 1
+            row["position"] = position
+        rows.append(row)
+    return {"tasks": rows, "running": sum(r["status"] == "running" for r in rows), "queued": position,
+            "queueLimit": worker.max_queue if worker is not None else None,
+            "imagesGenerated": inference.finished["images"], "tasksCompleted": inference.finished["tasks"],
+            "tasksFailed": inference.finished["failed"]}
+
+
+@router.get("/tasks")
+async def tasks(request: Request) -> WireResponse:
+    state = request.app.state
+    key = bearer(request.headers.get("authorization", ""))
+    if not state.auth.check(key):
+        item = invalid_api_key() if key else invalid_api_key("Missing API key: send Authorization: Bearer <key>.")
+        return WireResponse({"errors": [item.wire()]}, status_code=401)
+    return WireResponse(listing(state.dispatcher.inference, state.slot.worker))
