@@ -26,7 +26,7 @@ import httpx
 ROOT = common.ROOT
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import free_port  # noqa: E402
+from ports import free_port  # noqa: E402
 
 MODEL = "runware:kandinsky-5.0-image-lite@1"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "tests") not in sys.path:  # the tests' helper modules (no test code in them): rawws, pgserver, ...
+    sys.path.insert(0, str(ROOT / "tests"))
+
+from ports import free_port  # noqa: E402,F401 - defined once, for the tests and the benchmarks
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
@@ -34,10 +37,6 @@ def size(args: argparse.Namespace) -> tuple[int, int]:
     return width, height
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

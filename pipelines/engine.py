@@ -83,13 +83,9 @@ class K5Engine:
         """Cheap checks before queueing: every requested LoRA file exists and is safe to open. (Whether a
         feature is served at all, e.g. LoRA, editing or the safety check, was decided by validation from
         `features`, before any input image was fetched.)"""
-        for index, (model, _) in enumerate(spec.loras):
-            from .lora_files import LoraError, resolve_lora_file
+        from .lora_files import check_lora_files
 
-            try:
-                resolve_lora_file(self.config.lora_dir, model)
-            except LoraError as exc:
-                raise InvalidInput(str(exc), code="invalidLoraModel", parameter=f"lora[{index}].model") from None
+        check_lora_files(self.config.lora_dir, spec.loras)
 
     def generate(self, spec: GenerationSpec, on_step: ProgressCallback | None = None) -> GenerationOutput:
         pipe = self.i2i() if spec.reference_image is not None else self.t2i

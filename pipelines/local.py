@@ -11,6 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from k5serve.context import RequestContext, current_request
 from k5serve.logcontext import current_task
 
 from .engine import K5Engine
@@ -26,6 +27,7 @@ class _Job:
     on_progress: ProgressCallback | None
     future: Future
     submitted: float
+    context: RequestContext | None  # who asked: the job's log lines say so
 
 
 _STOP = object()
@@ -53,11 +55,12 @@ class LocalWorker(Worker):
         self._thread = threading.Thread(target=self._loop, name="k5serve-generation", daemon=True)
         self._thread.start()
 
-    def submit(self, spec: GenerationSpec, on_progress: ProgressCallback | None = None) -> Future:
+    def submit(self, spec: GenerationSpec, on_progress: ProgressCallback | None = None, *,
+               context: RequestContext | None = None) -> Future:
         self._engine.check(spec)  # raises InvalidInput before the job takes a queue slot
         future: Future = Future()
         try:
-            self._queue.put_nowait(_Job(spec, on_progress, future, time.monotonic()))
+            self._queue.put_nowait(_Job(spec, on_progress, future, time.monotonic(), context))
         except queue.Full:
             raise QueueFull(f"generation queue is full ({self._queue.maxsize} tasks waiting)") from None
         return future
@@ -101,7 +104,7 @@ class LocalWorker(Worker):
             if not job.future.set_running_or_notify_cancel():
                 continue
             self._busy = 1
-            token = current_task.set(job.spec.task_id or None)
+            token, request = current_task.set(job.spec.task_id or None), current_request.set(job.context)
             waited = time.monotonic() - job.submitted
             try:
                 output = run_job(self._engine, job.spec, job.on_progress, self._fault_prompt)
@@ -115,6 +118,7 @@ class LocalWorker(Worker):
             finally:
                 self._busy = 0
                 current_task.reset(token)
+                current_request.reset(request)
 
 
 def run_job(engine: K5Engine, spec: GenerationSpec, on_progress: ProgressCallback | None,

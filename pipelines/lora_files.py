@@ -4,7 +4,10 @@ so a front-end can check a request's LoRAs before queueing it for a remote worke
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+
+from .worker import InvalidInput
 
 log = logging.getLogger("k5serve.lora")
 
@@ -17,6 +20,17 @@ class LoraError(Exception):
     def __init__(self, model_id: str, message: str):
         super().__init__(f"LoRA {model_id!r} {message}")
         self.model_id = model_id
+
+
+def check_lora_files(lora_dir: Path | None, loras: Iterable[tuple[str, float]]) -> None:
+    """Before queueing, on every worker: each requested LoRA file exists and is safe to open, else the
+    InvalidInput that names the `lora[i].model` at fault. (Whether LoRA is served at all was decided by
+    validation; the folder is the same path on every node of a Ray cluster.)"""
+    for index, (model, _) in enumerate(loras):
+        try:
+            resolve_lora_file(lora_dir, model)
+        except LoraError as exc:
+            raise InvalidInput(str(exc), code="invalidLoraModel", parameter=f"lora[{index}].model") from None
 
 
 def resolve_lora_file(lora_dir: Path, model_id: str) -> Path:

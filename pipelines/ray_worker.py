@@ -25,8 +25,11 @@ from typing import Any
 import ray
 from ray import serve
 
+from k5serve.context import RequestContext, current_request
+from k5serve.logcontext import current_task
+
 from .config import EngineConfig, LoadConfig, WorkerConfig, engine_features
-from .lora_files import LoraError, list_lora_files, resolve_lora_file
+from .lora_files import check_lora_files, list_lora_files
 from .replica import K5Replica
 from .worker import GenerationError, GenerationSpec, InvalidInput, ProgressCallback, QueueFull, Worker
 
@@ -100,27 +103,21 @@ class RayWorker(Worker):
         log.info("%d Ray Serve replica(s) ready (%s per replica)", high,
                  "1 GPU" if on_gpu else f"{threads} CPU thread(s)")
 
-    def submit(self, spec: GenerationSpec, on_progress: ProgressCallback | None = None) -> Future:
-        self._check(spec)
+    def submit(self, spec: GenerationSpec, on_progress: ProgressCallback | None = None, *,
+               context: RequestContext | None = None) -> Future:
+        check_lora_files(self._engine_config.lora_dir, spec.loras)
         with self._lock:
             if self._inflight >= self._capacity:
                 raise QueueFull(f"generation queue is full ({self._max_queue} tasks waiting for "
                                 f"{self._replicas} replica(s))")
             self._inflight += 1
         future: Future = Future()
-        self._pool.submit(self._run, spec, on_progress, future, time.monotonic())
+        self._pool.submit(self._run, spec, on_progress, future, time.monotonic(), context)
         return future
 
-    def _check(self, spec: GenerationSpec) -> None:
-        """Before queueing: every requested LoRA file exists (LoRA folders are the same path on every node)."""
-        for index, (model, _) in enumerate(spec.loras):
-            try:
-                resolve_lora_file(self._engine_config.lora_dir, model)
-            except LoraError as exc:
-                raise InvalidInput(str(exc), code="invalidLoraModel", parameter=f"lora[{index}].model") from None
-
     def _run(self, spec: GenerationSpec, on_progress: ProgressCallback | None, future: Future,
-             submitted: float) -> None:
+             submitted: float, context: RequestContext | None) -> None:
+        tokens = current_task.set(spec.task_id or None), current_request.set(context)  # for this thread's lines
         try:
             if not future.set_running_or_notify_cancel():
                 return
@@ -159,6 +156,8 @@ class RayWorker(Worker):
         finally:
             with self._lock:
                 self._inflight -= 1
+            current_task.reset(tokens[0])
+            current_request.reset(tokens[1])
 
     @property
     def queue_depth(self) -> int:

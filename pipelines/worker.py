@@ -1,10 +1,10 @@
 """The generation worker interface and the plain data that crosses it. No torch here.
 
 The server validates a request once and builds a `GenerationSpec`; the worker trusts it and answers, through
-`Worker.submit(spec, on_progress)`, with a `concurrent.futures.Future` of a `GenerationOutput`. Both are plain
-data (images as PIL), so a worker can run in this process (`local.LocalWorker`, one engine on one device) or
-in another process or machine (Ray Serve replicas) without the server changing. A front-end that only routes
-tasks imports this module and never loads torch.
+`Worker.submit(spec, on_progress, context=request_context)`, with a `concurrent.futures.Future` of a
+`GenerationOutput`. Both are plain data (images as PIL), so a worker can run in this process
+(`local.LocalWorker`, one engine on one device) or in another process or machine (Ray Serve replicas) without
+the server changing. A front-end that only routes tasks imports this module and never loads torch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 from k5serve.accel import StepCacheConfig
 from PIL import Image
+
+from k5serve.context import RequestContext
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,11 @@ class Worker(ABC):
     features: frozenset[str] = frozenset()
 
     @abstractmethod
-    def submit(self, spec: GenerationSpec, on_progress: ProgressCallback | None = None) -> Future:
-        """Queue a job; raises InvalidInput for a request it cannot serve, QueueFull when it is full."""
+    def submit(self, spec: GenerationSpec, on_progress: ProgressCallback | None = None, *,
+               context: RequestContext | None = None) -> Future:
+        """Queue a job; raises InvalidInput for a request it cannot serve, QueueFull when it is full. `context`
+        is who asked and how (the server passes the request's; None for work no client sent): the job's log
+        lines carry its caller and request id."""
 
     @abstractmethod
     def close(self) -> None: ...

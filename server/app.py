@@ -1,5 +1,6 @@
-"""The ASGI application: builds the stores, outbox, metrics and dispatcher around a `ModelSlot`, mounts the
-transports and the operations endpoints, and runs start-up and shutdown.
+"""The ASGI application: `create_app` builds the stores, the outbox, the metrics and the dispatcher around a
+`ModelSlot`, keeps them as typed `Parts`, mounts the transports and the operations endpoints; `lifespan`
+runs start-up and shutdown, and `background.Background` the loops between requests.
 
 The model loads in a background thread after start-up (`ModelSlot`). On shutdown (SIGTERM) the server
 stops taking tasks, lets the ones in flight finish (up to `shutdown_timeout`), records the rest as failed,
@@ -14,21 +15,19 @@ import logging
 import os
 import secrets
 import socket
-import time
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException
+from fastapi import FastAPI
 
 from k5serve import __version__
 
+from .background import Background
 from .config import ServerConfig
 from .ops.metrics import Metrics
 from .ops.probes import Probes
 from .outbound.outbox import Outbox
 from .protocol import openapi
-from .protocol.errors import ErrorItem, StoreUnavailable
+from .protocol.errors import StoreUnavailable
 from .protocol.models import TASK_TYPES
 from .protocol.validation import error_codes
 from .protocol.wire import WireResponse
@@ -37,16 +36,13 @@ from .store.images import DirectoryImageStore, ImageStore
 from .store.task_records import SQLiteTaskStore, TaskStore, webhook_error
 from .tasks.dispatcher import Dispatcher
 from .tasks.slot import ModelSlot
-from .transport import health as ops
-from .transport import http, playground, ws
-from .transport import task_view as queue
+from .transport import health, http, playground, task_view, ws
 from .transport.auth import Authenticator
+from .transport.errors import install_error_handlers
+from .transport.parts import Parts
 from .transport.sessions import Sessions
 
 log = logging.getLogger("k5serve.app")
-
-FRONTEND_LOST = ("The front-end running this task stopped before it finished (it stopped renewing its lease); "
-                 "run it again.")
 
 
 class SharedStores:
@@ -92,14 +88,12 @@ def recover(tasks: TaskStore, outbox: Outbox) -> None:
         log.warning("%d task(s) were in flight when the server last stopped; marked as failed", len(lost))
 
 
-def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
+def build_parts(config: ServerConfig, slot: ModelSlot) -> tuple[Parts, SharedStores | None]:
+    """Every part of the server, wired together (nothing started yet)."""
     images = open_image_store(config)
     shared = SharedStores(config) if config.database else None
-    if shared is not None:
-        tasks, outbox_store = shared.tasks, shared.outbox
-    else:
-        tasks, outbox_store = SQLiteTaskStore(config.task_db), config.outbox_db
-    outbox = Outbox(outbox_store, allow_private=config.allow_private_urls)
+    tasks = shared.tasks if shared is not None else SQLiteTaskStore(config.task_db)
+    outbox = Outbox(shared.outbox if shared is not None else config.outbox_db, allow_private=config.allow_private_urls)
     metrics = Metrics(TASK_TYPES, error_codes())
     probes = Probes(config, images, shared.db if shared is not None else None)
     dispatcher = Dispatcher(config, slot, images, tasks, outbox, metrics, check_room=probes.check_room)
@@ -107,124 +101,51 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
                         max_bytes=config.ws_resume_bytes, max_total_bytes=config.ws_resume_total_bytes,
                         instance=shared.instance if shared is not None else "",
                         on_drop=lambda reason, n: metrics.ws_frames_dropped.labels(reason).inc(n))
+    return Parts(config=config, auth=Authenticator(config.api_keys), slot=slot, dispatcher=dispatcher, images=images,
+                 tasks=tasks, outbox=outbox, sessions=sessions, metrics=metrics, probes=probes,
+                 database=shared.db if shared is not None else None), shared
 
-    async def sweep_forever() -> None:
-        while True:
-            await asyncio.sleep(config.sweep_interval)
-            sessions.sweep()
-            jobs = [("images", images.sweep), ("task records", tasks.sweep)]
-            if shared is not None:
-                jobs.append(("WebSocket sessions", lambda: shared.sessions.sweep(config.ws_resume_window) or 0))
-            for what, sweep in jobs:  # each on its own: one store being away does not stop the others' sweeps
-                try:
-                    removed = await (executors.images if what == "images" else executors.database)(sweep)
-                except StoreUnavailable as exc:
-                    log.warning("sweeping expired %s: %s", what, getattr(exc, "detail", exc))
-                    continue
-                if removed:
-                    log.info("removed %d expired %s", removed, what)
 
-    async def heartbeat_forever() -> None:
-        """Shared stores: keep this front-end's tasks alive, and fail those of front-ends that stopped."""
-        while True:
-            await asyncio.sleep(config.task_lease / 3)
-            try:
-                await executors.database(tasks.heartbeat)
-                lost = await executors.database(tasks.expire_stale, FRONTEND_LOST)
-            except StoreUnavailable as exc:
-                log.warning("task heartbeat: %s", exc)
-                continue
-            if lost:
-                log.warning("%d task(s) of a front-end that stopped were marked as failed", lost)
-
-    async def relay_forever() -> None:
-        """Shared stores: results other front-ends left for WebSocket sessions connected here."""
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                await sessions.relay()
-            except StoreUnavailable as exc:
-                log.warning("relaying WebSocket results: %s", exc)
+def lifespan(parts: Parts, shared: SharedStores | None):
+    """Start-up and shutdown, in order."""
+    background = Background(parts.config, parts.images, parts.tasks, parts.sessions, parts.probes,
+                            shared.sessions if shared is not None else None)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        recover(tasks, outbox)
-        slot.start()
-        await outbox.start()
-        background = [asyncio.create_task(sweep_forever()), asyncio.create_task(probes.run())]
-        if shared is not None:
-            background += [asyncio.create_task(heartbeat_forever()), asyncio.create_task(relay_forever())]
+    async def run(app: FastAPI):
+        recover(parts.tasks, parts.outbox)
+        parts.slot.start()
+        await parts.outbox.start()
+        background.start()
         try:
             yield
         finally:
             # The heartbeat goes on while tasks finish (or other front-ends would take this one for gone).
-            unfinished = await dispatcher.drain(config.shutdown_timeout)
-            for job in background:
-                job.cancel()
+            unfinished = await parts.dispatcher.drain(parts.config.shutdown_timeout)
+            background.stop()
             if unfinished:
                 log.warning("%d task(s) did not finish before shutdown; recorded as failed", unfinished)
-            await outbox.flush(timeout=10)
-            await outbox.close()
-            await asyncio.to_thread(slot.close)
-            tasks.close()
+            await parts.outbox.flush(timeout=10)
+            await parts.outbox.close()
+            await asyncio.to_thread(parts.slot.close)
+            parts.tasks.close()
             if shared is not None:
                 shared.close()
             executors.shutdown()
 
-    app = FastAPI(title="k5serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  default_response_class=WireResponse,
+    return run
+
+
+def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
+    parts, shared = build_parts(config, slot)
+    app = FastAPI(title="k5serve", version=__version__, lifespan=lifespan(parts, shared), docs_url=None,
+                  redoc_url=None, default_response_class=WireResponse,
                   description="A self-hosted, Runware-compatible API for Kandinsky 5.0 Image Lite.")
+    app.state.parts = parts  # read through transport.parts.parts(request), typed
     openapi.install(app, config.max_tasks_per_request)
-    app.state.config = config
-    app.state.auth = Authenticator(config.api_keys)
-    app.state.store = images
-    app.state.probes = probes
-    app.state.slot = slot
-    app.state.outbox = outbox
-    app.state.database = shared.db if shared is not None else None
-    app.state.dispatcher = dispatcher
-    app.state.sessions = sessions
-    app.state.metrics = metrics
-    app.state.started = time.time()
-    app.include_router(http.router)
-    app.include_router(ws.router)
-    app.include_router(queue.router)
-    ops.install(app)
+    for transport in (http, ws, task_view):
+        app.include_router(transport.router)
+    health.install(app, parts)
     playground.install(app)
     install_error_handlers(app)
     return app
-
-
-# Errors that reach the app outside a task, each answered in the Runware error shape.
-async def bad_request(request: Request, exc: RequestValidationError) -> WireResponse:
-    item = ErrorItem(code="invalidRequest", message=str(exc.errors()[0].get("msg", "invalid request")))
-    return WireResponse({"errors": [item.wire()]}, status_code=400)
-
-
-async def no_route(request: Request, exc: HTTPException) -> WireResponse:
-    """A path or method the server does not serve, answered in the Runware error shape like the rest."""
-    where = f"{getattr(request, 'method', 'WebSocket')} {request.url.path[:200]}"
-    if exc.status_code == 405 and request.url.path.rstrip("/") == "/v1":
-        item = ErrorItem(code="methodNotAllowed", message=f"{where} is not served: send tasks as a JSON array "
-                         "with POST /v1, or open a WebSocket to /v1.")
-    elif exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow", "another method")
-        item = ErrorItem(code="methodNotAllowed", message=f"{where} is not served; {allowed} is.")
-    elif exc.status_code == 404:
-        item = ErrorItem(code="notFound", message=f"{where}: no such endpoint; the API is POST /v1 (and a "
-                         "WebSocket on /v1); /docs describes every endpoint.")
-    else:
-        item = ErrorItem(code="invalidRequest", message=str(exc.detail))
-    return WireResponse({"errors": [item.wire()]}, status_code=exc.status_code, headers=exc.headers)
-
-
-async def internal_error(request: Request, exc: Exception) -> WireResponse:
-    log.exception("unhandled error on %s", request.url.path)
-    item = ErrorItem(code="internalServerError", message="Internal server error; the request was not completed.")
-    return WireResponse({"errors": [item.wire()]}, status_code=500)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, bad_request)
-    app.add_exception_handler(HTTPException, no_route)
-    app.add_exception_handler(Exception, internal_error)

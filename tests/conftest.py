@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ports import free_port
 
 MODEL = "runware:kandinsky-5.0-image-lite@1"
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "k5-test-key-0123456789abcdefXYZ"  # > 24 chars, as ComfyUI's client insists
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300,

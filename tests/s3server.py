@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import free_port
+from ports import free_port
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "k5serve-test", "AWS_SECRET_ACCESS_KEY": "k5serve-test-secret",
                "AWS_DEFAULT_REGION": "us-east-1"}

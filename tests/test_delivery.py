@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from conftest import RunningServer, free_port, own_data_dir, task
+from conftest import RunningServer, own_data_dir, task
+from ports import free_port
 
 
 class Receiver:

@@ -397,8 +397,8 @@ def test_every_error_code_in_the_source_is_in_the_closed_set():
     from k5serve.server.protocol.validation import error_codes
 
     root = Path(__file__).resolve().parent.parent
-    pattern = re.compile(r'(?:code=|task_error\(|fail\()\s*"([a-zA-Z]+)"')
-    found = {code for folder in ("server", "pipelines") for path in (root / folder).glob("*.py")
+    pattern = re.compile(r'(?:code=|task_error\(|request_error\(|fail\()\s*"([a-zA-Z]+)"')
+    found = {code for folder in ("server", "pipelines") for path in (root / folder).rglob("*.py")
              for code in pattern.findall(path.read_text())}
     assert len(found) > 30, found  # the pattern still finds them
     assert found - error_codes() == set()

@@ -12,7 +12,8 @@ import time
 import httpx
 import pytest
 import uvicorn
-from conftest import API_KEY, free_port, task
+from conftest import API_KEY, task
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli import k5serve
 from test_delivery import Receiver
@@ -318,3 +319,44 @@ def test_logs_are_json_with_task_ids_and_never_the_key(flagging):
     assert entries and all({"time", "level", "logger", "message"} <= set(e) for e in entries)
     about = [e for e in entries if t["taskUUID"] in e["message"]]
     assert about and all(e.get("taskUUID") == t["taskUUID"] for e in about)
+
+
+def _caller_of(server, task_uuid: str) -> str | None:
+    import sqlite3
+
+    with sqlite3.connect(server.data_dir / "tasks.sqlite3") as db:
+        return db.execute("SELECT caller FROM tasks WHERE task_uuid = ?", (task_uuid,)).fetchone()[0]
+
+
+def test_the_request_context_reaches_the_record_and_the_log_lines(flagging):
+    """Each transport builds who called, how and under which request id once; the task record keeps the caller
+    (never the key) and every log line about the task, those logged on the worker's thread included, carries
+    caller and request id (a W3C traceparent's trace id when the client sent one)."""
+    import hashlib
+
+    from websockets.sync.client import connect
+
+    caller = "key-" + hashlib.sha256(API_KEY.encode()).hexdigest()[:16]
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    over_http, boom = task(), task(positivePrompt="BOOM on the worker's thread")
+    flagging.post([over_http, boom], headers=HEADERS | {"traceparent": f"00-{trace}-00f067aa0ba902b7-01"})
+    over_ws = task()
+    with connect(flagging.url.replace("http", "ws") + "/v1", max_size=None, open_timeout=10) as ws:
+        ws.send(json.dumps([{"taskType": "authentication", "apiKey": API_KEY}]))
+        json.loads(ws.recv(timeout=10))
+        ws.send(json.dumps([over_ws]))
+        frame = json.loads(ws.recv(timeout=120))
+        assert frame["data"][0]["taskUUID"] == over_ws["taskUUID"], frame
+    assert _caller_of(flagging, over_http["taskUUID"]) == _caller_of(flagging, over_ws["taskUUID"]) == caller
+    assert _caller_of(flagging, boom["taskUUID"]) == caller
+
+    entries = [json.loads(line) for line in flagging.log().splitlines() if line.startswith("{")]
+    about = {t["taskUUID"]: [e for e in entries if e.get("taskUUID") == t["taskUUID"]]
+             for t in (over_http, boom, over_ws)}
+    assert all(about.values())
+    assert any(e["logger"] == "k5serve.worker" for e in about[boom["taskUUID"]])  # logged on the worker's thread
+    for lines in (about[over_http["taskUUID"]], about[boom["taskUUID"]]):
+        assert {(e.get("caller"), e.get("requestId"), e.get("transport")) for e in lines} == {(caller, trace, "http")}
+    assert {(e.get("caller"), e.get("transport")) for e in about[over_ws["taskUUID"]]} == {(caller, "websocket")}
+    [ws_request] = {e["requestId"] for e in about[over_ws["taskUUID"]]}
+    assert len(ws_request) == 32 and ws_request != trace  # no traceparent: an id of its own

@@ -63,6 +63,34 @@ def test_the_schema_is_created_once_and_versioned(pg, db):
         again.close()
 
 
+def test_a_database_of_an_older_version_is_upgraded_in_place(pg):
+    """A database at schema 3 (the version before the tasks' caller column) keeps its records and gains the
+    column; records written before have no caller, records written after keep theirs."""
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS k5serve_v3")
+        conn.execute("CREATE DATABASE k5serve_v3")
+    url = pg.url.rsplit("/", 1)[0] + "/k5serve_v3"
+    now = time.time()
+    with psycopg.connect(url) as conn:
+        for migration in MIGRATIONS[:3]:
+            conn.execute(migration)
+        conn.execute("CREATE TABLE k5serve_schema (version INTEGER NOT NULL); INSERT INTO k5serve_schema VALUES (3)")
+        conn.execute("INSERT INTO k5serve_tasks (task_uuid, task_type, status, step, total_steps, expected_items, "
+                     "items, errors, created_at, expires_at) VALUES ('old', 'imageInference', 'success', 4, 4, 1, "
+                     "'[]', '[]', %s, %s)", (now, now + 60))
+    upgraded = Database(url)
+    try:
+        assert upgraded.version == len(MIGRATIONS) >= 4
+        store = PostgresTaskStore(upgraded, owner="frontend-a")
+        old = store.get("old")
+        assert old is not None and old.caller is None and old.status == "success"
+        assert store.create(TaskRecord("new", "imageInference", created_at=now, expires_at=now + 60,
+                                       caller="key-0123456789abcdef"))
+        assert store.get("new").caller == "key-0123456789abcdef"
+    finally:
+        upgraded.close()
+
+
 def test_create_is_atomic_across_front_ends(db):
     stores = [PostgresTaskStore(db, owner=f"frontend-{i}") for i in range(8)]
     task_uuid = str(uuid.uuid4())

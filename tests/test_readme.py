@@ -19,7 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, free_port, wait_ready
+from conftest import ROOT, wait_ready
+from ports import free_port
 
 README = ROOT / "README.md"
 NOT_RUN = {

@@ -20,13 +20,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, RunningServer, free_port, own_data_dir, task
+from conftest import ROOT, RunningServer, own_data_dir, task
 from k5serve.pipelines.config import EngineConfig, LoadConfig, SpeedSettings
 from k5serve.pipelines.loader import load_engine
 from k5serve.pipelines.prompt_cache import PromptCache
 from k5serve.pipelines.speed import SpeedOptionError, check_speed
 from k5serve.pipelines.worker import GenerationSpec
 from k5serve.weights.tiny import ensure_tiny
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save_file
 from test_http_api import only_item

@@ -1,9 +1,12 @@
-"""Structured logs: one JSON object per line, with the taskUUID on every line about a task.
+"""Structured logs: one JSON object per line, with the taskUUID, the caller and the request id on every line
+about a task.
 
-The task comes from `k5serve.logcontext.current_task`, which the dispatcher sets around each task's
-coroutine and the worker around each job, so library and pipeline lines logged while a task runs carry it
-too. Uvicorn's own loggers go through the same handler. API keys never reach the logs: the server never
-logs them, and the formatter masks any configured key that shows up anyway (e.g. in a query string).
+The task comes from `k5serve.logcontext.current_task` and the request from `k5serve.context.current_request`,
+which the dispatcher sets around each task's coroutine and the worker around each job, so library and pipeline
+lines logged while a task runs carry them too (JSON fields `taskUUID`, `caller`, `requestId`, `transport`; in
+text, `[task …, caller …, request …]` at the end). Uvicorn's own loggers go through the same handler. API keys
+never reach the logs: the server never logs them, and the formatter masks any configured key that shows up
+anyway (e.g. in a query string).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 import sys
 import time
 
+from k5serve.context import current_request
 from k5serve.logcontext import current_task
 
 from ..protocol.wire import encodable
@@ -71,6 +75,9 @@ class JsonFormatter(_Masking):
         task = _task_of(record)
         if task:
             entry["taskUUID"] = task
+        request = current_request.get()
+        if request is not None:
+            entry |= request.log_fields()
         if record.exc_info:
             entry["exception"] = self.mask(self.formatException(record.exc_info))
         line = json.dumps(entry, ensure_ascii=False, default=str)
@@ -85,9 +92,12 @@ class TextFormatter(_Masking):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(logging.makeLogRecord({**record.__dict__, "msg": self.message(record), "args": None}))
-        task = _task_of(record)
-        if task and task not in line:
-            line += f" [task {task}]"
+        task, request = _task_of(record), current_request.get()
+        about = [f"task {task}"] if task and task not in line else []
+        if request is not None:
+            about += [f"caller {request.caller.name}", f"request {request.request_id}"]
+        if about:
+            line += f" [{', '.join(about)}]"
         if not encodable(line):  # a lone surrogate: write it as \udXXX rather than fail to write the line
             line = line.encode("utf-8", "backslashreplace").decode("utf-8")
         return self.mask(line)

@@ -2,8 +2,9 @@
 and exponential backoff, from a durable store so that a restart resumes pending deliveries. Delivery is at
 least once: an entry is deleted only after a 2xx, so a delivery cut short by a shutdown is sent again.
 
-Entries live behind `OutboxStore`: `SQLiteOutboxStore` (one file, one process: use one Outbox per file) or
-`postgres.PostgresOutboxStore` (shared by several front-ends, each entry claimed by one of them at a time).
+Entries live behind `store.outbox.OutboxStore`: `SQLiteOutboxStore` (one file, one process: use one Outbox per
+file) or `store.postgres.PostgresOutboxStore` (shared by several front-ends, each entry claimed by one of them
+at a time).
 """
 
 from __future__ import annotations

@@ -50,12 +50,29 @@ class ErrorItem(BaseModel):
 
 
 class TaskError(Exception):
-    """Raised anywhere a single task fails; carries the Runware-shaped error item."""
+    """Raised anywhere a task or a request fails; carries its data: the Runware-shaped error item (code,
+    message, parameter, the task's ids) and the HTTP status. Transports turn it into their wire form in one
+    place each (`transport.errors`)."""
 
-    def __init__(self, item: ErrorItem, http_status: int = 400):
+    def __init__(self, item: ErrorItem, http_status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(item.message)
         self.item = item
         self.http_status = http_status
+        self.headers = headers  # what an HTTP answer adds (Retry-After, Allow)
+
+    @property
+    def code(self) -> str:
+        return self.item.code
+
+    @property
+    def parameter(self) -> str | None:
+        return self.item.parameter
+
+
+def request_error(code: str, message: str, status: int = 400, *, parameter: str | None = None,
+                  headers: dict[str, str] | None = None, **extra: Any) -> TaskError:
+    """An error of the request as a whole (its body, its key, its path), not of one of its tasks."""
+    return TaskError(ErrorItem(code=code, message=message, parameter=parameter, **extra), status, headers)
 
 
 def error_code(prefix: str, *names: str) -> str:
@@ -97,8 +114,12 @@ def store_error(exc: Exception, *, task_type: str | None, task_uuid: str | None,
     return task_error(code, message, task_type=task_type, task_uuid=task_uuid, http_status=503)
 
 
-def invalid_api_key(message: str = "Invalid API key. Get one at https://my.runware.ai/signup") -> ErrorItem:
-    """The auth failure every client recognises: taskType "authentication" and no taskUUID."""
-    return ErrorItem(code="invalidApiKey", message=message, parameter="apiKey", taskType="authentication")
+MISSING_KEY = "Missing API key: send Authorization: Bearer <key>, or an authentication task first."
+
+
+def invalid_api_key(message: str = "Invalid API key. Get one at https://my.runware.ai/signup") -> TaskError:
+    """The auth failure every client recognises (401): taskType "authentication" and no taskUUID."""
+    return TaskError(ErrorItem(code="invalidApiKey", message=message, parameter="apiKey", taskType="authentication"),
+                     401)
 
 

@@ -139,15 +139,15 @@ def parse(model: type[BaseModel], raw: dict[str, Any]) -> Any:
     return parse_task(model, strip_nulls(raw), task_uuid)
 
 
-def batch_error(tasks: Any, max_tasks: int) -> ErrorItem | None:
+def batch_error(tasks: Any, max_tasks: int) -> TaskError | None:
     """What is wrong with a request body or frame as a whole, if anything: the same answer on every transport."""
     if not isinstance(tasks, list) or not tasks:
-        return ErrorItem(code="invalidRequestBody", type="array",
-                         message="The request must be a non-empty JSON array of task objects.")
+        return TaskError(ErrorItem(code="invalidRequestBody", type="array",
+                                   message="The request must be a non-empty JSON array of task objects."))
     if len(tasks) > max_tasks:
-        return ErrorItem(code="maxTasksExceeded", max=max_tasks,
-                         message=f"A request may hold at most {max_tasks} tasks; it held {len(tasks)}. "
-                                 "Send the rest in further requests.")
+        return TaskError(ErrorItem(code="maxTasksExceeded", max=max_tasks,
+                                   message=f"A request may hold at most {max_tasks} tasks; it held {len(tasks)}. "
+                                           "Send the rest in further requests."))
     return None
 
 

@@ -48,7 +48,7 @@ class OutboxEntry(NamedTuple):
 
 class OutboxStore(ABC):
     """Where outbox entries wait. Calls may block (run them off the event loop); a store that cannot reach its
-    database raises tasks.StoreUnavailable."""
+    database raises StoreUnavailable."""
 
     #: seconds between looks for due entries that nobody woke this process for (entries of other processes)
     poll_interval: float | None = None

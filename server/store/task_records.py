@@ -41,6 +41,7 @@ class TaskRecord:
     created_at: float = 0.0
     expires_at: float = 0.0
     webhook_url: str | None = None  # where its error goes if another front-end or a restart fails it
+    caller: str | None = None  # who sent it (`k5serve.context.Caller.name`); None on records older than that
 
     @property
     def done(self) -> bool:
@@ -98,13 +99,14 @@ class TaskStore(ABC):
 
 # A record's columns, in every store; the JSON ones hold lists of items.
 COLUMNS = ("task_uuid", "task_type", "status", "step", "total_steps", "expected_items", "items", "errors",
-           "created_at", "expires_at", "webhook_url")
+           "created_at", "expires_at", "webhook_url", "caller")
+UPDATABLE = frozenset(COLUMNS[2:10])  # what `update` may set: never the ids, the webhook or the caller
 JSON_COLUMNS = {"items", "errors"}
 
 
 def check_fields(fields: dict[str, Any]) -> None:
-    """`TaskStore.update` may set these, and nothing else (never the taskUUID, the taskType or the webhook)."""
-    unknown = set(fields) - set(COLUMNS[2:-1])
+    """`TaskStore.update` may set `UPDATABLE`, and nothing else."""
+    unknown = set(fields) - UPDATABLE
     if unknown:
         raise ValueError(f"unknown task fields {unknown}")
 
@@ -138,10 +140,12 @@ class SQLiteTaskStore(TaskStore):
                 "CREATE TABLE IF NOT EXISTS tasks (task_uuid TEXT PRIMARY KEY, task_type TEXT NOT NULL, "
                 "status TEXT NOT NULL, step INTEGER NOT NULL, total_steps INTEGER NOT NULL, "
                 "expected_items INTEGER NOT NULL, items TEXT NOT NULL, errors TEXT NOT NULL, "
-                "created_at REAL NOT NULL, expires_at REAL NOT NULL, webhook_url TEXT)"
+                "created_at REAL NOT NULL, expires_at REAL NOT NULL, webhook_url TEXT, caller TEXT)"
             )
-            if "webhook_url" not in {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}:
-                self._db.execute("ALTER TABLE tasks ADD COLUMN webhook_url TEXT")  # a file from an older version
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
+            for column in ("webhook_url", "caller"):  # a file from an older version: the columns it lacks
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE tasks ADD COLUMN {column} TEXT")
             self._db.execute("CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at)")
         self._run = functools.partial(sqlite_run, self._db, self._lock, "the task database")
 

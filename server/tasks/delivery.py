@@ -5,7 +5,7 @@ success record cannot be written, none of its images stays behind.
 A result is not thrown away because the task database is away for a while: its images stay, and the record
 write (then the webhook and upload) is retried until the database answers again or the result's TTL runs
 out; only then does the task fail (serviceUnavailable). A full disk is not waited out: the task fails at once
-with storageFull (new tasks are refused before generating while space is low, see `ops.Probes`).
+with storageFull (new tasks are refused before generating while space is low, see `ops.probes.Probes`).
 """
 
 from __future__ import annotations

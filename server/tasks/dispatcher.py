@@ -1,10 +1,12 @@
 """The serving logic behind every transport: Runware tasks in, Runware items out.
 
-Transports (HTTP, WebSocket) parse frames, authenticate and hand tasks here. The dispatcher runs the tasks
-of one request concurrently and routes each by `taskType` to the handler that owns that job:
-`inference.ImageInference`, `responses.GetResponse`, `upload.ImageUpload`, `model_search.ModelSearch`
-(and `ping`/`authentication`, answered here). Each handler validates its task once, at this edge. A task
-that fails gets its own Runware error; the others go on.
+Transports (HTTP, WebSocket) parse frames, authenticate, build the request's `RequestContext` and hand
+tasks here with it. The dispatcher runs the tasks of one request concurrently and routes each by `taskType`
+to the handler that owns that job, a module named after it: `image_inference.ImageInference`,
+`get_response.GetResponse`, `image_upload.ImageUpload`, `model_search.ModelSearch` (and
+`ping`/`authentication`, answered here). Every handler is called as `handler(raw task, context)`. Each
+validates its task once, at this edge. A task that fails gets its own error (a `TaskError`); the others
+go on.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from k5serve.context import Caller, RequestContext, current_request
 from k5serve.logcontext import current_task
 
 from ..config import ServerConfig
@@ -38,40 +40,15 @@ from .slot import ModelSlot
 
 log = logging.getLogger("k5serve.dispatcher")
 
-# A task handler: (the raw task, a JSON object with a string taskType; the request's base URL) -> items.
-Handler = Callable[[dict[str, Any], str], Awaitable[list[dict]]]
+# A task handler: (the raw task, a JSON object with a string taskType; who sent it, how) -> items.
+Handler = Callable[[dict[str, Any], RequestContext], Awaitable[list[dict]]]
 
 
-@dataclass
-class Reply:
-    """What a batch of tasks produced; `status` is the HTTP status a REST transport should use."""
-
-    data: list[dict[str, Any]] = field(default_factory=list)
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    statuses: list[int] = field(default_factory=list)
-
-    def add_error(self, err: TaskError) -> None:
-        self.errors.append(err.item.wire())
-        self.statuses.append(err.http_status)
-
-    @property
-    def status(self) -> int:
-        return 200 if self.data or not self.statuses else max(self.statuses)
-
-    def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.data or not self.errors:
-            out["data"] = self.data
-        if self.errors:
-            out["errors"] = self.errors
-        return out
-
-
-async def ping(raw: dict[str, Any], base_url: str) -> list[dict]:
+async def ping(raw: dict[str, Any], ctx: RequestContext) -> list[dict]:
     return [{"taskType": "ping", "pong": True}]
 
 
-async def authentication(raw: dict[str, Any], base_url: str) -> list[dict]:
+async def authentication(raw: dict[str, Any], ctx: RequestContext) -> list[dict]:
     # The transport checked the key already; answer like Runware does.
     return [{"taskType": "authentication", "connectionSessionUUID": str(uuid.uuid4())}]
 
@@ -109,31 +86,25 @@ class Dispatcher:
         """False once shutdown began: new imageInference tasks are refused."""
         return self.inference.accepting
 
-    async def run(self, tasks: list[Any], *, base_url: str, caller: str) -> Reply:
-        """Run every task of one request concurrently, each admitted for `caller` (`Admission`); items come back
-        in task order."""
+    async def run(self, tasks: list[Any], ctx: RequestContext) -> list[tuple[list[dict], TaskError | None]]:
+        """Run every task of one request concurrently, each admitted for its caller (`Admission`): each task's
+        items, or its error, in task order."""
 
         async def admitted(raw: Any) -> tuple[list[dict], TaskError | None]:
-            refused = self.admit(raw, caller)
+            refused = self.admit(raw, ctx.caller)
             if refused is not None:
                 return [], refused
             try:
-                return await self.run_one(raw, base_url=base_url)
+                return await self.run_one(raw, ctx)
             finally:
-                self.admission.leave(caller)
+                self.admission.leave(ctx.caller.name)
 
-        results = await asyncio.gather(*(admitted(t) for t in tasks))
-        reply = Reply()
-        for items, error in results:
-            reply.data.extend(items)
-            if error is not None:
-                reply.add_error(error)
-        return reply
+        return list(await asyncio.gather(*(admitted(t) for t in tasks)))
 
-    def admit(self, raw: Any, caller: str, connection: Connection | None = None) -> TaskError | None:
+    def admit(self, raw: Any, caller: Caller, connection: Connection | None = None) -> TaskError | None:
         """Take `raw` into `caller`'s tasks in flight (then `admission.leave` it once answered), or the 429 that
         refuses it (counted like any answer)."""
-        why = self.admission.enter(caller, connection)
+        why = self.admission.enter(caller.name, connection)
         if why is None:
             return None
         task_type, task_uuid = _ids(raw)
@@ -143,12 +114,14 @@ class Dispatcher:
             self.metrics.task_answered(task_type, error.item.code)
         return error
 
-    async def run_one(self, raw: Any, *, base_url: str) -> tuple[list[dict], TaskError | None]:
+    async def run_one(self, raw: Any, ctx: RequestContext) -> tuple[list[dict], TaskError | None]:
         task_type, task_uuid = _ids(raw)
-        # Every log line about this task (here, in jobs it starts, in the worker) carries its taskUUID.
+        # Every log line about this task (here, in jobs it starts, in the worker) carries its taskUUID, its
+        # caller and its request id. (Each task runs in an asyncio task of its own: these stay with it.)
         current_task.set(task_uuid if well_formed_uuid(task_uuid) else None)  # never a client's free text
+        current_request.set(ctx)
         try:
-            items, error = await self._route(raw)(raw, base_url), None
+            items, error = await self._route(raw)(raw, ctx), None
         except TaskError as err:
             items, error = [], err
         except StoreUnavailable as exc:  # a store is away or full: this task fails now, it does not hang

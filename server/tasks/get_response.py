@@ -14,6 +14,8 @@ import time
 import weakref
 from typing import Any
 
+from k5serve.context import RequestContext
+
 from ..protocol.errors import ErrorItem, TaskError, task_error
 from ..protocol.models import GetResponseTask
 from ..protocol.validation import parse
@@ -35,7 +37,7 @@ class GetResponse:
         self._reads: dict[str, asyncio.Future] = {}  # taskUUID -> the read in flight
         self._answers: weakref.WeakValueDictionary[str, _Answer] = weakref.WeakValueDictionary()
 
-    async def __call__(self, raw: dict[str, Any], base_url: str) -> list[dict]:
+    async def __call__(self, raw: dict[str, Any], ctx: RequestContext) -> list[dict]:
         task_uuid = parse(GetResponseTask, raw).taskUUID
         answer = self._answers.get(task_uuid)
         if answer is not None and answer.expires_at > time.time():

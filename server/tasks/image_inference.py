@@ -16,6 +16,8 @@ from typing import Any
 
 from k5serve.pipelines.worker import GenerationError, GenerationSpec, InvalidInput, QueueFull
 
+from k5serve.context import RequestContext
+
 from ..config import ServerConfig
 from ..outbound.safe_http import OutboundURLError, check_url
 from ..protocol.errors import StoreUnavailable, TaskError, error_code, store_error, task_error
@@ -57,7 +59,7 @@ class ImageInference:
     def __init__(self, config: ServerConfig, slot: ModelSlot, images: ImageStore, tasks: TaskStore,
                  delivery: Delivery, limits: Limits, check_room: Callable[[], None] = lambda: None):
         self.config = config
-        self.check_room = check_room  # raises StorageFull while the disk is too full to take work (ops.Probes)
+        self.check_room = check_room  # raises StorageFull while the disk is too full to take work (ops.probes.Probes)
         self.slot = slot
         self.images = images
         self.tasks = tasks
@@ -68,7 +70,7 @@ class ImageInference:
         self.active: dict[str, ActiveTask] = {}  # in submission order
         self.finished = {"tasks": 0, "failed": 0, "images": 0}  # since start-up
 
-    async def __call__(self, raw: dict[str, Any], base_url: str) -> list[dict]:
+    async def __call__(self, raw: dict[str, Any], ctx: RequestContext) -> list[dict]:
         worker = self.slot.worker
         # Until the model has loaded, what it will serve is unknown: validate everything else, then answer
         # modelNotReady (a 503 the client retries) rather than refuse a feature it may well serve.
@@ -98,7 +100,8 @@ class ImageInference:
         spec = to_spec(task, **await self._input_image(task))
         now = time.time()
         record = TaskRecord(task.taskUUID, task.taskType, expected_items=task.numberResults,
-                            created_at=now, expires_at=now + RUNNING_FOREVER, webhook_url=task.webhookURL)
+                            created_at=now, expires_at=now + RUNNING_FOREVER, webhook_url=task.webhookURL,
+                            caller=ctx.caller.name)
         if not await executors.database(self.tasks.create, record):
             raise fail("conflictTaskUUID",
                        f"taskUUID {task.taskUUID} was already used; use getResponse to read its results.",
@@ -109,7 +112,7 @@ class ImageInference:
             loop.call_soon_threadsafe(self._record_progress, task.taskUUID, step, total)
 
         try:
-            future = worker.submit(spec, on_progress)
+            future = worker.submit(spec, on_progress, context=ctx)
             self.active[task.taskUUID] = ActiveTask(task.taskUUID, spec.width, spec.height, spec.steps,
                                                     spec.num_images, now)
         except InvalidInput as exc:
@@ -119,7 +122,7 @@ class ImageInference:
             await executors.database(self.tasks.delete, task.taskUUID)  # never ran: the client may retry it
             raise fail("rateLimitExceeded", f"The server is busy ({exc}); retry after "
                        f"{self.config.retry_after} s.", 429) from None
-        job = asyncio.ensure_future(self._finish(task, spec, future, base_url))
+        job = asyncio.ensure_future(self._finish(task, spec, future, ctx.base_url))
         self._jobs.add(job)
         job.add_done_callback(self._job_done)
         if task.deliveryMethod == "async":

@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from k5serve.context import RequestContext
+
 from ..config import ServerConfig
 from ..protocol.errors import task_error
 from ..protocol.models import ImageUploadTask
@@ -24,7 +26,7 @@ class ImageUpload:
         self._limits = limits
         self.check_room = check_room  # raises StorageFull while the disk is too full to take an upload
 
-    async def __call__(self, raw: dict[str, Any], base_url: str) -> list[dict]:
+    async def __call__(self, raw: dict[str, Any], ctx: RequestContext) -> list[dict]:
         task = parse(ImageUploadTask, raw)
         self.check_room()
         try:
@@ -35,4 +37,4 @@ class ImageUpload:
                              task_type="imageUpload", task_uuid=task.taskUUID) from None
         stored = await executors.images(self.images.put, decoded.data, decoded.ext, self.config.upload_ttl)
         return [{"taskType": "imageUpload", "taskUUID": task.taskUUID, "imageUUID": stored.image_uuid,
-                 "imageURL": self.images.url(stored, self.config.public_url or base_url)}]
+                 "imageURL": self.images.url(stored, self.config.public_url or ctx.base_url)}]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from k5serve.context import RequestContext
+
 from ..protocol.models import MODEL_ID, ModelSearchTask
 from ..protocol.validation import parse
 from .slot import ModelSlot
@@ -18,7 +20,7 @@ class ModelSearch:
     def __init__(self, slot: ModelSlot):
         self.slot = slot
 
-    async def __call__(self, raw: dict[str, Any], base_url: str) -> list[dict]:
+    async def __call__(self, raw: dict[str, Any], ctx: RequestContext) -> list[dict]:
         task = parse(ModelSearchTask, raw)
         category = (task.category or "").lower()
         models = []

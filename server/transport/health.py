@@ -21,24 +21,23 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from ..ops.metrics import CONTENT_TYPE_LATEST
-from ..ops.probes import Probes
 from ..protocol.wire import WireResponse
 from ..tasks.slot import FAILED
-from . import listen, ws
+from . import listen
+from .parts import Parts, parts
 
 log = logging.getLogger("k5serve.app")
 router = APIRouter()
 
 
-def readiness(app: FastAPI) -> dict[str, Any]:
+def readiness(app: Parts) -> dict[str, Any]:
     """The model's, the worker's and the stores' state, as the last probes found them (`Probes`)."""
-    state = app.state
-    probes: Probes = state.probes
-    reasons, worker = state.slot.readiness()
-    if not state.dispatcher.accepting:
+    probes = app.probes
+    reasons, worker = app.slot.readiness()
+    if not app.dispatcher.accepting:
         reasons.append("shutting down")
     stores: dict[str, Any] = {}
-    db = state.database
+    db = app.database
     if db is not None:
         error = db.probe_error
         stores["database"] = {"kind": "postgresql", "reachable": error is None, "schemaVersion": db.version,
@@ -53,8 +52,8 @@ def readiness(app: FastAPI) -> dict[str, Any]:
         reasons.append(probes.low_disk)
     stores["disk"] = {"freeBytes": dict(probes.free), "minFreeBytes": probes.min_free} | (
         {"problem": probes.low_disk} if probes.low_disk else {})
-    body: dict[str, Any] = {"ready": not reasons, "model": state.slot.state,
-                            "uptimeSeconds": round(time.time() - state.started, 1)}
+    body: dict[str, Any] = {"ready": not reasons, "model": app.slot.state,
+                            "uptimeSeconds": round(time.time() - app.started, 1)}
     if reasons:
         body["reasons"] = reasons
     return body | worker | stores
@@ -64,41 +63,41 @@ def readiness(app: FastAPI) -> dict[str, Any]:
 async def health(request: Request) -> WireResponse:
     """Liveness: 200 while the process can still become or stay useful (loading counts); 503 when only a
     restart helps (the model failed to load, the worker thread died). /ready says whether to send work."""
-    body = readiness(request.app)
+    body = readiness(parts(request))
     broken = body["model"] == FAILED or body.get("workerAlive") is False
     return WireResponse({"status": "error" if broken else "ok", **body}, status_code=503 if broken else 200)
 
 
 @router.get("/ready")
 async def ready(request: Request) -> WireResponse:
-    body = readiness(request.app)
+    body = readiness(parts(request))
     return WireResponse(body, status_code=200 if body["ready"] else 503)
 
 
 @router.get("/metrics")
 async def prometheus_metrics(request: Request) -> Response:
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(parts(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, app_parts: Parts) -> None:
     """Count every HTTP request by route and status, and let each scrape read the live state once."""
 
     def metric_state() -> dict[str, Any]:
-        body = readiness(app)  # one look at the worker per scrape
+        body = readiness(app_parts)  # one look at the worker per scrape
         return {"ready": body["ready"], "queue_depth": body.get("queue", 0), "queue_limit": body.get("queueLimit", 0),
-                "memory": body.get("gpuMemoryBytes", {}), "outbox": app.state.outbox.stats,
-                "websockets": ws.open_connections(app), "disk_free": dict(app.state.probes.free),
+                "memory": body.get("gpuMemoryBytes", {}), "outbox": app_parts.outbox.stats,
+                "websockets": app_parts.websockets.open, "disk_free": dict(app_parts.probes.free),
                 "connections_closed": {"slow_head": listen.closed_slow_heads(),
                                        "refused": listen.refused_connections()},
                 "database": body["database"]["pool"] if "database" in body else None}
 
-    app.state.metrics.watch(metric_state)
+    app_parts.metrics.watch(metric_state)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         response = await call_next(request)
         route = request.scope.get("route")
-        app.state.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        app_parts.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
 
     app.include_router(router)

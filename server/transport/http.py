@@ -21,25 +21,16 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from ..protocol import wire
-from ..protocol.errors import ErrorItem, invalid_api_key
+from ..protocol.errors import MISSING_KEY, invalid_api_key, request_error
 from ..protocol.validation import batch_error
 from ..store import executors
 from ..store.images import ImageStoreError, LiveImage
-from .auth import bearer
+from .auth import bearer, request_context
+from .errors import batch_response
+from .parts import Parts, parts
 
 log = logging.getLogger("k5serve.http")
 router = APIRouter()
-
-MISSING_KEY = "Missing API key: send Authorization: Bearer <key>, or an authentication task first."
-
-
-def _errors(status: int, *items: ErrorItem) -> wire.WireResponse:
-    return wire.WireResponse({"errors": [i.wire() for i in items]}, status_code=status)
-
-
-class _Refused(Exception):
-    def __init__(self, response: wire.WireResponse):
-        self.response = response
 
 
 def _leading_key(head: bytes) -> Any:
@@ -54,29 +45,24 @@ def _leading_key(head: bytes) -> Any:
     return first.get("apiKey") if isinstance(first, dict) and first.get("taskType") == "authentication" else None
 
 
-async def _read_body(request: Request, trusted: bool) -> bytes:
-    """The whole body, within the limits above (checked before and while reading), or _Refused."""
-    config, auth = request.app.state.config, request.app.state.auth
-    limit = config.max_body_bytes
-
-    def too_large() -> _Refused:
-        return _Refused(_errors(413, ErrorItem(code="payloadTooLarge", message=f"Request body exceeds {limit} bytes.")))
-
+async def _read_body(request: Request, app: Parts, trusted: bool) -> bytes:
+    """The whole body, within the limits above (checked before and while reading), or a TaskError (413, 401)."""
+    limit = app.config.max_body_bytes
+    too_large = request_error("payloadTooLarge", f"Request body exceeds {limit} bytes.", 413)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large()
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_large()
+            raise too_large
         chunks.append(chunk)
-        if not trusted and size > config.max_unauthenticated_bytes:
+        if not trusted and size > app.config.max_unauthenticated_bytes:
             head = b"".join(chunks)
             key = _leading_key(head)
-            if not auth.check(key):
-                offered = key or _bearer(request)
-                raise _Refused(_errors(401, invalid_api_key() if offered else invalid_api_key(MISSING_KEY)))
+            if not app.auth.check(key):
+                raise invalid_api_key() if key or _bearer(request) else invalid_api_key(MISSING_KEY)
             trusted, chunks = True, [head]
     return b"".join(chunks)
 
@@ -85,44 +71,43 @@ def _bearer(request: Request) -> str | None:
     return bearer(request.headers.get("authorization", ""))
 
 
-@router.post("/v1")
-@router.post("/v1/", include_in_schema=False)
-async def post_tasks(request: Request) -> wire.WireResponse:
-    state = request.app.state
-    header_key = _bearer(request)
-    try:
-        body = await _read_body(request, trusted=state.auth.open or state.auth.check(header_key))
-    except _Refused as refused:
-        return refused.response
+def _parse_batch(body: bytes, max_tasks: int) -> list[Any]:
     try:
         tasks: Any = wire.parse(body)
     except wire.InvalidJSON as exc:
-        return _errors(400, ErrorItem(code="invalidJSON", message=f"Request body is not valid JSON: {exc}."))
-    problem = batch_error(tasks, state.config.max_tasks_per_request)
+        raise request_error("invalidJSON", f"Request body is not valid JSON: {exc}.") from None
+    problem = batch_error(tasks, max_tasks)
     if problem is not None:
-        return _errors(400, problem)
+        raise problem
+    return tasks
 
+
+@router.post("/v1")
+@router.post("/v1/", include_in_schema=False)
+async def post_tasks(request: Request) -> wire.WireResponse:
+    app = parts(request)
+    header_key = _bearer(request)
+    body = await _read_body(request, app, trusted=app.auth.open or app.auth.check(header_key))
+    tasks = _parse_batch(body, app.config.max_tasks_per_request)
     # Either a Bearer header or an authentication task as the first element.
     auth_task = tasks[0] if isinstance(tasks[0], dict) and tasks[0].get("taskType") == "authentication" else None
     key = auth_task.get("apiKey") if auth_task is not None else header_key
-    caller = state.auth.identify(key)
+    caller = app.auth.identify(key)
     if caller is None:
-        return _errors(401, invalid_api_key() if key else invalid_api_key(MISSING_KEY))
-
-    reply = await state.dispatcher.run(tasks, base_url=str(request.base_url), caller=caller)
-    headers = {"Retry-After": str(state.config.retry_after)} if reply.status == 429 else None
-    return wire.WireResponse(reply.body(), status_code=reply.status, headers=headers)
+        raise invalid_api_key() if key else invalid_api_key(MISSING_KEY)
+    ctx = request_context(request, caller, "http", str(request.base_url))
+    return batch_response(await app.dispatcher.run(tasks, ctx), app.config.retry_after)
 
 
 @router.get("/image/{name}")
 async def get_image(name: str, request: Request):
     try:
-        found = await executors.images(request.app.state.store.lookup, name)
+        found = await executors.images(parts(request).images.lookup, name)
     except ImageStoreError as exc:
         log.warning("GET /image/%s: %s", name[:64], exc.detail)
-        return _errors(503, ErrorItem(code="serviceUnavailable", message=f"{exc}; try again later."))
+        raise request_error("serviceUnavailable", f"{exc}; try again later.", 503) from None
     if found is None:
-        return _errors(404, ErrorItem(code="imageNotFound", message="No such image, or it has expired."))
+        raise request_error("imageNotFound", "No such image, or it has expired.", 404)
     headers = {
         "Cache-Control": f"private, max-age={max(0, int(found.expires_at - time.time()))}",
         "Expires": email.utils.formatdate(found.expires_at, usegmt=True),

@@ -17,6 +17,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 
+from .parts import parts
+
 PAGES = Path(__file__).parent / "playground"  # index.html, queue.html, api.html
 ASSETS = PAGES / "static"  # CSS and JavaScript, at /playground/
 HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")  # a Host header fit for the CSP
@@ -25,7 +27,7 @@ router = APIRouter()
 
 
 def _policy(request: Request) -> str:
-    config = request.app.state.config
+    config = parts(request).config
     host = request.headers.get("host", "")  # the page's own origin, for its WebSocket (ws: is not 'self' everywhere)
     if not HOST.match(host):
         host = ""

@@ -50,7 +50,7 @@ CLOSE_TIMEOUT = 5.0  # seconds to wait for a close frame to go out (a client tha
 class Session:
     def __init__(self, session_uuid: str, owner: str, home: Sessions):
         self.uuid = session_uuid
-        self.owner = owner  # the caller (auth.Authenticator.identify) that opened it
+        self.owner = owner  # the name of the caller that opened it (`k5serve.context.Caller.name`)
         self.home = home
         self.ws: WebSocket | None = None
         self.holder = ""  # the attached socket's id, as the shared buffer knows it

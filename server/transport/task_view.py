@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from ..protocol.errors import invalid_api_key
 from ..protocol.wire import WireResponse
 from .auth import bearer
+from .parts import parts
 
 router = APIRouter()
 
@@ -42,9 +43,8 @@ def listing(inference, worker) -> dict[str, Any]:
 
 @router.get("/tasks")
 async def tasks(request: Request) -> WireResponse:
-    state = request.app.state
+    app = parts(request)
     key = bearer(request.headers.get("authorization", ""))
-    if not state.auth.check(key):
-        item = invalid_api_key() if key else invalid_api_key("Missing API key: send Authorization: Bearer <key>.")
-        return WireResponse({"errors": [item.wire()]}, status_code=401)
-    return WireResponse(listing(state.dispatcher.inference, state.slot.worker))
+    if not app.auth.check(key):
+        raise invalid_api_key() if key else invalid_api_key("Missing API key: send Authorization: Bearer <key>.")
+    return WireResponse(listing(app.dispatcher.inference, app.slot.worker))
