@@ -24,9 +24,7 @@ import common  # noqa: E402  (puts the project root on sys.path)
 import httpx
 
 ROOT = common.ROOT
-sys.path.insert(0, str(ROOT / "tests"))
-
-from ports import free_port  # noqa: E402
+free_port = common.free_port
 
 MODEL = "runware:kandinsky-5.0-image-lite@1"
 

@@ -37,8 +37,6 @@ def size(args: argparse.Namespace) -> tuple[int, int]:
     return width, height
 
 
-
-
 class Server:
     """`k5serve serve` on a free loopback port, started and waited for until /ready is 200."""
 

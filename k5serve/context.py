@@ -19,7 +19,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-TRANSPORTS = ("http", "websocket", "cli")
+TRANSPORTS = ("http", "websocket")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,6 @@ class Caller:
 
 
 ANONYMOUS = Caller("anonymous", operator=True)  # every caller of a server without keys
-LOCAL = Caller("local", operator=True)  # `k5serve generate` and the other commands that run without a server
 
 # version "-" trace-id "-" parent-id "-" flags, lower-case hex (https://www.w3.org/TR/trace-context/)
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
@@ -63,11 +62,6 @@ class RequestContext:
     def log_fields(self) -> dict[str, str]:
         """What a log line about this request says about it (never a key)."""
         return {"caller": self.caller.name, "requestId": self.request_id, "transport": self.transport}
-
-
-def local_request() -> RequestContext:
-    """The context of work that no client sent (`k5serve generate`, calibration, a benchmark)."""
-    return RequestContext(LOCAL, "cli")
 
 
 # The request a log line is about: set with the task (dispatcher, worker), read by the log formatters.

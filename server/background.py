@@ -1,6 +1,7 @@
 """What the server does between requests, each loop started and stopped here, in one place: the sweeps of
 expired images, task records and WebSocket sessions, the store and disk probes, and with a shared database
-(`--database`) this front-end's heartbeat and the relay of results other front-ends left for its sockets."""
+(`--database`) this front-end's heartbeat and the relay of results other front-ends left for its sockets. (The
+outbox's delivery loop is the `Outbox`'s own: `app.lifespan` starts it and flushes it at shutdown.)"""
 
 from __future__ import annotations
 

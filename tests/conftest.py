@@ -19,8 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "k5-test-key-0123456789abcdefXYZ"  # > 24 chars, as ComfyUI's client insists
 
 
-
-
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300,
                statuses: tuple[int, ...] = (200,)) -> None:
     """Until `url`/ready answers with one of `statuses`; RuntimeError, with the server's log, when the process

@@ -98,5 +98,3 @@ class Probes:
         if self.low_disk != was:
             (log.warning if self.low_disk else log.info)("disk space: %s", "; ".join(
                 f"{self.folders[role]} has {free[role] / 2**20:.0f} MiB free" for role in low) or "enough again")
-
-

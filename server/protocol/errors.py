@@ -121,5 +121,3 @@ def invalid_api_key(message: str = "Invalid API key. Get one at https://my.runwa
     """The auth failure every client recognises (401): taskType "authentication" and no taskUUID."""
     return TaskError(ErrorItem(code="invalidApiKey", message=message, parameter="apiKey", taskType="authentication"),
                      401)
-
-

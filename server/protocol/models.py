@@ -1,4 +1,4 @@
-"""The Runware wire protocol as pydantic models: tasks, result items and error items.
+"""The Runware wire protocol as pydantic models: tasks and result items (error items are in `errors`).
 
 Everything here is plain data: no torch, no transport. The contract is the public Runware page of
 `runware:kandinsky-5.0-image-lite@1` (ranges, defaults and allowed values below are copied from it) and

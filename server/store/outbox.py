@@ -134,8 +134,6 @@ class SQLiteOutboxStore(OutboxStore):
             self._db.close()
 
 
-
-
 def origin_of(url: str) -> str:
     try:
         u = httpx.URL(url)

@@ -112,12 +112,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE k5serve_ws_sessions ADD COLUMN owner TEXT;   -- a digest of the key that opened it
     ALTER TABLE k5serve_ws_sessions ADD COLUMN holder TEXT;  -- the front-end and socket attached to it
     """,
-    # 4: who sent each task (the caller's name; `owner` is the front-end running it, since version 1)
+    # 4: who sent each task (the caller's name; `owner` is the front-end running it, since version 1). From this
+    # version on, k5serve_ws_sessions.owner holds the caller's name too (`k5serve.context.Caller.name`)
     """
     ALTER TABLE k5serve_tasks ADD COLUMN caller TEXT;
     """,
 ]
-
 
 
 class Database:

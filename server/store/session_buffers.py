@@ -36,5 +36,3 @@ class SessionBuffer(ABC):
     @abstractmethod
     def sweep(self, window: float) -> None:
         """Forget sessions not seen, and frames not taken, within `window` seconds."""
-
-

@@ -79,7 +79,7 @@ class TaskStore(ABC):
     @abstractmethod
     def recover(self, message: str) -> list[TaskRecord]:
         """Mark records left queued/running by a dead process as failed; returns them, failed (their error
-        webhooks are the caller's to send)."""
+        webhooks are for the calling code to send)."""
 
     @abstractmethod
     def sweep(self) -> int:

@@ -27,7 +27,7 @@ class Admission:
         self._by_key: Counter[str] = Counter()
 
     def enter(self, key: str, connection: Connection | None = None) -> str | None:
-        """Take one task for `key` (an id of the caller's API key) on `connection`: None when it may run, else
+        """Take one task for `key` (the caller's name, `Caller.name`) on `connection`: None when it may run, else
         why not (for the client). Every None must be matched by one `leave`."""
         if connection is not None and connection.in_flight >= self.per_connection:
             return (f"this connection has {connection.in_flight} tasks in flight, the most it may have "

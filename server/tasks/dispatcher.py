@@ -118,8 +118,8 @@ class Dispatcher:
         task_type, task_uuid = _ids(raw)
         # Every log line about this task (here, in jobs it starts, in the worker) carries its taskUUID, its
         # caller and its request id. (Each task runs in an asyncio task of its own: these stay with it.)
-        current_task.set(task_uuid if well_formed_uuid(task_uuid) else None)  # never a client's free text
-        current_request.set(ctx)
+        tokens = (current_task.set(task_uuid if well_formed_uuid(task_uuid) else None),  # never a client's text
+                  current_request.set(ctx))
         try:
             items, error = await self._route(raw)(raw, ctx), None
         except TaskError as err:
@@ -133,6 +133,8 @@ class Dispatcher:
                                           task_type=task_type, task_uuid=task_uuid, http_status=500)
         if self.metrics is not None:
             self.metrics.task_answered(task_type, error.item.code if error is not None else None)
+        current_task.reset(tokens[0])  # (jobs the task started keep their own copy)
+        current_request.reset(tokens[1])
         return items, error
 
     async def drain(self, timeout: float) -> int:

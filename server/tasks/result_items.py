@@ -1,5 +1,5 @@
-"""One result path, shared by the server and `k5serve generate`: a validated task becomes the worker's
-`GenerationSpec`, and the worker's `GenerationOutput` becomes Runware result items with their cost."""
+"""The worker's `GenerationOutput` as Runware result items with their cost, shared by the server and
+`k5serve generate`; `to_spec` is the other direction (a validated task to the worker's `GenerationSpec`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """A validated imageInference task becomes the worker's `GenerationSpec` (shared by the server and
-`k5serve generate`); `result_items` translates the worker's output back."""
+`k5serve generate`): its seed drawn when missing, its step-cache settings resolved (`step_cache`); a request the
+worker refuses becomes the task's error (`input_error`). `result_items` translates the worker's output back."""
 
 from __future__ import annotations
 
@@ -54,5 +55,3 @@ def step_cache(task: ImageInferenceTask) -> StepCacheConfig | None:
 def input_error(exc: InvalidInput, task_type: str, task_uuid: str) -> TaskError:
     """A request the worker refused (e.g. a LoRA file that is not there), as the task's Runware error."""
     return task_error(exc.code, str(exc), parameter=exc.parameter, task_type=task_type, task_uuid=task_uuid)
-
-

@@ -50,5 +50,6 @@ def request_context(connection: HTTPConnection, caller: Caller, transport: str, 
     """The context of a request (or a WebSocket connection) whose key has been checked: who, how, from where,
     under which request id (a W3C `traceparent` header's trace id when there is one)."""
     peer = connection.client
+    traceparent = connection.headers.getlist("traceparent")  # several: none is trusted (W3C trace context)
     return RequestContext(caller, transport, client=f"{peer.host}:{peer.port}" if peer else None,
-                          request_id=request_id(connection.headers.get("traceparent")), base_url=base_url)
+                          request_id=request_id(traceparent[0] if len(traceparent) == 1 else None), base_url=base_url)

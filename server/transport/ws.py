@@ -56,6 +56,7 @@ class _Socket:
         self.ws, self.app = ws, app
         self.auth_deadline = time.monotonic() + app.config.ws_auth_timeout
         self.session: Session | None = None
+        self.waiting = True  # counted in WebSocketCounts.unauthenticated until the first authentication succeeds
         self.ctx: RequestContext | None = None  # from the first successful authentication
         self.connection = Connection()
         self.running: set[asyncio.Task] = set()
@@ -109,13 +110,14 @@ class _Socket:
         if caller is None:
             await self.send_direct(ws_error_frame(invalid_api_key()))
             return
-        if self.session is None:
-            self.app.websockets.unauthenticated -= 1
-        else:
+        if self.session is not None:
             self.session.detach(self.ws)
         self.ctx = self._context(caller)
         self.session, resumed = await self.app.sessions.open(self.ws, raw.get("connectionSessionUUID"), caller.name, (
             lambda uuid: {"data": [{"taskType": "authentication", "connectionSessionUUID": uuid}]}))
+        if self.waiting:
+            self.app.websockets.unauthenticated -= 1
+            self.waiting = False
         if resumed:
             await self.session.flush()
 
@@ -135,9 +137,9 @@ class _Socket:
         job.add_done_callback(lambda _, who=ctx.caller.name: dispatcher.admission.leave(who, self.connection))
 
     def close(self) -> None:
-        if self.session is None:
+        if self.waiting:
             self.app.websockets.unauthenticated -= 1
-        else:
+        if self.session is not None:
             self.session.detach(self.ws)
 
 
