@@ -124,6 +124,24 @@ def test_server_sub_packages_import_downward_only():
     assert not upward, upward
 
 
+def test_functions_stay_small_and_endpoints_read_typed_parts():
+    """No function in server/ or pipelines/ over 80 lines; only transport/parts.py (and app.py, which stores
+    them) touch app.state: every endpoint reads the app's parts through `parts(request)`, typed."""
+    long, untyped = [], []
+    for folder in ("server", "pipelines"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            source = path.read_text()
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                        node.end_lineno - node.lineno + 1 > 80:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+            if ".state." in source.replace("self.state.", "").replace("slot.state", "") and \
+                    path.relative_to(ROOT).as_posix() not in ("server/transport/parts.py", "server/app.py"):
+                untyped.append(str(path.relative_to(ROOT)))
+    assert not long, long
+    assert not untyped, untyped
+
+
 def test_no_import_cycles():
     graph = import_graph()
     cycles, state, stack = [], {}, []
