@@ -139,7 +139,7 @@ def test_options_in_help_and_invalid_values_refused(tmp_path):
 
 RAISE_LIMIT = """
 import logging, resource, sys
-from k5serve.server.listen import raise_open_file_limit
+from k5serve.server.transport.listen import raise_open_file_limit
 logging.basicConfig(level=logging.WARNING)
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 512))
 raise_open_file_limit(int(sys.argv[1]))
