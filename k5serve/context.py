@@ -26,6 +26,7 @@ TRANSPORTS = ("http", "websocket")
 class Caller:
     name: str  # stable and not secret: in logs, on task records, in admission counts and session ownership
     operator: bool = False
+    weight: float = 1.0  # its share of the generation slots against other callers' (the tenants file)
 
     @classmethod
     def for_key(cls, key: str, *, operator: bool = True) -> Caller:

@@ -1,5 +1,6 @@
-"""`LocalWorker`: one engine (pipelines on one device) driven by one thread fed by a bounded FIFO queue, so the
-event loop never blocks on the accelerator."""
+"""`LocalWorker`: one engine (pipelines on one device) driven by one thread fed by a bounded queue, so the
+event loop never blocks on the accelerator. The queue is fair between callers (`fair_queue.FairQueue`): each
+job's caller (from its request context) and weight decide its turn; first in first out within a caller."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from k5serve.context import RequestContext, current_request
 from k5serve.logcontext import current_task
 
 from .engine import K5Engine
+from .fair_queue import FairQueue
 from .lora_files import list_lora_files
 from .worker import GenerationError, GenerationOutput, GenerationSpec, InvalidInput, ProgressCallback, QueueFull, Worker
 
@@ -30,11 +32,8 @@ class _Job:
     context: RequestContext | None  # who asked: the job's log lines say so
 
 
-_STOP = object()
-
-
 class LocalWorker(Worker):
-    """One engine (pipelines on one device), one thread, a bounded FIFO queue."""
+    """One engine (pipelines on one device), one thread, a bounded queue fair between callers."""
 
     def __init__(
         self,
@@ -49,7 +48,7 @@ class LocalWorker(Worker):
         # inside the job, to exercise the real failure path on machines without a GPU.
         self._fault_prompt = fault_prompt
         self.features = engine.features
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._queue = FairQueue(max_queue)
         self._info = info or {}
         self._busy = 0
         self._thread = threading.Thread(target=self._loop, name="k5serve-generation", daemon=True)
@@ -60,7 +59,7 @@ class LocalWorker(Worker):
         self._engine.check(spec)  # raises InvalidInput before the job takes a queue slot
         future: Future = Future()
         try:
-            self._queue.put_nowait(_Job(spec, on_progress, future, time.monotonic(), context))
+            self._queue.put_nowait(_Job(spec, on_progress, future, time.monotonic(), context), *_share(context))
         except queue.Full:
             raise QueueFull(f"generation queue is full ({self._queue.maxsize} tasks waiting)") from None
         return future
@@ -93,13 +92,13 @@ class LocalWorker(Worker):
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Finish the queued jobs, then stop the thread."""
-        self._queue.put(_STOP)
+        self._queue.close()
         self._thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
             job = self._queue.get()
-            if job is _STOP:
+            if job is None:  # closed, and nothing waits
                 return
             if not job.future.set_running_or_notify_cancel():
                 continue
@@ -119,6 +118,11 @@ class LocalWorker(Worker):
                 self._busy = 0
                 current_task.reset(token)
                 current_request.reset(request)
+
+
+def _share(context: RequestContext | None) -> tuple[str, float]:
+    """Whose job it is and its weight: the caller's (a job no client sent shares the anonymous turn)."""
+    return (context.caller.name, context.caller.weight) if context is not None else ("", 1.0)
 
 
 def run_job(engine: K5Engine, spec: GenerationSpec, on_progress: ProgressCallback | None,

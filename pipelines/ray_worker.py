@@ -3,8 +3,10 @@
 The front-end keeps the Runware protocol, validation, task records, images and delivery; this class hands
 each job to a Ray Serve deployment (`replica.K5Replica`) through its deployment handle and streams the job's
 progress back. Ray Serve routes each job to a free replica (`max_ongoing_requests=1`: one generation at a
-time per replica); the jobs beyond the replicas wait in Ray Serve's queue, bounded here: at most
-`replicas + max_queue` jobs are in flight, and one more is refused with `QueueFull` (a 429 to the client).
+time per replica). The jobs beyond the replicas wait here, not in Ray Serve's queue: in a queue fair between
+callers (`fair_queue.FairQueue`, at most `max_queue` jobs, one more refused with `QueueFull`, a 429 to the
+client), from which one thread per replica takes the next job whenever its last one ended, so each free
+replica goes to the callers in proportion to their weights.
 
 Torch-free: the front-end process imports ray, never torch. Ray itself is an optional extra
 (`pip install 'k5serve[ray]'`), imported only when this module is.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -29,6 +32,7 @@ from k5serve.context import RequestContext, current_request
 from k5serve.logcontext import current_task
 
 from .config import EngineConfig, LoadConfig, WorkerConfig, engine_features
+from .fair_queue import FairQueue
 from .lora_files import check_lora_files, list_lora_files
 from .replica import K5Replica
 from .worker import GenerationError, GenerationSpec, InvalidInput, ProgressCallback, QueueFull, Worker
@@ -87,10 +91,12 @@ class RayWorker(Worker):
         self._stream = handle.options(stream=True)
         self._replicas = high
         self._max_queue = max_queue
-        self._capacity = high + max_queue
-        self._inflight = 0
+        self._queue = FairQueue(max_queue)  # the jobs waiting for a replica
+        self._inflight = 0  # waiting or running
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=self._capacity, thread_name_prefix="k5serve-ray")
+        self._pool = ThreadPoolExecutor(max_workers=high, thread_name_prefix="k5serve-ray")
+        for _ in range(high):  # one job in flight per replica (with autoscaling, per replica it may have)
+            self._pool.submit(self._serve_forever)
         self._closed = False
         self._tasks_done: Counter[str] = Counter()  # per replica id, from the outputs
         self._view: dict[str, Any] = {}  # the replicas as Ray Serve and the registry last described them
@@ -106,14 +112,21 @@ class RayWorker(Worker):
     def submit(self, spec: GenerationSpec, on_progress: ProgressCallback | None = None, *,
                context: RequestContext | None = None) -> Future:
         check_lora_files(self._engine_config.lora_dir, spec.loras)
-        with self._lock:
-            if self._inflight >= self._capacity:
-                raise QueueFull(f"generation queue is full ({self._max_queue} tasks waiting for "
-                                f"{self._replicas} replica(s))")
-            self._inflight += 1
         future: Future = Future()
-        self._pool.submit(self._run, spec, on_progress, future, time.monotonic(), context)
+        share = (context.caller.name, context.caller.weight) if context is not None else ("", 1.0)
+        with self._lock:
+            try:
+                self._queue.put_nowait((spec, on_progress, future, time.monotonic(), context), *share)
+            except queue.Full:
+                raise QueueFull(f"generation queue is full ({self._max_queue} tasks waiting for "
+                                f"{self._replicas} replica(s))") from None
+            self._inflight += 1
         return future
+
+    def _serve_forever(self) -> None:
+        """One replica's turn: the next job of the fair queue, run to its end, again, until closed."""
+        while (job := self._queue.get()) is not None:
+            self._run(*job)
 
     def _run(self, spec: GenerationSpec, on_progress: ProgressCallback | None, future: Future,
              submitted: float, context: RequestContext | None) -> None:
@@ -173,7 +186,7 @@ class RayWorker(Worker):
 
     @property
     def queue_full(self) -> bool:
-        return self._inflight >= self._capacity
+        return self._queue.full()
 
     def unready(self) -> str | None:
         view = self._replica_view()
@@ -245,6 +258,10 @@ class RayWorker(Worker):
         if self._closed:
             return
         self._closed = True
+        for _, _, future, _, _ in self._queue.drain():  # never started: failed, not left hanging
+            if future.set_running_or_notify_cancel():
+                future.set_exception(GenerationError("the server stopped before this task started"))
+        self._queue.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._shutdown()
 

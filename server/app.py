@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from .store.images import DirectoryImageStore, ImageStore
 from .store.task_records import SQLiteTaskStore, TaskStore, webhook_error
 from .tasks.dispatcher import Dispatcher
 from .tasks.slot import ModelSlot
+from .tenants import Tenants
 from .transport import health, http, playground, task_view, ws
 from .transport.auth import Authenticator
 from .transport.errors import install_error_handlers
@@ -90,26 +92,27 @@ def recover(tasks: TaskStore, outbox: Outbox) -> None:
 
 def build_parts(config: ServerConfig, slot: ModelSlot) -> tuple[Parts, SharedStores | None]:
     """Every part of the server, wired together (nothing started yet)."""
+    auth = Authenticator(Tenants(config.api_keys, config.tenants_file))  # first: a bad tenants file stops here
     images = open_image_store(config)
     shared = SharedStores(config) if config.database else None
     tasks = shared.tasks if shared is not None else SQLiteTaskStore(config.task_db)
     outbox = Outbox(shared.outbox if shared is not None else config.outbox_db, allow_private=config.allow_private_urls)
     metrics = Metrics(TASK_TYPES, error_codes())
     probes = Probes(config, images, shared.db if shared is not None else None)
-    dispatcher = Dispatcher(config, slot, images, tasks, outbox, metrics, check_room=probes.check_room)
+    dispatcher = Dispatcher(config, slot, images, tasks, outbox, metrics, check_room=probes.check_room,
+                            tenants=auth.tenants)
     sessions = Sessions(config.ws_resume_window, config.ws_resume_buffer, shared.sessions if shared else None,
                         max_bytes=config.ws_resume_bytes, max_total_bytes=config.ws_resume_total_bytes,
                         instance=shared.instance if shared is not None else "",
                         on_drop=lambda reason, n: metrics.ws_frames_dropped.labels(reason).inc(n))
-    return Parts(config=config, auth=Authenticator(config.api_keys), slot=slot, dispatcher=dispatcher, images=images,
-                 tasks=tasks, outbox=outbox, sessions=sessions, metrics=metrics, probes=probes,
+    return Parts(config=config, auth=auth, slot=slot, dispatcher=dispatcher, images=images, tasks=tasks, outbox=outbox,
+                 sessions=sessions, metrics=metrics, probes=probes,
                  database=shared.db if shared is not None else None), shared
 
 
 def lifespan(parts: Parts, shared: SharedStores | None):
     """Start-up and shutdown, in order."""
-    background = Background(parts.config, parts.images, parts.tasks, parts.sessions, parts.probes,
-                            shared.sessions if shared is not None else None)
+    background = Background(parts, shared.sessions if shared is not None else None)
 
     @contextlib.asynccontextmanager
     async def run(app: FastAPI):
@@ -117,6 +120,8 @@ def lifespan(parts: Parts, shared: SharedStores | None):
         parts.slot.start()
         await parts.outbox.start()
         background.start()
+        if parts.auth.tenants.path is not None:
+            _on_sighup(background.reload_tenants)
         try:
             yield
         finally:
@@ -134,6 +139,12 @@ def lifespan(parts: Parts, shared: SharedStores | None):
             executors.shutdown()
 
     return run
+
+
+def _on_sighup(reload) -> None:
+    """SIGHUP re-reads the tenants file (where the loop can take signals: the main thread, not Windows)."""
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
 
 
 def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:

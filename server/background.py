@@ -1,6 +1,7 @@
 """What the server does between requests, each loop started and stopped here, in one place: the sweeps of
 expired images, task records and WebSocket sessions, the store and disk probes, and with a shared database
-(`--database`) this front-end's heartbeat and the relay of results other front-ends left for its sockets. (The
+(`--database`) this front-end's heartbeat and the relay of results other front-ends left for its sockets; with
+a tenants file, its watch (re-read when it changes, and on SIGHUP: `reload_tenants`). (The
 outbox's delivery loop is the `Outbox`'s own: `app.lifespan` starts it and flushes it at shutdown.)"""
 
 from __future__ import annotations
@@ -9,14 +10,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from .config import ServerConfig
-from .ops.probes import Probes
 from .protocol.errors import StoreUnavailable
 from .store import executors
-from .store.images import ImageStore
 from .store.session_buffers import SessionBuffer
-from .store.task_records import TaskStore
-from .transport.sessions import Sessions
+from .transport import ws
+from .transport.parts import Parts
 
 log = logging.getLogger("k5serve.app")
 
@@ -25,22 +23,41 @@ FRONTEND_LOST = ("The front-end running this task stopped before it finished (it
 
 
 class Background:
-    def __init__(self, config: ServerConfig, images: ImageStore, tasks: TaskStore, sessions: Sessions,
-                 probes: Probes, shared_sessions: SessionBuffer | None = None):
-        self.config, self.images, self.tasks, self.sessions = config, images, tasks, sessions
-        self.probes, self.shared_sessions = probes, shared_sessions
+    TENANTS_POLL = 1.0  # seconds between looks at the tenants file
+
+    def __init__(self, parts: Parts, shared_sessions: SessionBuffer | None = None):
+        self.parts = parts
+        self.config, self.images, self.tasks, self.sessions = parts.config, parts.images, parts.tasks, parts.sessions
+        self.probes, self.shared_sessions = parts.probes, shared_sessions
         self._jobs: list[asyncio.Task] = []
 
     def start(self) -> None:
         loops: list[Callable[[], Awaitable[None]]] = [self.sweep_forever, self.probes.run]
         if self.shared_sessions is not None:
             loops += [self.heartbeat_forever, self.relay_forever]
+        if self.parts.auth.tenants.path is not None:
+            loops.append(self.watch_tenants_forever)
         self._jobs = [asyncio.create_task(loop(), name=f"k5serve-{loop.__name__}") for loop in loops]
 
     def stop(self) -> None:
         for job in self._jobs:
             job.cancel()
         self._jobs = []
+
+    def reload_tenants(self) -> None:
+        """Re-read the tenants file now; close the connections of tenants that are gone or were given another
+        key. A file that does not parse changes nothing (the tenants in force stay; /health says why)."""
+        gone = self.parts.auth.tenants.reload()
+        if gone:
+            closed = ws.close_callers(self.parts, gone)
+            if closed:
+                log.info("closed %d WebSocket connection(s) of tenants removed or re-keyed", closed)
+
+    async def watch_tenants_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.TENANTS_POLL)
+            if self.parts.auth.tenants.changed():
+                self.reload_tenants()
 
     async def sweep_forever(self) -> None:
         """Remove what has expired, each store on its own: one store being away does not stop the others'."""

@@ -258,6 +258,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .config import ListenConfig, ServerConfig
     from .protocol.errors import SchemaError, StoreUnavailable
     from .tasks.slot import ModelSlot
+    from .tenants import TenantError
     from .transport.listen import serve
 
     config = opt.build(ServerConfig, args.options, vars(args))
@@ -314,6 +315,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise
     except (StoreUnavailable, SchemaError) as exc:
         raise SystemExit(f"error: {exc}") from None
+    except TenantError as exc:
+        raise SystemExit(f"error: --tenants {config.tenants_file}: {exc}") from None
     serve(app, listen, log_level=args.log_level.lower(), ws_max_size=config.ws_max_message_bytes,
           timeout_graceful_shutdown=int(config.shutdown_timeout) + 5)
     return 0

@@ -10,7 +10,8 @@ from pathlib import Path
 @dataclass(frozen=True)
 class ServerConfig:
     data_dir: Path = Path(".k5serve")
-    api_keys: tuple[str, ...] = ()  # empty = open access
+    api_keys: tuple[str, ...] = ()  # empty (and no tenants file) = open access
+    tenants_file: Path | None = None  # TOML [[tenant]] tables (server/tenants.py), re-read when it changes
     public_url: str | None = None  # base for image URLs; default: the request's own scheme://host
     model_aliases: tuple[str, ...] = ()  # extra model ids accepted as this model
     max_queue: int = 64  # tasks waiting for the generation worker (besides the running one) before 429s

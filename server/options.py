@@ -251,6 +251,8 @@ SERVE_OPTIONS = MODEL_OPTIONS + (
            "more are answered 503 and closed (the open-file limit is raised to fit)", type=positive),
     Option("api-key", ServerConfig, "api_keys", "accepted API key (repeatable); none = open access", kind="list",
            env_name="K5SERVE_API_KEYS"),
+    Option("tenants", ServerConfig, "tenants_file", "TOML file of tenants: a name, a key (or its SHA-256), a "
+           "fair-share weight, limits, admin; re-read when it changes and on SIGHUP", type=Path),
     Option("public-url", ServerConfig, "public_url", "base URL for image links (default: the request's own host)"),
     Option("model-alias", ServerConfig, "model_aliases", "extra model id accepted (repeatable)", kind="list"),
     Option("max-queue", ServerConfig, "max_queue", "tasks waiting for the GPU before 429s", type=int),

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from k5serve.server.store.task_records import SQLiteTaskStore, TaskRecord
+from k5serve.server.tenants import Tenants
 from k5serve.server.transport.auth import Authenticator
 
 from k5serve.context import ANONYMOUS, Caller, request_id
@@ -41,13 +42,13 @@ def test_the_request_id_is_a_valid_traceparents_trace_id_or_new(header, kept):
 
 def test_callers_are_named_from_the_key_never_by_it():
     keys = ("first-key-long-enough", "second-key-long-enough")
-    auth = Authenticator(keys)
+    auth = Authenticator(Tenants(keys))
     first = auth.identify(keys[0])
     assert first == Caller("key-" + hashlib.sha256(keys[0].encode()).hexdigest()[:16], operator=True)
     assert keys[0] not in repr(first) and first != auth.identify(keys[1])
     assert auth.identify(keys[0]) == first  # stable
     assert auth.identify("wrong") is None and auth.identify(None) is None and auth.identify("") is None
-    assert Authenticator(()).identify("anything") is ANONYMOUS and ANONYMOUS.operator
+    assert Authenticator(Tenants(())).identify("anything") is ANONYMOUS and ANONYMOUS.operator
 
 
 def test_an_older_sqlite_file_gains_the_caller_column(tmp_path):

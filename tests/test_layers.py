@@ -22,10 +22,11 @@ GPU_STACK = ("torch", "diffusers", "transformers", "peft", "cache_dit", "ray")  
 
 # Inside the server, its sub-packages by concern, lowest first: each may import its own sub-package and those
 # ranked below it, never one ranked the same or above. The modules at the top of server/ (app, cli, options,
-# background) assemble the rest; config (plain settings) sits below everything.
-SERVER_PARTS = {"k5serve.server.config": 0, "k5serve.server.protocol": 1, "k5serve.server.store": 2,
-                "k5serve.server.ops": 3, "k5serve.server.outbound": 3, "k5serve.server.tasks": 4,
-                "k5serve.server.transport": 5, "k5serve.server": 6}
+# background) assemble the rest; config and tenants (settings, the latter re-read while serving) sit below
+# everything.
+SERVER_PARTS = {"k5serve.server.config": 0, "k5serve.server.tenants": 0, "k5serve.server.protocol": 1,
+                "k5serve.server.store": 2, "k5serve.server.ops": 3, "k5serve.server.outbound": 3,
+                "k5serve.server.tasks": 4, "k5serve.server.transport": 5, "k5serve.server": 6}
 
 
 def package_modules() -> dict[str, Path]:
@@ -103,7 +104,7 @@ def test_the_server_has_sub_packages_by_concern():
             "k5serve.server.transport.http", "k5serve.server.transport.ws"} <= set(modules)
     top = sorted(m.rpartition(".")[2] for m in modules if m.count(".") == 2 and m.startswith("k5serve.server.")
                  and not (ROOT / "server" / m.rpartition(".")[2]).is_dir())
-    assert top == ["app", "background", "cli", "config", "options"], top
+    assert top == ["app", "background", "cli", "config", "options", "tenants"], top
     for package in {m.rsplit(".", 1)[0] for m in modules if m.startswith("k5serve.server.")}:
         assert package in modules, f"{package} has no __init__.py"
 

@@ -19,6 +19,10 @@ from test_http_api import only_error, only_item
 from test_ws import Client
 from websockets.exceptions import ConnectionClosed
 
+from k5serve.context import ANONYMOUS, RequestContext
+
+CONTEXT = RequestContext(ANONYMOUS, "http")  # what a transport hands a handler
+
 OTHER_KEY = "k5-other-key-abcdefghijklmnopqrstuv"
 
 
@@ -164,11 +168,11 @@ def test_repeated_get_response_shares_one_answer_and_one_frame(tmp_path):
     raw = {"taskType": "getResponse", "taskUUID": task_uuid}
 
     async def many():
-        return await asyncio.gather(*(handler(raw, "") for _ in range(50)))
+        return await asyncio.gather(*(handler(raw, CONTEXT) for _ in range(50)))
 
     answers = asyncio.run(many())
     assert all(a is answers[0] for a in answers) and Counted.reads == 1  # one read, one answer for all in flight
-    later = asyncio.run(handler(raw, ""))
+    later = asyncio.run(handler(raw, CONTEXT))
     assert later is answers[0] and Counted.reads == 1  # and for every request while it is held
     assert data_frame(later[0]) is data_frame(answers[0][0])  # encoded once
     assert later[0]["status"] == "success" and later[0]["imageBase64Data"] == big["imageBase64Data"]

@@ -29,7 +29,8 @@ from ..protocol.validation import check_task_uuid, well_formed_uuid
 from ..protocol.wire import encodable
 from ..store.images import ImageStore
 from ..store.task_records import TaskStore
-from .admission import Admission, Connection
+from ..tenants import Tenants
+from .admission import Admission, Connection, TenantLimits
 from .delivery import Delivery
 from .get_response import GetResponse
 from .image_inference import ImageInference
@@ -63,6 +64,7 @@ class Dispatcher:
         outbox: Outbox | None = None,
         metrics: Metrics | None = None,
         check_room: Callable[[], None] = lambda: None,
+        tenants: Tenants | None = None,
     ):
         self.metrics = metrics
         self.retry_after = config.retry_after
@@ -70,7 +72,8 @@ class Dispatcher:
         limits = Limits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
                         allow_private_urls=config.allow_private_urls)  # for every input image, whatever the task
         self.inference = ImageInference(config, slot, images, tasks, Delivery(config, images, tasks, outbox, metrics),
-                                        limits, check_room)
+                                        limits, check_room,
+                                        TenantLimits(tenants, config.retry_after) if tenants is not None else None)
         self.handlers: dict[str, Handler] = {
             "imageInference": self.inference,
             "getResponse": GetResponse(tasks, config.poll_wait),

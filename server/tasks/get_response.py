@@ -5,6 +5,9 @@ that are in flight at the same time share one database read, and every request t
 answer is still held (waiting to be sent to a slow client, say) gets that same answer, whose frame is encoded
 once (`wire.SharedItem`). A client asking for a large result many times costs one copy of it, not one per
 request.
+
+A task belongs to the caller that sent it (its record's `caller`): another tenant's taskUUID is answered
+exactly as an unknown one, at once, whatever the task's state (an admin reads every tenant's tasks).
 """
 
 from __future__ import annotations
@@ -24,10 +27,16 @@ from ..store import executors
 from ..store.task_records import ERROR, TaskRecord, TaskStore
 
 
+def _visible(owner: str | None, ctx: RequestContext) -> bool:
+    """Whether this caller may read a task of `owner` (None: a record written before callers were kept)."""
+    return ctx.caller.operator or owner == ctx.caller.name
+
+
 class _Answer(list):
     """The success items of a finished task, shared while anyone holds them (a list subclass: weakly referable)."""
 
     expires_at: float
+    caller: str | None
 
 
 class GetResponse:
@@ -40,9 +49,11 @@ class GetResponse:
     async def __call__(self, raw: dict[str, Any], ctx: RequestContext) -> list[dict]:
         task_uuid = parse(GetResponseTask, raw).taskUUID
         answer = self._answers.get(task_uuid)
-        if answer is not None and answer.expires_at > time.time():
+        if answer is not None and answer.expires_at > time.time() and _visible(answer.caller, ctx):
             return answer
         record = await self._read(task_uuid)
+        if record is not None and not _visible(record.caller, ctx):
+            record = None  # another tenant's: as unknown, and as fast
         deadline = time.monotonic() + self.poll_wait
         while record is not None and not record.done and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -73,5 +84,6 @@ class GetResponse:
         if answer is None:
             answer = _Answer(SharedItem(item, status="success") for item in record.items)
             answer.expires_at = record.expires_at
+            answer.caller = record.caller
             self._answers[record.task_uuid] = answer
         return answer

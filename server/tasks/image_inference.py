@@ -8,6 +8,7 @@ it, async callers get an acknowledgement and poll `getResponse`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from ..protocol.validation import FEATURES, image_input, parse_image_inference
 from ..store import executors
 from ..store.images import ImageStore
 from ..store.task_records import TaskRecord, TaskStore
+from .admission import TenantLimits
 from .delivery import Delivery
 from .input_images import ImageInputError, Limits, load_image_bytes, prepare
 from .slot import ModelSlot
@@ -47,6 +49,7 @@ class ActiveTask:
     steps: int
     number_results: int
     submitted: float  # time.time()
+    caller: str = ""  # who sent it (`Caller.name`): the queue view shows a tenant only its own
     step: int = 0
     total: int = 0  # set by the first progress report (step 0 of N), when denoising starts
 
@@ -57,8 +60,10 @@ class ActiveTask:
 
 class ImageInference:
     def __init__(self, config: ServerConfig, slot: ModelSlot, images: ImageStore, tasks: TaskStore,
-                 delivery: Delivery, limits: Limits, check_room: Callable[[], None] = lambda: None):
+                 delivery: Delivery, limits: Limits, check_room: Callable[[], None] = lambda: None,
+                 tenant_limits: TenantLimits | None = None):
         self.config = config
+        self.tenant_limits = tenant_limits  # a tenant's own max_queued / max_per_minute (tenants file)
         self.check_room = check_room  # raises StorageFull while the disk is too full to take work (ops.probes.Probes)
         self.slot = slot
         self.images = images
@@ -69,6 +74,7 @@ class ImageInference:
         self._limits = limits
         self.active: dict[str, ActiveTask] = {}  # in submission order
         self.finished = {"tasks": 0, "failed": 0, "images": 0}  # since start-up
+        self.finished_by: dict[str, dict[str, int]] = {}  # the same, per caller
 
     async def __call__(self, raw: dict[str, Any], ctx: RequestContext) -> list[dict]:
         worker = self.slot.worker
@@ -95,7 +101,22 @@ class ImageInference:
                     await check_url(url, allow_private=self.config.allow_private_urls, purpose=parameter)
                 except OutboundURLError as exc:
                     raise fail(error_code("invalid", parameter), str(exc), 400, parameter=parameter) from None
+        refused = self.tenant_limits.take(ctx.caller.name) if self.tenant_limits is not None else None
+        if refused is not None:
+            why, wait = refused
+            raise fail("rateLimitExceeded", f"Too many tasks: {why}; retry after {wait} s.", 429, retryAfter=wait)
+        try:
+            job = await self._start(task, worker, ctx, fail)
+        except BaseException:
+            if self.tenant_limits is not None:
+                self.tenant_limits.done(ctx.caller.name)  # it never became a job
+            raise
+        if task.deliveryMethod == "async":
+            return [{"taskType": task.taskType, "taskUUID": task.taskUUID}]
+        return await asyncio.shield(job)
 
+    async def _start(self, task: ImageInferenceTask, worker, ctx: RequestContext, fail) -> asyncio.Future:
+        """Store the record, queue the generation, and start the job that finishes it (returned)."""
         self.check_room()  # refused before generating: a result could not be stored
         spec = to_spec(task, **await self._input_image(task))
         now = time.time()
@@ -112,9 +133,11 @@ class ImageInference:
             loop.call_soon_threadsafe(self._record_progress, task.taskUUID, step, total)
 
         try:
+            if self.tenant_limits is not None:
+                ctx = self.tenant_limits.current(ctx)  # its share as the tenants file says now
             future = worker.submit(spec, on_progress, context=ctx)
             self.active[task.taskUUID] = ActiveTask(task.taskUUID, spec.width, spec.height, spec.steps,
-                                                    spec.num_images, now)
+                                                    spec.num_images, now, ctx.caller.name)
         except InvalidInput as exc:
             await executors.database(self.tasks.delete, task.taskUUID)
             raise input_error(exc, task.taskType, task.taskUUID) from None
@@ -122,12 +145,10 @@ class ImageInference:
             await executors.database(self.tasks.delete, task.taskUUID)  # never ran: the client may retry it
             raise fail("rateLimitExceeded", f"The server is busy ({exc}); retry after "
                        f"{self.config.retry_after} s.", 429) from None
-        job = asyncio.ensure_future(self._finish(task, spec, future, ctx.base_url))
+        job = asyncio.ensure_future(self._finish(task, spec, future, ctx.base_url, ctx.caller.name))
         self._jobs.add(job)
-        job.add_done_callback(self._job_done)
-        if task.deliveryMethod == "async":
-            return [{"taskType": task.taskType, "taskUUID": task.taskUUID}]
-        return await asyncio.shield(job)
+        job.add_done_callback(functools.partial(self._job_done, ctx.caller.name))
+        return job
 
     async def _input_image(self, task: ImageInferenceTask) -> dict[str, Any]:
         """Fetch, check and size the task's input image: {"reference_image" or "init_image": image} or {}."""
@@ -151,12 +172,20 @@ class ImageInference:
         job = asyncio.ensure_future(executors.database(self.tasks.progress, task_uuid, step, total))
         job.add_done_callback(lambda j: j.cancelled() or j.exception())  # StoreUnavailable: the next step retries
 
-    def _job_done(self, job: asyncio.Task) -> None:
-        self._jobs.discard(job)
-        failed = job.cancelled() or job.exception() is not None  # async tasks have no awaiter: errors are in the record
-        self.finished["failed" if failed else "tasks"] += 1
+    def _count(self, caller: str, what: str, n: int = 1) -> None:
+        self.finished[what] += n
+        mine = self.finished_by.setdefault(caller, {"tasks": 0, "failed": 0, "images": 0})
+        mine[what] += n
 
-    async def _finish(self, task: ImageInferenceTask, spec: GenerationSpec, future, base_url: str) -> list[dict]:
+    def _job_done(self, caller: str, job: asyncio.Task) -> None:
+        self._jobs.discard(job)
+        if self.tenant_limits is not None:
+            self.tenant_limits.done(caller)
+        failed = job.cancelled() or job.exception() is not None  # async tasks have no awaiter: errors are in the record
+        self._count(caller, "failed" if failed else "tasks")
+
+    async def _finish(self, task: ImageInferenceTask, spec: GenerationSpec, future, base_url: str,
+                      caller: str = "") -> list[dict]:
         """Await the generation, then deliver or record the failure. Runs to the end even if the requester
         went away."""
         worker = ""  # which worker failed it, when one did
@@ -176,7 +205,7 @@ class ImageInference:
                                  f"{len(output.nsfw)} image(s) as NSFW; this server withholds flagged results.",
                                  parameter="safety", task_type=task.taskType, task_uuid=task.taskUUID)
             items = await self.delivery.succeed(task, spec, output, base_url)
-            self.finished["images"] += len(output.images)
+            self._count(caller, "images", len(output.images))
             return items
         except asyncio.CancelledError:
             future.cancel()

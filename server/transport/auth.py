@@ -1,43 +1,30 @@
-"""API keys: compared in constant time, never logged; a valid key becomes its `Caller`."""
+"""API keys: checked against the tenants in force (`server.tenants`), in constant time, never logged; a valid key
+becomes its `Caller`."""
 
 from __future__ import annotations
 
-import hmac
-
 from starlette.requests import HTTPConnection
 
-from k5serve.context import ANONYMOUS, Caller, RequestContext, request_id
+from k5serve.context import Caller, RequestContext, request_id
+
+from ..tenants import Tenants
 
 
 class Authenticator:
-    def __init__(self, keys: tuple[str, ...]):
-        self._keys = tuple(k.encode() for k in keys)
-        self._callers = {k: Caller.for_key(k) for k in keys}  # by key: computed once, not per request
-        if len(set(self._callers.values())) < len(set(keys)):  # (16 hex digits of SHA-256: not in practice)
-            raise ValueError("two API keys have the same caller name; use another key")
+    def __init__(self, tenants: Tenants):
+        self.tenants = tenants
 
     @property
     def open(self) -> bool:
-        return not self._keys
+        return self.tenants.open
 
     def check(self, key: object) -> bool:
-        if self.open:
-            return True
-        if not isinstance(key, str) or not key:
-            return False
-        candidate = key.encode("utf-8", "surrogatepass")  # a lone surrogate cannot match, and must not raise
-        # Compare against every key, without an early exit, so timing says nothing about which matched.
-        matched = False
-        for known in self._keys:
-            matched |= hmac.compare_digest(candidate, known)
-        return matched
+        return self.identify(key) is not None
 
     def identify(self, key: object) -> Caller | None:
-        """Who calls with `key`: its `Caller` (named from the key's digest, never the key itself), or None when
-        the key is not valid. Every caller of a server without keys is `ANONYMOUS`."""
-        if not self.check(key):
-            return None
-        return ANONYMOUS if self.open else self._callers[key]
+        """Who calls with `key`: its tenant's `Caller` (a name, never the key), or None when no tenant has that
+        key. Every caller of a server without keys is `anonymous`."""
+        return self.tenants.identify(key)
 
 
 def bearer(header: str) -> str | None:

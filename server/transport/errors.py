@@ -34,15 +34,17 @@ def http_error(*errors: TaskError) -> wire.WireResponse:
 def batch_response(results: list[tuple[list[dict], TaskError | None]], retry_after: int) -> wire.WireResponse:
     """The answer to a `POST /v1` batch: every task's items under `data`, every failed task's error under
     `errors`; 200 when any task produced items (or none failed), else the highest error status, with
-    Retry-After on a 429."""
+    Retry-After on a 429 (the longest wait its refusals name, else `retry_after`)."""
     data = [item for items, _ in results for item in items]
     errors = [error for _, error in results if error is not None]
     body: dict[str, Any] = {"data": data} if data or not errors else {}
     if errors:
         body |= _body(errors)
     status = 200 if data or not errors else max(e.http_status for e in errors)
-    return wire.WireResponse(body, status_code=status, headers={"Retry-After": str(retry_after)} if status == 429
-                             else None)
+    if status != 429:
+        return wire.WireResponse(body, status_code=status)
+    wait = max((e.item.model_extra or {}).get("retryAfter", retry_after) for e in errors if e.http_status == 429)
+    return wire.WireResponse(body, status_code=status, headers={"Retry-After": str(wait)})
 
 
 async def _task_error(request: Request, exc: TaskError) -> wire.WireResponse:

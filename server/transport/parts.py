@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # (psycopg: only with --database)
 class WebSocketCounts:
     open: int = 0  # connections accepted and not yet closed
     unauthenticated: int = 0  # of those, the ones that have not authenticated yet
+    by_caller: dict[str, set] = field(default_factory=dict)  # caller name -> its authenticated connections
 
 
 @dataclass

@@ -28,13 +28,14 @@ from ..tasks.admission import Connection
 from .auth import request_context
 from .errors import ws_error_frame
 from .parts import Parts, parts
-from .sessions import Session
+from .sessions import Session, close_soon
 
 log = logging.getLogger("k5serve.ws")
 router = APIRouter()
 
 COMMON_MESSAGE_LIMIT = 1024 * 1024  # what some clients accept per message (the `websockets` library default)
 PONG = {"data": [{"taskType": "ping", "pong": True}]}
+REVOKED = (4003, "this API key is no longer accepted (its tenant was removed or given another key)")
 
 
 def _http_base(ws: WebSocket) -> str:
@@ -112,6 +113,7 @@ class _Socket:
             return
         if self.session is not None:
             self.session.detach(self.ws)
+        self._register(caller.name)
         self.ctx = self._context(caller)
         self.session, resumed = await self.app.sessions.open(self.ws, raw.get("connectionSessionUUID"), caller.name, (
             lambda uuid: {"data": [{"taskType": "authentication", "connectionSessionUUID": uuid}]}))
@@ -120,6 +122,17 @@ class _Socket:
             self.waiting = False
         if resumed:
             await self.session.flush()
+
+    def _register(self, name: str | None) -> None:
+        """Listed under its caller's name (`close_callers`), and under no other."""
+        registry = self.app.websockets.by_caller
+        if self.ctx is not None and self.ctx.caller.name != name:
+            mine = registry.get(self.ctx.caller.name, set())
+            mine.discard(self)
+            if not mine:
+                registry.pop(self.ctx.caller.name, None)
+        if name is not None:
+            registry.setdefault(name, set()).add(self)
 
     def _context(self, caller: Caller) -> RequestContext:
         return request_context(self.ws, caller, "websocket", _http_base(self.ws))
@@ -139,6 +152,7 @@ class _Socket:
     def close(self) -> None:
         if self.waiting:
             self.app.websockets.unauthenticated -= 1
+        self._register(None)
         if self.session is not None:
             self.session.detach(self.ws)
 
@@ -165,6 +179,15 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     finally:
         app.websockets.open -= 1
         socket.close()
+
+
+def close_callers(app: Parts, names: set[str]) -> int:
+    """Close every connection of these callers (tenants removed, or whose key changed): code 4003, with the
+    reason; their sessions keep what finishes until the resume window ends. -> how many were closed."""
+    sockets = [socket for name in names for socket in app.websockets.by_caller.get(name, ())]
+    for socket in sockets:
+        close_soon(socket.ws, *REVOKED)
+    return len(sockets)
 
 
 async def _run(app: Parts, session: Session, raw: Any, ctx: RequestContext) -> None:

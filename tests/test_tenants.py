@@ -1,0 +1,307 @@
+"""Tenants (`--tenants FILE`): each key its own name, its own tasks; the file re-read while serving.
+
+One real server on tiny weights with three tenants (web, batch, and ops, an admin), driven over HTTP, a raw
+WebSocket and the unmodified runware SDK. The reload test comes last: it changes the tenants."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sqlite3
+import time
+import uuid
+
+import httpx
+import pytest
+from conftest import task
+from k5serve.server.tenants import TenantError, Tenants, key_digest, parse_tenants
+from test_http_api import only_error, only_item
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+WEB, BATCH, OPS, LATE, CAPPED, METERED = (f"tenant-{n}-key-0123456789abcdef"
+                                           for n in ("web", "batch", "ops", "late", "capped", "metered"))
+
+
+def tenants_toml(*entries: str) -> str:
+    return "\n".join(entries)
+
+
+WEB_T = f'[[tenant]]\nname = "web"\nkey = "{WEB}"\nweight = 2\n'
+BATCH_T = f'[[tenant]]\nname = "batch"\nkey_sha256 = "{key_digest(BATCH)}"\n'
+OPS_T = f'[[tenant]]\nname = "ops"\nkey = "{OPS}"\nadmin = true\n'
+LATE_T = f'[[tenant]]\nname = "late"\nkey = "{LATE}"\n'
+CAPPED_T = f'[[tenant]]\nname = "capped"\nkey = "{CAPPED}"\nmax_queued = 1\n'
+METERED_T = f'[[tenant]]\nname = "metered"\nkey = "{METERED}"\nmax_per_minute = 2\n'
+
+
+@pytest.fixture(scope="module")
+def tenants_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tenants") / "tenants.toml"
+    path.write_text(tenants_toml(WEB_T, BATCH_T, OPS_T, CAPPED_T, METERED_T))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(start_server, tenants_file):
+    return start_server("--tenants", str(tenants_file), "--poll-wait", "1")
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def caller_of(server, task_uuid: str) -> str | None:
+    with sqlite3.connect(server.data_dir / "tasks.sqlite3") as db:
+        return db.execute("SELECT caller FROM tasks WHERE task_uuid = ?", (task_uuid,)).fetchone()[0]
+
+
+def get_response(server, key: str, task_uuid: str) -> httpx.Response:
+    return server.post([{"taskType": "getResponse", "taskUUID": task_uuid}], headers=auth(key))
+
+
+def finished(server, key: str, task_uuid: str) -> dict:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        body = get_response(server, key, task_uuid).json()
+        items = body.get("data", [])
+        if items and all(i.get("status") == "success" for i in items):
+            return items[0]
+    raise AssertionError(f"task {task_uuid} did not finish")
+
+
+# --- the file -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, says", [
+    ('[[tenant]]\nname = "a"\n', "exactly one of key and key_sha256"),
+    ('[[tenant]]\nname = "a"\nkey = "k"\nkey_sha256 = "' + "0" * 64 + '"\n', "exactly one of key and key_sha256"),
+    ('[[tenant]]\nname = "a"\nkey_sha256 = "abc"\n', "64 hex digits"),
+    ('[[tenant]]\nname = "a b"\nkey = "k"\n', "name must be"),
+    ('[[tenant]]\nname = "a"\nkey = "k"\nweight = 0\n', "weight must be a number above 0"),
+    ('[[tenant]]\nname = "a"\nkey = "k"\nmax_queued = 0\n', "max_queued must be a whole number"),
+    ('[[tenant]]\nname = "a"\nkey = "k"\nmax_per_minute = 1.5\n', "max_per_minute must be a whole number"),
+    ('[[tenant]]\nname = "a"\nkey = "k"\nadmin = "yes"\n', "admin must be true or false"),
+    ('[[tenant]]\nname = "a"\nkey = "k"\npriority = 1\n', "unknown field(s) priority"),
+    ('[tenant]\nname = "a"\n', "[[tenant]] tables"),
+    ('[[tenants]]\nname = "a"\n', "unknown top-level key(s) tenants"),
+    ('[[tenant]\nname = "a"', "not valid TOML"),
+])
+def test_a_file_that_cannot_be_used_says_where_and_why(text, says):
+    with pytest.raises(TenantError) as exc:
+        parse_tenants(text)
+    assert says in str(exc.value)
+
+
+def test_names_and_keys_are_unique_and_api_keys_are_admin_tenants(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(WEB_T + WEB_T.replace('"web"', '"web2"'))
+    with pytest.raises(TenantError, match="has the key of another tenant"):
+        Tenants((), path)
+    path.write_text(WEB_T + BATCH_T.replace('"batch"', '"web"'))
+    with pytest.raises(TenantError, match="named twice"):
+        Tenants((), path)
+    path.write_text(WEB_T)
+    tenants = Tenants(("an-api-key-long-enough",), path)
+    web, legacy = tenants.identify(WEB), tenants.identify("an-api-key-long-enough")
+    assert web.name == "web" and not web.operator and tenants.get("web").weight == 2
+    assert legacy.name == "key-" + key_digest("an-api-key-long-enough")[:16] and legacy.operator
+    assert tenants.identify(BATCH) is None and tenants.identify("") is None and tenants.identify(None) is None
+    assert not tenants.open and Tenants((), None).open
+
+
+# --- against the server -----------------------------------------------------------------------------------------
+
+
+def test_each_tenant_calls_under_its_own_name(server, tenants_file):
+    health = httpx.get(server.url + "/health").json()
+    assert health["tenants"]["count"] == 5 and health["tenants"]["file"] == str(tenants_file)
+    assert "error" not in health["tenants"]
+    t = task()
+    only_item(server.post([t], headers=auth(WEB)))
+    assert caller_of(server, t["taskUUID"]) == "web"
+    err = only_error(server.post([task()], headers=auth("not-a-tenant-key-0123456789")), 401)
+    assert err["code"] == "invalidApiKey"
+    log = server.log()
+    assert all(key not in log for key in (WEB, BATCH, OPS))
+
+
+def test_get_response_shows_a_tenant_only_its_own_tasks(server):
+    mine = task(deliveryMethod="async")
+    assert server.post([mine], headers=auth(WEB)).status_code == 200
+    unknown = str(uuid.uuid4())
+    # Another tenant's task, running or finished, is answered exactly as an unknown one.
+    for _ in range(2):
+        theirs = get_response(server, BATCH, mine["taskUUID"])
+        never = get_response(server, BATCH, unknown)
+        assert theirs.status_code == never.status_code == 404
+        a, b = theirs.json()["errors"][0], never.json()["errors"][0]
+        assert a.pop("taskUUID") == mine["taskUUID"] and b.pop("taskUUID") == unknown
+        assert a["message"].replace(mine["taskUUID"], "X") == b["message"].replace(unknown, "X")
+        a.pop("message"), b.pop("message")
+        assert a == b
+        finished(server, WEB, mine["taskUUID"])
+    assert finished(server, OPS, mine["taskUUID"])["taskUUID"] == mine["taskUUID"]  # an admin reads every task
+
+
+def test_over_the_sdk_another_tenants_task_is_unknown(server):
+    from runware import IImageInference, Runware, RunwareAPIError
+
+    async def with_sdk(key, body):
+        rw = Runware(api_key=key, url=server.url.replace("http", "ws") + "/v1", log_level=logging.WARNING)
+        await asyncio.wait_for(rw.connect(), 15)
+        try:
+            return await body(rw)
+        finally:
+            await rw.disconnect()
+
+    request = IImageInference(model="runware:kandinsky-5.0-image-lite@1", positivePrompt="a fox", width=1024,
+                              height=1024, steps=10, seed=3, deliveryMethod="async")
+    ack = asyncio.run(with_sdk(WEB, lambda rw: rw.imageInference(requestImage=request)))
+    [mine] = asyncio.run(with_sdk(WEB, lambda rw: rw.getResponse(taskUUID=ack.taskUUID)))
+    assert mine.status == "success"
+    for key in (BATCH,):
+        with pytest.raises(RunwareAPIError) as exc:
+            asyncio.run(with_sdk(key, lambda rw: rw.getResponse(taskUUID=ack.taskUUID)))
+        assert "taskFailedOrNotFound" in str(exc.value)
+    [seen] = asyncio.run(with_sdk(OPS, lambda rw: rw.getResponse(taskUUID=ack.taskUUID)))
+    assert seen.imageUUID == mine.imageUUID
+
+
+def test_the_queue_view_shows_a_tenant_only_its_own_tasks(server):
+    web_tasks = [task(deliveryMethod="async") for _ in range(3)]
+    batch_task = task(deliveryMethod="async")
+    for t in web_tasks:
+        assert server.post([t], headers=auth(WEB)).status_code == 200
+    assert server.post([batch_task], headers=auth(BATCH)).status_code == 200
+    web_ids = {t["taskUUID"][:8] for t in web_tasks}
+    batch_id = batch_task["taskUUID"][:8]
+    views = {key: httpx.get(server.url + "/tasks", headers=auth(key)).json() for key in (WEB, BATCH, OPS)}
+    assert views[WEB]["tasks"] and {r["id"] for r in views[WEB]["tasks"]} <= web_ids  # the batch task: last, queued
+    assert [r["id"] for r in views[BATCH]["tasks"]] == [batch_id] and "tenant" not in views[BATCH]["tasks"][0]
+    assert views[BATCH]["tasks"][0]["position"] >= 1
+    tenants = {r["id"]: r["tenant"] for r in views[OPS]["tasks"]}
+    assert tenants[batch_id] == "batch" and set(tenants.values()) <= {"web", "batch"}
+    for t in web_tasks:
+        finished(server, WEB, t["taskUUID"])
+    finished(server, BATCH, batch_task["taskUUID"])
+    mine = httpx.get(server.url + "/tasks", headers=auth(BATCH)).json()
+    assert mine["tasks"] == [] and mine["tasksCompleted"] == 1  # its own counts
+    assert httpx.get(server.url + "/tasks", headers=auth(OPS)).json()["tasksCompleted"] >= 5
+
+
+def test_max_queued_bounds_a_tenants_tasks_in_flight_and_no_one_elses(server):
+    first, second = task(deliveryMethod="async"), task(deliveryMethod="async")
+    assert server.post([first], headers=auth(CAPPED)).status_code == 200
+    refused = server.post([second], headers=auth(CAPPED))
+    err = only_error(refused, 429)
+    assert err["code"] == "rateLimitExceeded" and "max_queued" in err["message"]
+    assert err["taskUUID"] == second["taskUUID"]
+    assert refused.headers["Retry-After"] == str(err["retryAfter"]) == "5"
+    other = task(deliveryMethod="async")
+    assert server.post([other], headers=auth(WEB)).status_code == 200  # other tenants: unaffected
+    finished(server, CAPPED, first["taskUUID"])
+    _until(lambda: server.post([task(deliveryMethod="async")], headers=auth(CAPPED)).status_code == 200)
+    finished(server, WEB, other["taskUUID"])
+
+
+def test_max_per_minute_bounds_a_tenants_submissions(server):
+    accepted = [server.post([task(deliveryMethod="async")], headers=auth(METERED)) for _ in range(2)]
+    assert [r.status_code for r in accepted] == [200, 200]
+    refused = server.post([task(deliveryMethod="async")], headers=auth(METERED))
+    err = only_error(refused, 429)
+    assert err["code"] == "rateLimitExceeded" and "max_per_minute" in err["message"]
+    assert 1 <= int(refused.headers["Retry-After"]) == err["retryAfter"] <= 60
+    assert server.post([task(deliveryMethod="async")], headers=auth(WEB)).status_code == 200
+
+
+def _done_order(server, task_uuids: set[str]) -> list[str]:
+    """The tasks among these in the order their results were stored (their log lines)."""
+    order = []
+    for line in server.log().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("taskUUID") in task_uuids and " done: " in entry["message"]:
+                order.append(entry["taskUUID"])
+    return order
+
+
+def test_a_newcomer_waits_for_at_most_one_task_of_a_flood(server):
+    """Fair share on the local worker (one slot): web floods the queue, then batch sends one task; batch's
+    task runs as soon as the web task running when it came has finished, not after the whole flood."""
+    _until(lambda: httpx.get(server.url + "/tasks", headers=auth(OPS)).json()["tasks"] == [], timeout=300)
+    flood = [task(deliveryMethod="async") for _ in range(6)]
+    assert server.post(flood, headers=auth(WEB)).status_code == 200
+    one = task(deliveryMethod="async")
+    assert server.post([one], headers=auth(BATCH)).status_code == 200
+    for t in flood:
+        finished(server, WEB, t["taskUUID"])
+    finished(server, BATCH, one["taskUUID"])
+    order = _done_order(server, {t["taskUUID"] for t in flood} | {one["taskUUID"]})
+    names = {t["taskUUID"]: f"web{i}" for i, t in enumerate(flood)} | {one["taskUUID"]: "batch"}
+    assert len(order) == 7 and order.index(one["taskUUID"]) <= 1, [names[u] for u in order]  # FIFO: it'd be last
+
+
+def _until(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def _ws(server, key):
+    ws = connect(server.url.replace("http", "ws") + "/v1", open_timeout=10).__enter__()
+    ws.send(json.dumps([{"taskType": "authentication", "apiKey": key}]))
+    assert "data" in json.loads(ws.recv(timeout=10))
+    return ws
+
+
+def _pong(ws) -> bool:
+    ws.send(json.dumps([{"taskType": "ping", "ping": True}]))
+    return json.loads(ws.recv(timeout=10))["data"][0]["pong"] is True
+
+
+def test_the_file_is_reread_while_serving(server, tenants_file):
+    """Adding and removing tenants takes effect without a restart; a removed tenant's sockets are closed with the
+    reason, the others stay open; a broken file changes nothing and /health says why; SIGHUP re-reads it even
+    when nothing about the file's time or size changed."""
+    web, batch = _ws(server, WEB), _ws(server, BATCH)
+    try:
+        tenants_file.write_text(tenants_toml(WEB_T, OPS_T, LATE_T))
+        _until(lambda: server.post([{"taskType": "ping", "ping": True}], headers=auth(LATE)).status_code == 200)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                batch.recv(timeout=10)
+        assert closed.value.rcvd.code == 4003 and "no longer accepted" in closed.value.rcvd.reason
+        assert only_error(server.post([task()], headers=auth(BATCH)), 401)["code"] == "invalidApiKey"
+        assert _pong(web)
+        assert httpx.get(server.url + "/health").json()["tenants"]["count"] == 3
+
+        tenants_file.write_text("[[tenant]\nthis is not TOML")
+        _until(lambda: "error" in httpx.get(server.url + "/health").json()["tenants"])
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 200 and "not valid TOML" in health.json()["tenants"]["error"]
+        assert server.post([{"taskType": "ping", "ping": True}], headers=auth(LATE)).status_code == 200
+        assert _pong(web)
+
+        # Same size, same modification time: only SIGHUP tells the server to look again.
+        text = tenants_toml(WEB_T, OPS_T, LATE_T)
+        tenants_file.write_text(text)
+        _until(lambda: "error" not in httpx.get(server.url + "/health").json()["tenants"])
+        stat = tenants_file.stat()
+        tenants_file.write_text(text.replace(LATE, LATE[::-1]))
+        os.utime(tenants_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        time.sleep(1.5)  # a poll or more: the watch sees no change
+        assert server.post([{"taskType": "ping", "ping": True}], headers=auth(LATE)).status_code == 200
+        os.kill(server.proc.pid, signal.SIGHUP)
+        _until(lambda: server.post([{"taskType": "ping", "ping": True}], headers=auth(LATE[::-1])).status_code == 200)
+        assert server.post([{"taskType": "ping", "ping": True}], headers=auth(LATE)).status_code == 401
+        assert _pong(web)
+    finally:
+        web.close()
+        batch.close()
