@@ -25,7 +25,7 @@ from typing import Any
 
 class FairQueue:
     def __init__(self, maxsize: int):
-        self.maxsize = maxsize
+        self.maxsize = maxsize  # 0 or less: no bound (as `queue.Queue`)
         self._lock = threading.Condition()
         self._heap: list[tuple[float, int, Any]] = []  # (start tag, arrival, item)
         self._finish: dict[str, float] = {}  # each tenant's last finish tag, while it may still matter
@@ -36,7 +36,7 @@ class FairQueue:
     def put_nowait(self, item: Any, tenant: str = "", weight: float = 1.0) -> None:
         """Queue `item` for `tenant`; queue.Full when `maxsize` jobs wait already."""
         with self._lock:
-            if len(self._heap) >= self.maxsize:
+            if self._closed or 0 < self.maxsize <= len(self._heap):
                 raise queue.Full
             start = max(self._vtime, self._finish.get(tenant, 0.0))
             self._finish[tenant] = start + 1.0 / weight
@@ -78,4 +78,4 @@ class FairQueue:
             return len(self._heap)
 
     def full(self) -> bool:
-        return self.qsize() >= self.maxsize
+        return 0 < self.maxsize <= self.qsize()

@@ -4,9 +4,11 @@ The front-end keeps the Runware protocol, validation, task records, images and d
 each job to a Ray Serve deployment (`replica.K5Replica`) through its deployment handle and streams the job's
 progress back. Ray Serve routes each job to a free replica (`max_ongoing_requests=1`: one generation at a
 time per replica). The jobs beyond the replicas wait here, not in Ray Serve's queue: in a queue fair between
-callers (`fair_queue.FairQueue`, at most `max_queue` jobs, one more refused with `QueueFull`, a 429 to the
-client), from which one thread per replica takes the next job whenever its last one ended, so each free
-replica goes to the callers in proportion to their weights.
+callers (`fair_queue.FairQueue`), from which one thread per replica takes the next job whenever its last one
+ended, so each free replica goes to the callers in proportion to their weights. At most `replicas + max_queue`
+jobs are in flight; one more is refused with `QueueFull` (a 429 to the client). With autoscaling there is a
+thread per replica Ray Serve may scale up to: while fewer run, the jobs taken beyond them wait in Ray Serve's
+own queue, first in first out.
 
 Torch-free: the front-end process imports ray, never torch. Ray itself is an optional extra
 (`pip install 'k5serve[ray]'`), imported only when this module is.
@@ -91,7 +93,8 @@ class RayWorker(Worker):
         self._stream = handle.options(stream=True)
         self._replicas = high
         self._max_queue = max_queue
-        self._queue = FairQueue(max_queue)  # the jobs waiting for a replica
+        self._capacity = high + max_queue  # jobs waiting or running: the bound, as before the fair queue
+        self._queue = FairQueue(self._capacity)  # the jobs waiting for a replica (never the tighter bound)
         self._inflight = 0  # waiting or running
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=high, thread_name_prefix="k5serve-ray")
@@ -116,8 +119,10 @@ class RayWorker(Worker):
         share = (context.caller.name, context.caller.weight) if context is not None else ("", 1.0)
         with self._lock:
             try:
+                if self._inflight >= self._capacity:
+                    raise queue.Full
                 self._queue.put_nowait((spec, on_progress, future, time.monotonic(), context), *share)
-            except queue.Full:
+            except queue.Full:  # (also once closed)
                 raise QueueFull(f"generation queue is full ({self._max_queue} tasks waiting for "
                                 f"{self._replicas} replica(s))") from None
             self._inflight += 1
@@ -186,7 +191,7 @@ class RayWorker(Worker):
 
     @property
     def queue_full(self) -> bool:
-        return self._queue.full()
+        return self._inflight >= self._capacity
 
     def unready(self) -> str | None:
         view = self._replica_view()
@@ -258,10 +263,12 @@ class RayWorker(Worker):
         if self._closed:
             return
         self._closed = True
+        self._queue.close()
         for _, _, future, _, _ in self._queue.drain():  # never started: failed, not left hanging
+            with self._lock:
+                self._inflight -= 1
             if future.set_running_or_notify_cancel():
                 future.set_exception(GenerationError("the server stopped before this task started"))
-        self._queue.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._shutdown()
 

@@ -56,8 +56,11 @@ class Background:
     async def watch_tenants_forever(self) -> None:
         while True:
             await asyncio.sleep(self.TENANTS_POLL)
-            if self.parts.auth.tenants.changed():
-                self.reload_tenants()
+            try:
+                if self.parts.auth.tenants.changed():
+                    self.reload_tenants()
+            except Exception:  # noqa: BLE001 - the watch goes on; the tenants in force stay
+                log.exception("re-reading the tenants file")
 
     async def sweep_forever(self) -> None:
         """Remove what has expired, each store on its own: one store being away does not stop the others'."""

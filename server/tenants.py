@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import math
 import re
 import threading
 import time
@@ -94,8 +93,8 @@ def _tenant(entry: Any, index: int) -> Tenant:
             raise TenantError(f"{where}: key_sha256 must be 64 hex digits (the SHA-256 of the key)")
         digest = entry["key_sha256"].lower()
     weight = entry.get("weight", 1)
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
-        raise TenantError(f"{where}: weight must be a number above 0")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0.001 <= weight <= 1000:
+        raise TenantError(f"{where}: weight must be a number from 0.001 to 1000")
     limits = {}
     for field in ("max_queued", "max_per_minute"):
         value = entry.get(field)
@@ -157,9 +156,13 @@ class Tenants:
         assert self.path is not None
         try:
             stat = self.path.stat()
-            text = self.path.read_text()
+            text = self.path.read_bytes().decode("utf-8")
         except OSError as exc:
+            self._seen = None  # (looked at again once it is back)
             raise TenantError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            self._seen = (stat.st_mtime, stat.st_size)
+            raise TenantError(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         self._seen = (stat.st_mtime, stat.st_size)
         return parse_tenants(text)
 
@@ -177,12 +180,13 @@ class Tenants:
         try:
             stat = self.path.stat()
         except OSError:
-            return self._seen is not None or self.error is None
+            return self._seen is not None  # gone since it was last read: once
         return (stat.st_mtime, stat.st_size) != self._seen
 
     def reload(self) -> set[str] | None:
-        """Re-read the file: the names of the tenants that are gone, or whose key changed (their connections
-        should close), or None when the file could not be used (the tenants in force stay; `error` says why)."""
+        """Re-read the file: the names of the tenants that are gone, or whose key or admin flag changed (their
+        connections should close: they were authenticated as what they no longer are), or None when the file
+        could not be used (the tenants in force stay; `error` says why)."""
         if self.path is None:
             return set()
         before = dict(self._by_name)
@@ -193,8 +197,8 @@ class Tenants:
             log.error("tenants file %s not loaded, the previous tenants stay in force: %s", self.path, exc)
             return None
         self.error = None
-        gone = {name for name, t in before.items()
-                if name not in self._by_name or self._by_name[name].key_sha256 != t.key_sha256}
+        gone = {name for name, t in before.items() if name not in self._by_name
+                or (self._by_name[name].key_sha256, self._by_name[name].admin) != (t.key_sha256, t.admin)}
         added = set(self._by_name) - set(before)
         log.info("tenants file %s loaded: %d tenant(s)%s%s", self.path, len(self._by_name),
                  f", added {', '.join(sorted(added))}" if added else "",

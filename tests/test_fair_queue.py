@@ -95,3 +95,13 @@ def test_a_tenant_served_before_the_queue_went_idle_starts_even():
         q.put_nowait(f"a{i}", "a", 2)
     q.put_nowait("b-new", "b")
     assert q.get() == "b-new"
+
+
+def test_no_bound_below_one_and_nothing_taken_once_closed():
+    q = FairQueue(0)  # as queue.Queue: no bound
+    for i in range(1000):
+        q.put_nowait(i, "a")
+    assert q.qsize() == 1000 and not q.full()
+    q.close()
+    with pytest.raises(queue.Full):
+        q.put_nowait("late", "a")

@@ -81,7 +81,8 @@ def finished(server, key: str, task_uuid: str) -> dict:
     ('[[tenant]]\nname = "a"\nkey = "k"\nkey_sha256 = "' + "0" * 64 + '"\n', "exactly one of key and key_sha256"),
     ('[[tenant]]\nname = "a"\nkey_sha256 = "abc"\n', "64 hex digits"),
     ('[[tenant]]\nname = "a b"\nkey = "k"\n', "name must be"),
-    ('[[tenant]]\nname = "a"\nkey = "k"\nweight = 0\n', "weight must be a number above 0"),
+    ('[[tenant]]\nname = "a"\nkey = "k"\nweight = 0\n', "weight must be a number from 0.001 to 1000"),
+    ('[[tenant]]\nname = "a"\nkey = "k"\nweight = 1e-309\n', "weight must be a number from 0.001 to 1000"),
     ('[[tenant]]\nname = "a"\nkey = "k"\nmax_queued = 0\n', "max_queued must be a whole number"),
     ('[[tenant]]\nname = "a"\nkey = "k"\nmax_per_minute = 1.5\n', "max_per_minute must be a whole number"),
     ('[[tenant]]\nname = "a"\nkey = "k"\nadmin = "yes"\n', "admin must be true or false"),
@@ -94,6 +95,22 @@ def test_a_file_that_cannot_be_used_says_where_and_why(text, says):
     with pytest.raises(TenantError) as exc:
         parse_tenants(text)
     assert says in str(exc.value)
+
+
+def test_a_missing_or_garbled_file_is_reported_once_and_changes_nothing(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(WEB_T)
+    tenants = Tenants((), path)
+    assert not tenants.changed()
+    path.unlink()
+    assert tenants.changed() and tenants.reload() is None and "cannot read" in tenants.error
+    assert not tenants.changed()  # not looked at again every second while it stays away
+    assert tenants.identify(WEB).name == "web"  # the tenants in force stay
+    path.write_bytes(b'[[tenant]]\nname = "\xff"\n')
+    assert tenants.changed() and tenants.reload() is None and "not UTF-8" in tenants.error
+    path.write_text(WEB_T + BATCH_T)
+    assert tenants.changed() and tenants.reload() == set() and tenants.error is None
+    assert tenants.identify(BATCH).name == "batch"
 
 
 def test_names_and_keys_are_unique_and_api_keys_are_admin_tenants(tmp_path):
@@ -270,14 +287,18 @@ def test_the_file_is_reread_while_serving(server, tenants_file):
     """Adding and removing tenants takes effect without a restart; a removed tenant's sockets are closed with the
     reason, the others stay open; a broken file changes nothing and /health says why; SIGHUP re-reads it even
     when nothing about the file's time or size changed."""
-    web, batch = _ws(server, WEB), _ws(server, BATCH)
+    web, batch, ops = _ws(server, WEB), _ws(server, BATCH), _ws(server, OPS)
     try:
-        tenants_file.write_text(tenants_toml(WEB_T, OPS_T, LATE_T))
+        tenants_file.write_text(tenants_toml(WEB_T, OPS_T.replace("admin = true", "admin = false"), LATE_T))
         _until(lambda: server.post([{"taskType": "ping", "ping": True}], headers=auth(LATE)).status_code == 200)
         with pytest.raises(ConnectionClosed) as closed:
             while True:
                 batch.recv(timeout=10)
         assert closed.value.rcvd.code == 4003 and "no longer accepted" in closed.value.rcvd.reason
+        with pytest.raises(ConnectionClosed) as closed:  # an admin no more: authenticated as what it is not
+            while True:
+                ops.recv(timeout=10)
+        assert closed.value.rcvd.code == 4003
         assert only_error(server.post([task()], headers=auth(BATCH)), 401)["code"] == "invalidApiKey"
         assert _pong(web)
         assert httpx.get(server.url + "/health").json()["tenants"]["count"] == 3
@@ -305,3 +326,4 @@ def test_the_file_is_reread_while_serving(server, tenants_file):
     finally:
         web.close()
         batch.close()
+        ops.close()

@@ -61,7 +61,7 @@ class TenantLimits:
     """A tenant's own bounds on generation, from the tenants file (`max_queued`, `max_per_minute`): past either,
     its new imageInference tasks are answered 429 with the seconds to wait; other tenants are unaffected.
     `max_queued` counts its tasks queued or running on this front-end; `max_per_minute` the imageInference tasks
-    it was let submit in the last 60 seconds, whatever became of them."""
+    it was let submit in the last 60 seconds that then ran (succeeded or failed)."""
 
     WINDOW = 60.0
 
@@ -96,6 +96,14 @@ class TenantLimits:
         if tenant is None or tenant.weight == ctx.caller.weight:
             return ctx
         return dataclasses.replace(ctx, caller=dataclasses.replace(ctx.caller, weight=tenant.weight))
+
+    def release(self, name: str) -> None:
+        """Undo a `take` whose task never ran (refused later on: a full queue, a taken taskUUID, a bad input
+        image): it uses up neither the tenant's tasks in flight nor its tasks of the minute."""
+        recent = self._submitted.get(name)
+        if recent:
+            recent.pop()
+        self.done(name)
 
     def done(self, name: str) -> None:
         self._queued[name] -= 1

@@ -109,7 +109,7 @@ class ImageInference:
             job = await self._start(task, worker, ctx, fail)
         except BaseException:
             if self.tenant_limits is not None:
-                self.tenant_limits.done(ctx.caller.name)  # it never became a job
+                self.tenant_limits.release(ctx.caller.name)  # it never became a job
             raise
         if task.deliveryMethod == "async":
             return [{"taskType": task.taskType, "taskUUID": task.taskUUID}]

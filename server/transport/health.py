@@ -53,7 +53,9 @@ def readiness(app: Parts) -> dict[str, Any]:
     stores["disk"] = {"freeBytes": dict(probes.free), "minFreeBytes": probes.min_free} | (
         {"problem": probes.low_disk} if probes.low_disk else {})
     body: dict[str, Any] = {"ready": not reasons, "model": app.slot.state,
-                            "uptimeSeconds": round(time.time() - app.started, 1), "tenants": app.auth.tenants.status()}
+                            "uptimeSeconds": round(time.time() - app.started, 1)}
+    if app.auth.tenants.path is not None:  # (without a tenants file, nothing to say: not even how many keys)
+        body["tenants"] = app.auth.tenants.status()
     if reasons:
         body["reasons"] = reasons
     return body | worker | stores

@@ -134,6 +134,12 @@ class _Socket:
         if name is not None:
             registry.setdefault(name, set()).add(self)
 
+    def revoke(self) -> None:
+        """Its key is no longer accepted: no further task runs on it, and it closes (4003, with the reason)."""
+        self._register(None)
+        self.ctx = None
+        close_soon(self.ws, *REVOKED)
+
     def _context(self, caller: Caller) -> RequestContext:
         return request_context(self.ws, caller, "websocket", _http_base(self.ws))
 
@@ -186,7 +192,7 @@ def close_callers(app: Parts, names: set[str]) -> int:
     reason; their sessions keep what finishes until the resume window ends. -> how many were closed."""
     sockets = [socket for name in names for socket in app.websockets.by_caller.get(name, ())]
     for socket in sockets:
-        close_soon(socket.ws, *REVOKED)
+        socket.revoke()
     return len(sockets)
 
 

@@ -52,7 +52,7 @@ function showTasks(body) {
     const bar = el("div", { class: "bar" });
     bar.style.width = `${task.steps ? Math.round((100 * task.step) / task.steps) : 0}%`;
     return el("tr", { "data-id": task.id, "data-status": task.status },
-      el("td", {}, el("code", { text: task.id })),
+      el("td", {}, el("code", { text: task.id }), task.tenant ? ` · ${task.tenant}` : ""),
       el("td", { text: task.status === "running" ? "running" : `queued · position ${task.position}` }),
       el("td", {}, el("div", { class: "progress" }, bar), ` step ${task.step} of ${task.steps}`),
       el("td", { class: "hide-narrow", text: `${task.width}×${task.height}` }),
