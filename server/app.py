@@ -38,7 +38,7 @@ from .store.task_records import SQLiteTaskStore, TaskStore, webhook_error
 from .tasks.dispatcher import Dispatcher
 from .tasks.slot import ModelSlot
 from .tenants import Tenants
-from .transport import health, http, playground, task_view, ws
+from .transport import health, http, playground, task_view, usage, ws
 from .transport.auth import Authenticator
 from .transport.errors import install_error_handlers
 from .transport.parts import Parts
@@ -154,7 +154,7 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
                   description="A self-hosted, Runware-compatible API for Kandinsky 5.0 Image Lite.")
     app.state.parts = parts  # read through transport.parts.parts(request), typed
     openapi.install(app, config.max_tasks_per_request)
-    for transport in (http, ws, task_view):
+    for transport in (http, ws, task_view, usage):
         app.include_router(transport.router)
     health.install(app, parts)
     playground.install(app)

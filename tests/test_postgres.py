@@ -250,6 +250,20 @@ def test_the_same_task_uuid_at_the_same_moment_runs_once(pair):
     assert sorted(r.status_code for r in answers) == [200, 409]
 
 
+
+def test_usage_reads_the_same_on_every_front_end(pair):
+    """The usage ledger is in the shared database: each front-end answers GET /usage with every front-end's
+    work, and that is what their logs say was done."""
+    a, b = pair
+    only_item(b.post([task()]))
+    answers = [httpx.get(s.url + "/usage", params={"since": "0"}).json()["tenants"] for s in pair]
+    assert answers[0] == answers[1] and [row["tenant"] for row in answers[0]] == ["anonymous"]
+    logs = [line for s in pair for line in s.log().splitlines() if line.startswith("{")]
+    done = sum(" done: " in json.loads(line)["message"] for line in logs)
+    failed = sum(" failed: " in json.loads(line)["message"] for line in logs)
+    assert answers[0][0]["tasks"] == done + failed and answers[0][0]["images"] == done >= 2
+
+
 def test_async_on_one_front_end_get_response_and_images_on_the_other(pair):
     a, b = pair
     t = task(deliveryMethod="async", steps=30)

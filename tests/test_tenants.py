@@ -327,3 +327,50 @@ def test_the_file_is_reread_while_serving(server, tenants_file):
         web.close()
         batch.close()
         ops.close()
+
+
+def _per_caller(server, marker: str) -> dict[str, int]:
+    """How many of the server's task log lines containing `marker` each caller has."""
+    counts: dict[str, int] = {}
+    for line in server.log().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if marker in entry["message"] and entry.get("caller"):
+                counts[entry["caller"]] = counts.get(entry["caller"], 0) + 1
+    return counts
+
+
+def test_usage_matches_the_work_done_and_survives_a_restart(server, tenants_file):
+    """GET /usage per tenant (its own; an admin's: everyone's) equals what the log says was done, the metrics
+    say the same, and a new server process on the same data reads the same usage (from the ledger)."""
+    from conftest import RunningServer
+    from prometheus_client.parser import text_string_to_metric_families
+
+    tenants_file.write_text(tenants_toml(WEB_T, BATCH_T, OPS_T, CAPPED_T, METERED_T))
+    _until(lambda: server.post([{"taskType": "ping", "ping": True}], headers=auth(BATCH)).status_code == 200)
+    _until(lambda: httpx.get(server.url + "/tasks", headers=auth(OPS)).json()["tasks"] == [], timeout=300)
+    done, failed = _per_caller(server, " done: "), _per_caller(server, " failed: ")
+    assert done["web"] > 5 and set(done) <= {"web", "batch", "capped", "metered", "ops"}
+    admin = httpx.get(server.url + "/usage", params={"since": "0"}, headers=auth(OPS)).json()
+    rows = {row["tenant"]: row for row in admin["tenants"]}
+    assert {name: row["tasks"] for name, row in rows.items()} == {
+        name: done.get(name, 0) + failed.get(name, 0) for name in set(done) | set(failed)}
+    for name, row in rows.items():
+        assert row["images"] == done.get(name, 0) and row["failures"] == failed.get(name, 0)
+        assert row["generationSeconds"] > 0 and row["costUSD"] == pytest.approx(row["generationSeconds"] * 2 / 3600,
+                                                                                rel=1e-3, abs=1e-6)
+    mine = httpx.get(server.url + "/usage", params={"since": "1970-01-01"}, headers=auth(WEB)).json()
+    assert mine["tenants"] == [rows["web"]]  # a tenant: its own only
+    assert httpx.get(server.url + "/usage", params={"since": "yesterday"}, headers=auth(WEB)).status_code == 400
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+               for s in family.samples}
+    assert samples[("k5serve_tenant_tasks_total", (("outcome", "success"), ("tenant", "web")))] == done["web"]
+
+    server.stop()
+    again = RunningServer(server.data_dir, "--tenants", str(tenants_file))
+    try:
+        after = httpx.get(again.url + "/usage", params={"since": "0"}, headers=auth(OPS)).json()
+        assert after["tenants"] == admin["tenants"]
+    finally:
+        again.stop()

@@ -67,8 +67,25 @@ class Metrics:
         self.prompt_cache = Counter(
             "k5serve_prompt_cache", "Prompt encodings (positive and negative) taken from the prompt cache (hit) or "
             "computed by the text encoders (miss)", ["outcome"], registry=r)
+        # Per tenant: the label's values are tenant names from the tenants file (or --api-key names), never a
+        # request's words or a key.
+        self.tenant_tasks = Counter("k5serve_tenant_tasks", "imageInference tasks finished, per tenant",
+                                    ["tenant", "outcome"], registry=r)
+        self.tenant_images = Counter("k5serve_tenant_images", "Images generated, per tenant", ["tenant"], registry=r)
+        self.tenant_seconds = Counter("k5serve_tenant_generation_seconds", "Worker seconds, per tenant", ["tenant"],
+                                      registry=r)
+        self.tenant_cost = Counter("k5serve_tenant_cost_usd", "Cost at --price-per-gpu-hour, per tenant", ["tenant"],
+                                   registry=r)
         self._state: Callable[[], dict[str, Any]] | None = None
         r.register(_StateCollector(self))
+
+    def tenant_used(self, tenant: str, failed: bool, images: int, seconds: float, cost: float) -> None:
+        self.tenant_tasks.labels(tenant, "error" if failed else "success").inc()
+        if images:
+            self.tenant_images.labels(tenant).inc(images)
+        if seconds:
+            self.tenant_seconds.labels(tenant).inc(seconds)
+            self.tenant_cost.labels(tenant).inc(cost)
 
     def watch(self, state: Callable[[], dict[str, Any]]) -> None:
         """`state()` -> {"ready", "queue_depth", "queue_limit", "memory", "outbox", "websockets"}, read per scrape."""

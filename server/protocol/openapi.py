@@ -67,6 +67,7 @@ class ActiveTaskRow(BaseModel):
     height: int
     numberResults: int
     seconds: float = Field(description="since the task was queued")
+    tenant: str | None = Field(None, description="whose task it is (in an admin's listing only)")
 
 
 class TaskListing(BaseModel):
@@ -81,6 +82,23 @@ class TaskListing(BaseModel):
     tasksFailed: int
 
 
+class UsageRow(BaseModel):
+    tenant: str
+    tasks: int = Field(description="imageInference tasks finished (succeeded or failed)")
+    images: int
+    failures: int
+    generationSeconds: float = Field(description="worker time")
+    costUSD: float = Field(description="at --price-per-gpu-hour, as includeCost computes it")
+
+
+class UsageListing(BaseModel):
+    """`GET /usage`: per tenant, what the tasks that finished since `since` used."""
+
+    since: float
+    until: float
+    tenants: list[UsageRow]
+
+
 def _json(ref: str, description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model=ref)}}}}
 
@@ -88,7 +106,8 @@ def _json(ref: str, description: str) -> dict[str, Any]:
 def build(app: FastAPI, max_tasks: int) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     models = [(m, "validation") for m in TASK_MODELS] + [(m, "serialization") for m in (TaskResponse, Readiness,
-                                                                                         Health, TaskListing)]
+                                                                                         Health, TaskListing,
+                                                                                         UsageListing)]
     _, defs = models_json_schema(models, ref_template=REF)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.update(defs["$defs"])
@@ -131,6 +150,15 @@ def build(app: FastAPI, max_tasks: int) -> dict[str, Any]:
                        "(whole UUIDs read results, so they are not listed), with its step or its place in the "
                        "queue. Keyed like POST /v1: `Authorization: Bearer <key>`.",
         "responses": {"200": _json("TaskListing", "The tasks, oldest first, and counts since start-up"),
+                      "401": _json("TaskResponse", "No valid API key (invalidApiKey)")},
+    }
+    paths["/usage"]["get"] |= {
+        "summary": "Usage per tenant",
+        "description": "Per tenant, the imageInference tasks that finished since `since` (a Unix time or an ISO "
+                       "8601 date or time; default: the last 24 hours): tasks, images, failures, generation "
+                       "seconds and cost. A tenant sees its own, an admin every tenant's. Keyed like POST /v1.",
+        "responses": {"200": _json("UsageListing", "Usage per tenant"),
+                      "400": _json("TaskResponse", "A `since` that is neither form (invalidSince)"),
                       "401": _json("TaskResponse", "No valid API key (invalidApiKey)")},
     }
     paths["/metrics"]["get"]["responses"] = {

@@ -443,7 +443,7 @@ _FIXED_CODES = (
     "invalidTask", "internalServerError", "serviceUnavailable", "modelNotReady", "rateLimitExceeded",
     "inferenceError", "nsfwContentDetected", "taskFailedOrNotFound", "unknownModel", "imageNotFound",
     "invalidRequest", "unsupportedCheckInputs", "conflictImageInputs", "storageFull",
-    "methodNotAllowed", "notFound",
+    "methodNotAllowed", "notFound", "invalidSince",
 )
 
 

@@ -39,9 +39,13 @@ from .task_records import (
     JSON_COLUMNS,
     QUEUED,
     RUNNING,
+    USAGE_DAYS,
+    USAGE_SUMS,
     TaskRecord,
     TaskStore,
+    Usage,
     check_fields,
+    usage_totals,
     webhook_error,
 )
 
@@ -116,6 +120,19 @@ MIGRATIONS: list[str] = [
     # version on, k5serve_ws_sessions.owner holds the caller's name too (`k5serve.context.Caller.name`)
     """
     ALTER TABLE k5serve_tasks ADD COLUMN caller TEXT;
+    """,
+    # 5: the usage ledger: one row per finished imageInference, kept longer than the records (USAGE_DAYS)
+    """
+    CREATE TABLE k5serve_usage (
+        task_uuid TEXT PRIMARY KEY,
+        caller TEXT,
+        finished_at DOUBLE PRECISION NOT NULL,
+        failed BOOLEAN NOT NULL,
+        images INTEGER NOT NULL,
+        seconds DOUBLE PRECISION NOT NULL,
+        cost DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX k5serve_usage_time ON k5serve_usage (finished_at);
     """,
 ]
 
@@ -345,7 +362,19 @@ class PostgresTaskStore(TaskStore):
 
     def sweep(self) -> int:
         self.db.run(f"DELETE FROM k5serve_frontends WHERE heartbeat_at < {_NOW} - 86400")  # gone for a day
+        self.db.run("DELETE FROM k5serve_usage WHERE finished_at < %s", (time.time() - USAGE_DAYS * 86400,))
         return self.db.run("DELETE FROM k5serve_tasks WHERE expires_at <= %s", (time.time(),))
+
+    def add_usage(self, usage: Usage) -> None:
+        self.db.run("INSERT INTO k5serve_usage VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (task_uuid) DO NOTHING",
+                    (usage.task_uuid, usage.caller, usage.finished_at, usage.failed, usage.images, usage.seconds,
+                     usage.cost))
+
+    def usage(self, since: float, caller: str | None = None) -> dict[str, dict[str, float]]:
+        where, params = ("finished_at >= %s", [since]) if caller is None else (
+            "finished_at >= %s AND caller = %s", [since, caller])
+        return usage_totals(self.db.run(f"SELECT caller, {USAGE_SUMS} FROM k5serve_usage WHERE {where} "
+                                        "GROUP BY caller", params, fetch="all"))
 
 
 _OUTBOX_ADD = ("INSERT INTO k5serve_outbox (kind, url, origin, body, content_type, created, next_at, task_uuid) "

@@ -85,6 +85,15 @@ class TaskStore(ABC):
     def sweep(self) -> int:
         """Delete expired records; returns how many."""
 
+    @abstractmethod
+    def add_usage(self, usage: Usage) -> None:
+        """Enter a finished imageInference in the usage ledger (once per taskUUID: a second entry is ignored)."""
+
+    @abstractmethod
+    def usage(self, since: float, caller: str | None = None) -> dict[str, dict[str, float]]:
+        """Per caller (only `caller`'s when given): what the tasks that finished since `since` (Unix time) used:
+        tasks, images, failures, generation seconds and cost (USD)."""
+
     def heartbeat(self) -> None:
         """Say this process is still running its queued/running tasks (shared stores; called periodically)."""
 
@@ -95,6 +104,31 @@ class TaskStore(ABC):
 
     def close(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One finished imageInference in the usage ledger. The ledger outlives the records (their TTL is the
+    results'): it is kept `USAGE_DAYS` days, so usage can be asked for over months."""
+
+    task_uuid: str
+    caller: str | None
+    finished_at: float
+    failed: bool
+    images: int
+    seconds: float  # worker time (the accelerator busy with it)
+    cost: float  # USD, as includeCost computes it
+
+
+USAGE_DAYS = 400
+USAGE_SUMS = ("COUNT(*), SUM(images), SUM(CASE WHEN failed THEN 1 ELSE 0 END), SUM(seconds), SUM(cost)")
+
+
+def usage_totals(rows: list[tuple]) -> dict[str, dict[str, float]]:
+    """(caller, tasks, images, failures, seconds, cost) rows as the per-caller dict `TaskStore.usage` returns."""
+    return {caller or "": {"tasks": int(n), "images": int(images or 0), "failures": int(failed or 0),
+                           "generationSeconds": round(float(seconds or 0), 3), "costUSD": round(float(cost or 0), 6)}
+            for caller, n, images, failed, seconds, cost in rows}
 
 
 # A record's columns, in every store; the JSON ones hold lists of items.
@@ -147,6 +181,10 @@ class SQLiteTaskStore(TaskStore):
                 if column not in have:
                     self._db.execute(f"ALTER TABLE tasks ADD COLUMN {column} TEXT")
             self._db.execute("CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS usage (task_uuid TEXT PRIMARY KEY, caller TEXT, "
+                             "finished_at REAL NOT NULL, failed INTEGER NOT NULL, images INTEGER NOT NULL, "
+                             "seconds REAL NOT NULL, cost REAL NOT NULL)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS usage_time ON usage (finished_at)")
         self._run = functools.partial(sqlite_run, self._db, self._lock, "the task database")
 
     def create(self, record: TaskRecord) -> bool:
@@ -186,7 +224,19 @@ class SQLiteTaskStore(TaskStore):
         return lost
 
     def sweep(self) -> int:
+        self._run("DELETE FROM usage WHERE finished_at < ?", (time.time() - USAGE_DAYS * 86400,))
         return self._run("DELETE FROM tasks WHERE expires_at <= ?", (time.time(),))
+
+    def add_usage(self, usage: Usage) -> None:
+        self._run("INSERT OR IGNORE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (usage.task_uuid, usage.caller, usage.finished_at, int(usage.failed), usage.images, usage.seconds,
+                   usage.cost))
+
+    def usage(self, since: float, caller: str | None = None) -> dict[str, dict[str, float]]:
+        where, params = ("finished_at >= ?", [since]) if caller is None else (
+            "finished_at >= ? AND caller = ?", [since, caller])
+        return usage_totals(self._run(f"SELECT caller, {USAGE_SUMS} FROM usage WHERE {where} GROUP BY caller",
+                                      params, "all"))
 
     def close(self) -> None:
         with self._lock:

@@ -25,7 +25,7 @@ from ..protocol.errors import StorageFull, StoreUnavailable, TaskError, task_err
 from ..protocol.models import ImageInferenceTask
 from ..store import executors
 from ..store.images import ImageStore, ImageStoreError, StoredImage
-from ..store.task_records import ERROR, SUCCESS, TaskStore, recorded_error, webhook_error
+from ..store.task_records import ERROR, SUCCESS, TaskStore, Usage, recorded_error, webhook_error
 from .result_items import describe_passes, result_items
 
 log = logging.getLogger("k5serve.dispatcher")
@@ -49,7 +49,7 @@ class Delivery:
         return task.ttl if task.ttl is not None else self.config.image_ttl
 
     async def succeed(self, task: ImageInferenceTask, spec: GenerationSpec, output: GenerationOutput,
-                      base_url: str) -> list[dict[str, Any]]:
+                      base_url: str, caller: str | None = None) -> list[dict[str, Any]]:
         """Store the images, record success, queue the webhook and upload; -> the task's result items."""
         stored: list[StoredImage] = []
         try:
@@ -79,18 +79,21 @@ class Delivery:
             log.exception("queueing the webhook/upload of task %s failed; its results are stored", task.taskUUID)
         if self.metrics is not None:
             self.metrics.generation_done(output)
+        await self._used(Usage(task.taskUUID, caller, time.time(), False, len(output.images), output.seconds,
+                               output.seconds * self.config.price_per_gpu_hour / 3600))
         log.info("task %s done: %d image(s) %dx%d, %d steps, %.2f s, %s, worker %s", task.taskUUID, len(items),
                  output.width, output.height, spec.steps, output.seconds, describe_passes(output.cache_stats),
                  output.worker or "?")
         return items
 
-    async def fail(self, task: ImageInferenceTask, err: TaskError, worker: str = "") -> None:
+    async def fail(self, task: ImageInferenceTask, err: TaskError, worker: str = "", caller: str | None = None) -> None:
         """Record the task's error (with its HTTP status, kept for getResponse, never sent) and queue its
         webhook, retried like a result while the database is away. A task whose record is final already (failed
         by another front-end, which sent the webhook) is left as it is."""
         recorded = recorded_error(err.item.wire(), err.http_status)
         expires_at = time.time() + self.ttl(task)
         self._failed(task, err, worker)
+        await self._used(Usage(task.taskUUID, caller, time.time(), True, 0, 0.0, 0.0))
         try:
             await self._record_failure(task, recorded, expires_at)
         except StorageFull as exc:  # the answer goes out now; the record is written once there is room
@@ -131,16 +134,27 @@ class Delivery:
             return False
         return record is not None and ours(record)
 
-    def fail_now(self, task: ImageInferenceTask, err: TaskError, worker: str = "") -> None:
+    def fail_now(self, task: ImageInferenceTask, err: TaskError, worker: str = "", caller: str | None = None) -> None:
         """`fail` in one try, on this thread (at shutdown, when there is no time to wait for the database)."""
         recorded = recorded_error(err.item.wire(), err.http_status)
         try:
             if self.tasks.update(task.taskUUID, status=ERROR, errors=[recorded],
                                  expires_at=time.time() + self.ttl(task)) and task.webhookURL and self.outbox:
                 self.outbox.enqueue_webhook(task.webhookURL, webhook_error(recorded), task.taskUUID)
+            self.tasks.add_usage(Usage(task.taskUUID, caller, time.time(), True, 0, 0.0, 0.0))
         except StoreUnavailable as exc:
             log.warning("recording the failure of task %s: %s", task.taskUUID, exc)
         self._failed(task, err, worker)
+
+    async def _used(self, usage: Usage) -> None:
+        """Into the usage ledger and the tenant's metrics. A ledger the database does not take is logged: the
+        task's own outcome does not depend on it."""
+        if self.metrics is not None:
+            self.metrics.tenant_used(usage.caller or "", usage.failed, usage.images, usage.seconds, usage.cost)
+        try:
+            await executors.database(self.tasks.add_usage, usage)
+        except StoreUnavailable as exc:
+            log.warning("task %s: its usage could not be recorded: %s", usage.task_uuid, exc)
 
     def _failed(self, task: ImageInferenceTask, err: TaskError, worker: str) -> None:
         if self.metrics is not None:

@@ -204,29 +204,29 @@ class ImageInference:
                 raise task_error("nsfwContentDetected", f"The safety check flagged {flagged} of "
                                  f"{len(output.nsfw)} image(s) as NSFW; this server withholds flagged results.",
                                  parameter="safety", task_type=task.taskType, task_uuid=task.taskUUID)
-            items = await self.delivery.succeed(task, spec, output, base_url)
+            items = await self.delivery.succeed(task, spec, output, base_url, caller)
             self._count(caller, "images", len(output.images))
             return items
         except asyncio.CancelledError:
             future.cancel()
-            self.delivery.fail_now(task, task_error(
+            self.delivery.fail_now(task, caller=caller, err=task_error(
                 "inferenceError", "The server shut down before this task finished; run it again.",
                 task_type=task.taskType, task_uuid=task.taskUUID, http_status=503))
             raise
         except TaskError as err:
-            await self.delivery.fail(task, err, worker)
+            await self.delivery.fail(task, err, worker, caller)
             raise
         except StoreUnavailable as exc:  # the bucket, a full disk, the database away past the result's TTL
             log.warning("delivering task %s failed: %s", task.taskUUID, getattr(exc, "detail", exc))
             err = store_error(exc, task_type=task.taskType, task_uuid=task.taskUUID,
                               doing="Storing the result failed: ")
-            await self.delivery.fail(task, err)
+            await self.delivery.fail(task, err, caller=caller)
             raise err from None
         except Exception as exc:  # noqa: BLE001 - a bug: fail this task only
             log.exception("delivering task %s failed", task.taskUUID)
             err = task_error("internalServerError", f"Storing the result failed: {type(exc).__name__}",
                              task_type=task.taskType, task_uuid=task.taskUUID, http_status=500)
-            await self.delivery.fail(task, err)
+            await self.delivery.fail(task, err, caller=caller)
             raise err from None
         finally:
             self.active.pop(task.taskUUID, None)
