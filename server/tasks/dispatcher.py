@@ -119,10 +119,11 @@ class Dispatcher:
 
     async def run_one(self, raw: Any, ctx: RequestContext) -> tuple[list[dict], TaskError | None]:
         task_type, task_uuid = _ids(raw)
-        # Every log line about this task (here, in jobs it starts, in the worker) carries its taskUUID, its
-        # caller and its request id. (Each task runs in an asyncio task of its own: these stay with it.)
-        tokens = (current_task.set(task_uuid if well_formed_uuid(task_uuid) else None),  # never a client's text
-                  current_request.set(ctx))
+        # Every log line about this task (here, in jobs it starts, in the worker, and the transport's after it
+        # answered) carries its taskUUID, its caller and its request id. Each task runs in an asyncio task of its
+        # own (the transports see to it): these stay with it, and are not reset.
+        current_task.set(task_uuid if well_formed_uuid(task_uuid) else None)  # never a client's free text
+        current_request.set(ctx)
         try:
             items, error = await self._route(raw)(raw, ctx), None
         except TaskError as err:
@@ -136,8 +137,6 @@ class Dispatcher:
                                           task_type=task_type, task_uuid=task_uuid, http_status=500)
         if self.metrics is not None:
             self.metrics.task_answered(task_type, error.item.code if error is not None else None)
-        current_task.reset(tokens[0])  # (jobs the task started keep their own copy)
-        current_request.reset(tokens[1])
         return items, error
 
     async def drain(self, timeout: float) -> int:
