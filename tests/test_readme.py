@@ -87,8 +87,17 @@ def test_every_block_is_run_or_says_why_not(readme):
             assert (body in handled or body.startswith(("curl ", ".venv/bin/pip install runware",
                                                         ".venv/bin/k5serve generate"))), body
         else:
-            assert lang in ("python", "json"), f"a {lang or 'plain'} block: run it here or say why not"
+            assert lang in ("python", "json", "toml"), f"a {lang or 'plain'} block: run it here or say why not"
     assert NOT_RUN.keys() <= {body for _, body in readme}, "NOT_RUN lists a block the README no longer has"
+
+
+def test_the_tenants_example_is_a_tenants_file_the_server_takes(readme):
+    from k5serve.server.tenants import parse_tenants
+
+    [example] = [body for lang, body in readme if lang == "toml"]
+    web, ops = parse_tenants(example)
+    assert (web.name, web.weight, web.max_queued, web.max_per_minute, web.admin) == ("web-app", 2, 20, 120, False)
+    assert ops.name == "ops" and ops.admin
 
 
 def test_the_first_request_with_curl(readme, started, workdir):
