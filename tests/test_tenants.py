@@ -5,9 +5,7 @@ WebSocket and the unmodified runware SDK. The reload test comes last: it changes
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import os
 import signal
 import sqlite3
@@ -165,26 +163,16 @@ def test_get_response_shows_a_tenant_only_its_own_tasks(server):
 
 
 def test_over_the_sdk_another_tenants_task_is_unknown(server):
-    from runware import IImageInference, Runware, RunwareAPIError
+    from runware import RunwareAPIError
+    from test_sdk import request, run
 
-    async def with_sdk(key, body):
-        rw = Runware(api_key=key, url=server.url.replace("http", "ws") + "/v1", log_level=logging.WARNING)
-        await asyncio.wait_for(rw.connect(), 15)
-        try:
-            return await body(rw)
-        finally:
-            await rw.disconnect()
-
-    request = IImageInference(model="runware:kandinsky-5.0-image-lite@1", positivePrompt="a fox", width=1024,
-                              height=1024, steps=10, seed=3, deliveryMethod="async")
-    ack = asyncio.run(with_sdk(WEB, lambda rw: rw.imageInference(requestImage=request)))
-    [mine] = asyncio.run(with_sdk(WEB, lambda rw: rw.getResponse(taskUUID=ack.taskUUID)))
+    ack = run(lambda rw: rw.imageInference(requestImage=request(deliveryMethod="async", seed=3)), server, WEB)
+    [mine] = run(lambda rw: rw.getResponse(taskUUID=ack.taskUUID), server, WEB)
     assert mine.status == "success"
-    for key in (BATCH,):
-        with pytest.raises(RunwareAPIError) as exc:
-            asyncio.run(with_sdk(key, lambda rw: rw.getResponse(taskUUID=ack.taskUUID)))
-        assert "taskFailedOrNotFound" in str(exc.value)
-    [seen] = asyncio.run(with_sdk(OPS, lambda rw: rw.getResponse(taskUUID=ack.taskUUID)))
+    with pytest.raises(RunwareAPIError) as exc:
+        run(lambda rw: rw.getResponse(taskUUID=ack.taskUUID), server, BATCH)
+    assert "taskFailedOrNotFound" in str(exc.value)
+    [seen] = run(lambda rw: rw.getResponse(taskUUID=ack.taskUUID), server, OPS)
     assert seen.imageUUID == mine.imageUUID
 
 
