@@ -28,6 +28,10 @@ class Caller:
     operator: bool = False
     weight: float = 1.0  # its share of the generation slots against other callers' (the tenants file)
 
+    def sees(self, owner: str | None) -> bool:
+        """Whether this caller may see a task of `owner` (None: a record written before callers were kept)."""
+        return self.operator or owner == self.name
+
     @classmethod
     def for_key(cls, key: str, *, operator: bool = True) -> Caller:
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()

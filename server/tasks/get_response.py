@@ -27,11 +27,6 @@ from ..store import executors
 from ..store.task_records import ERROR, TaskRecord, TaskStore
 
 
-def _visible(owner: str | None, ctx: RequestContext) -> bool:
-    """Whether this caller may read a task of `owner` (None: a record written before callers were kept)."""
-    return ctx.caller.operator or owner == ctx.caller.name
-
-
 class _Answer(list):
     """The success items of a finished task, shared while anyone holds them (a list subclass: weakly referable)."""
 
@@ -49,10 +44,10 @@ class GetResponse:
     async def __call__(self, raw: dict[str, Any], ctx: RequestContext) -> list[dict]:
         task_uuid = parse(GetResponseTask, raw).taskUUID
         answer = self._answers.get(task_uuid)
-        if answer is not None and answer.expires_at > time.time() and _visible(answer.caller, ctx):
+        if answer is not None and answer.expires_at > time.time() and ctx.caller.sees(answer.caller):
             return answer
         record = await self._read(task_uuid)
-        if record is not None and not _visible(record.caller, ctx):
+        if record is not None and not ctx.caller.sees(record.caller):
             record = None  # another tenant's: as unknown, and as fast
         deadline = time.monotonic() + self.poll_wait
         while record is not None and not record.done and time.monotonic() < deadline:

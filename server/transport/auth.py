@@ -7,6 +7,7 @@ from starlette.requests import HTTPConnection
 
 from k5serve.context import Caller, RequestContext, request_id
 
+from ..protocol.errors import invalid_api_key
 from ..tenants import Tenants
 
 
@@ -25,6 +26,16 @@ class Authenticator:
         """Who calls with `key`: its tenant's `Caller` (a name, never the key), or None when no tenant has that
         key. Every caller of a server without keys is `anonymous`."""
         return self.tenants.identify(key)
+
+
+def bearer_caller(connection: HTTPConnection, auth: Authenticator) -> Caller:
+    """The caller of a read-only endpoint keyed by `Authorization: Bearer <key>` (GET /tasks, GET /usage), or
+    the 401 TaskError that refuses it."""
+    key = bearer(connection.headers.get("authorization", ""))
+    caller = auth.identify(key)
+    if caller is None:
+        raise invalid_api_key() if key else invalid_api_key("Missing API key: send Authorization: Bearer <key>.")
+    return caller
 
 
 def bearer(header: str) -> str | None:

@@ -16,9 +16,8 @@ from fastapi import APIRouter, Request
 
 from k5serve.context import Caller
 
-from ..protocol.errors import invalid_api_key
 from ..protocol.wire import WireResponse
-from .auth import bearer
+from .auth import bearer_caller
 from .parts import parts
 
 router = APIRouter()
@@ -34,7 +33,7 @@ def listing(inference, worker, caller: Caller) -> dict[str, Any]:
     for active in list(inference.active.values()):
         if not active.running:
             position += 1
-        if not (caller.operator or active.caller == caller.name):
+        if not caller.sees(active.caller):
             continue
         row: dict[str, Any] = {"id": active.task_uuid[:ID_LENGTH], "status": "running" if active.running else "queued",
                                "width": active.width, "height": active.height, "numberResults": active.number_results,
@@ -56,8 +55,4 @@ def listing(inference, worker, caller: Caller) -> dict[str, Any]:
 @router.get("/tasks")
 async def tasks(request: Request) -> WireResponse:
     app = parts(request)
-    key = bearer(request.headers.get("authorization", ""))
-    caller = app.auth.identify(key)
-    if caller is None:
-        raise invalid_api_key() if key else invalid_api_key("Missing API key: send Authorization: Bearer <key>.")
-    return WireResponse(listing(app.dispatcher.inference, app.slot.worker, caller))
+    return WireResponse(listing(app.dispatcher.inference, app.slot.worker, bearer_caller(request, app.auth)))

@@ -15,10 +15,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ..protocol.errors import invalid_api_key, request_error
+from ..protocol.errors import request_error
 from ..protocol.wire import WireResponse
 from ..store import executors
-from .auth import bearer
+from .auth import bearer_caller
 from .parts import parts
 
 router = APIRouter()
@@ -45,10 +45,7 @@ def _iso(value: str) -> float:
 @router.get("/usage")
 async def usage(request: Request, since: str | None = None) -> WireResponse:
     app = parts(request)
-    key = bearer(request.headers.get("authorization", ""))
-    caller = app.auth.identify(key)
-    if caller is None:
-        raise invalid_api_key() if key else invalid_api_key("Missing API key: send Authorization: Bearer <key>.")
+    caller = bearer_caller(request, app.auth)
     now = time.time()
     start = parse_since(since, now)
     totals = await executors.database(app.tasks.usage, start, None if caller.operator else caller.name)
