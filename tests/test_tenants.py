@@ -153,11 +153,7 @@ def test_get_response_shows_a_tenant_only_its_own_tasks(server):
         theirs = get_response(server, BATCH, mine["taskUUID"])
         never = get_response(server, BATCH, unknown)
         assert theirs.status_code == never.status_code == 404
-        a, b = theirs.json()["errors"][0], never.json()["errors"][0]
-        assert a.pop("taskUUID") == mine["taskUUID"] and b.pop("taskUUID") == unknown
-        assert a["message"].replace(mine["taskUUID"], "X") == b["message"].replace(unknown, "X")
-        a.pop("message"), b.pop("message")
-        assert a == b
+        _same_unknown(theirs.json()["errors"][0], never.json()["errors"][0], mine["taskUUID"], unknown)
         finished(server, WEB, mine["taskUUID"])
     assert finished(server, OPS, mine["taskUUID"])["taskUUID"] == mine["taskUUID"]  # an admin reads every task
 
@@ -196,6 +192,80 @@ def test_the_queue_view_shows_a_tenant_only_its_own_tasks(server):
     mine = httpx.get(server.url + "/tasks", headers=auth(BATCH)).json()
     assert mine["tasks"] == [] and mine["tasksCompleted"] == 1  # its own counts
     assert httpx.get(server.url + "/tasks", headers=auth(OPS)).json()["tasksCompleted"] >= 5
+
+
+def _same_unknown(theirs: dict, never: dict, task_uuid: str, unknown: str) -> None:
+    """Two error items alike but for the taskUUID they name."""
+    a, b = dict(theirs), dict(never)
+    assert a.pop("taskUUID") == task_uuid and b.pop("taskUUID") == unknown
+    assert a.pop("message").replace(task_uuid, "X") == b.pop("message").replace(unknown, "X")
+    assert a == b
+
+
+def _quiet(client) -> bool:
+    """Nothing is waiting for this socket: the next frame after a ping is its pong."""
+    client.send({"taskType": "ping", "ping": True})
+    return client.recv(10) == {"data": [{"taskType": "ping", "pong": True}]}
+
+
+def test_over_a_websocket_a_tenant_sees_only_its_own_tasks_and_sessions(server):
+    """Result frames go to the submitting tenant's socket only; getResponse on a socket answers another tenant's
+    task as unknown (an admin's: found); another tenant's connectionSessionUUID gives a session of one's own and
+    none of the first tenant's buffered results, which its owner still gets when it resumes."""
+    from test_ws import Client
+
+    web, batch, ops = Client(server), Client(server), Client(server)
+    try:
+        web_session = web.auth(WEB)
+        batch.auth(BATCH)
+        ops.auth(OPS)
+        t = task(outputType="URL")
+        web.send(t)
+        assert web.until(t["taskUUID"])["data"][0]["imageURL"]
+        unknown = str(uuid.uuid4())
+        for _ in range(2):
+            batch.send({"taskType": "getResponse", "taskUUID": t["taskUUID"]})
+            [theirs] = batch.until(t["taskUUID"], 10)["errors"]
+            batch.send({"taskType": "getResponse", "taskUUID": unknown})
+            [never] = batch.until(unknown, 10)["errors"]
+            _same_unknown(theirs, never, t["taskUUID"], unknown)
+        assert theirs["code"] == "taskFailedOrNotFound"
+        ops.send({"taskType": "getResponse", "taskUUID": t["taskUUID"]})
+        assert ops.until(t["taskUUID"], 10)["data"][0]["status"] == "success"
+        assert _quiet(batch) and _quiet(ops)  # no result frame of web's reached them
+
+        later = task(outputType="URL")
+        web.send(later)
+        web.close()  # its result waits in web's session
+        finished(server, WEB, later["taskUUID"])
+        thief = Client(server)
+        try:
+            assert thief.auth(BATCH, session=web_session) != web_session
+            assert _quiet(thief)
+        finally:
+            thief.close()
+        web = Client(server)
+        assert web.auth(WEB, session=web_session) == web_session
+        assert web.until(later["taskUUID"], 30)["data"][0]["taskUUID"] == later["taskUUID"]
+    finally:
+        for client in (web, batch, ops):
+            client.close()
+
+
+def test_over_a_websocket_a_tenant_over_its_limit_gets_an_error_frame(server):
+    from test_ws import Client
+
+    _until(lambda: httpx.get(server.url + "/tasks", headers=auth(CAPPED)).json()["tasks"] == [], timeout=120)
+    capped = Client(server)
+    try:
+        capped.auth(CAPPED)
+        first, second = task(outputType="URL"), task(outputType="URL")
+        capped.send(first, second)
+        [err] = capped.until(second["taskUUID"], 30)["errors"]
+        assert err["code"] == "rateLimitExceeded" and "max_queued" in err["message"] and err["retryAfter"] == 5
+        assert capped.until(first["taskUUID"])["data"][0]["taskUUID"] == first["taskUUID"]
+    finally:
+        capped.close()
 
 
 def test_max_queued_bounds_a_tenants_tasks_in_flight_and_no_one_elses(server):
