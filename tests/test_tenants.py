@@ -45,7 +45,7 @@ def tenants_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(start_server, tenants_file):
-    return start_server("--tenants", str(tenants_file), "--poll-wait", "1")
+    return start_server("--tenants", str(tenants_file))
 
 
 def auth(key: str) -> dict[str, str]:
