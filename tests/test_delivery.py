@@ -112,20 +112,21 @@ def test_results_survive_a_restart_and_a_killed_task_is_an_error_after_restart(t
     """...and its error webhook is sent once by the restarted server (a webhook-only client learns of it)."""
     own = own_data_dir(tmp_path_factory, data_dir, "durable")
     receiver = Receiver(failures=0)
-    first = RunningServer(own, "--poll-wait", "30", "--allow-private-urls")
+    first = RunningServer(own, "--poll-wait", "1", "--allow-private-urls")
     done = task(deliveryMethod="async")
     first.post([done])
-    [before] = first.post([{"taskType": "getResponse", "taskUUID": done["taskUUID"]}]).json()["data"]
-    assert before["status"] == "success"
-
-    killed = task(deliveryMethod="async", steps=50, numberResults=20,  # far longer than one 30 s poll
+    killed = task(deliveryMethod="async", steps=50, numberResults=20,  # minutes on the CPU
                   webhookURL=receiver.url + "/hook")
     first.post([killed])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # wait until it is running
+    deadline = time.monotonic() + 120
+    before = None
+    while time.monotonic() < deadline:  # until the first has succeeded and the second is running
+        before = before or first.post([{"taskType": "getResponse", "taskUUID": done["taskUUID"]}]).json()["data"][0]
+        before = before if before["status"] == "success" else None
         data = first.post([{"taskType": "getResponse", "taskUUID": killed["taskUUID"]}], timeout=60).json()["data"]
-        if data and data[-1].get("progress", 0) > 0:
+        if before and data and data[-1].get("progress", 0) > 0:
             break
+    assert before and before["status"] == "success"
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
     first.stop()

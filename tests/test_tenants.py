@@ -145,17 +145,30 @@ def test_each_tenant_calls_under_its_own_name(server, tenants_file):
 
 
 def test_get_response_shows_a_tenant_only_its_own_tasks(server):
-    mine = task(deliveryMethod="async")
+    mine = task(deliveryMethod="async", steps=40)  # several seconds: longer than an answer may take below
     assert server.post([mine], headers=auth(WEB)).status_code == 200
     unknown = str(uuid.uuid4())
-    # Another tenant's task, running or finished, is answered exactly as an unknown one.
+    # Another tenant's task, running or finished, is answered exactly as an unknown one: at once, although the
+    # server holds a getResponse of one's own running task up to --poll-wait (10 s) for it to finish.
     for _ in range(2):
         theirs = get_response(server, BATCH, mine["taskUUID"])
         never = get_response(server, BATCH, unknown)
         assert theirs.status_code == never.status_code == 404
+        assert theirs.elapsed.total_seconds() < 1.5 and never.elapsed.total_seconds() < 1.5
         _same_unknown(theirs.json()["errors"][0], never.json()["errors"][0], mine["taskUUID"], unknown)
         finished(server, WEB, mine["taskUUID"])
     assert finished(server, OPS, mine["taskUUID"])["taskUUID"] == mine["taskUUID"]  # an admin reads every task
+
+
+def test_another_tenants_task_uuid_is_refused_and_the_task_stays_its_owners(server):
+    """README: a taskUUID taken by another tenant is conflictTaskUUID, as one's own is; nothing is overwritten."""
+    mine = task(seed=5)
+    first = only_item(server.post([mine], headers=auth(WEB)))
+    err = only_error(server.post([task(taskUUID=mine["taskUUID"], seed=6)], headers=auth(BATCH)), 409)
+    assert err["code"] == "conflictTaskUUID" and err["taskUUID"] == mine["taskUUID"]
+    assert caller_of(server, mine["taskUUID"]) == "web"
+    assert finished(server, WEB, mine["taskUUID"])["imageUUID"] == first["imageUUID"]
+    assert get_response(server, BATCH, mine["taskUUID"]).status_code == 404
 
 
 def test_over_the_sdk_another_tenants_task_is_unknown(server):
