@@ -19,7 +19,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-TRANSPORTS = ("http", "websocket")
+TRANSPORTS = ("http", "websocket", "openai")  # openai: the OpenAI Images API (over HTTP)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from .tenants import Tenants
 from .transport import health, http, playground, task_view, usage, ws
 from .transport.auth import Authenticator
 from .transport.errors import install_error_handlers
+from .transport.openai import router as openai_router
 from .transport.parts import Parts
 from .transport.sessions import Sessions
 
@@ -154,7 +155,7 @@ def create_app(config: ServerConfig, slot: ModelSlot) -> FastAPI:
                   description="A self-hosted, Runware-compatible API for Kandinsky 5.0 Image Lite.")
     app.state.parts = parts  # read through transport.parts.parts(request), typed
     openapi.install(app, config.max_tasks_per_request)
-    for transport in (http, ws, task_view, usage):
+    for transport in (http, ws, task_view, usage, openai_router):
         app.include_router(transport.router)
     health.install(app, parts)
     playground.install(app)

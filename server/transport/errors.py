@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from ..protocol import wire
 from ..protocol.errors import TaskError, request_error
+from .openai.protocol import is_openai_path, openai_error
 
 log = logging.getLogger("k5serve.app")
 
@@ -47,16 +48,21 @@ def batch_response(results: list[tuple[list[dict], TaskError | None]], retry_aft
     return wire.WireResponse(body, status_code=status, headers={"Retry-After": str(wait)})
 
 
+def _answer(request: Request, error: TaskError) -> wire.WireResponse:
+    """In the shape of the API the path belongs to: OpenAI's under /v1/images and /v1/models, else Runware's."""
+    return openai_error(error) if is_openai_path(request.url.path) else http_error(error)
+
+
 async def _task_error(request: Request, exc: TaskError) -> wire.WireResponse:
-    return http_error(exc)
+    return _answer(request, exc)
 
 
 async def _bad_request(request: Request, exc: RequestValidationError) -> wire.WireResponse:
-    return http_error(request_error("invalidRequest", str(exc.errors()[0].get("msg", "invalid request"))))
+    return _answer(request, request_error("invalidRequest", str(exc.errors()[0].get("msg", "invalid request"))))
 
 
 async def _no_route(request: Request, exc: HTTPException) -> wire.WireResponse:
-    """A path or method the server does not serve, answered in the Runware error shape like the rest."""
+    """A path or method the server does not serve, answered in the error shape of the API it is under."""
     where = f"{getattr(request, 'method', 'WebSocket')} {request.url.path[:200]}"
     if exc.status_code == 405 and request.url.path.rstrip("/") == "/v1":
         message, code = (f"{where} is not served: send tasks as a JSON array with POST /v1, or open a WebSocket "
@@ -64,18 +70,21 @@ async def _no_route(request: Request, exc: HTTPException) -> wire.WireResponse:
     elif exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "another method")
         message, code = f"{where} is not served; {allowed} is.", "methodNotAllowed"
+    elif exc.status_code == 404 and is_openai_path(request.url.path):
+        message, code = (f"{where}: no such endpoint; the OpenAI Images API here is POST /v1/images/generations, "
+                         "POST /v1/images/edits and GET /v1/models."), "notFound"
     elif exc.status_code == 404:
         message, code = (f"{where}: no such endpoint; the API is POST /v1 (and a WebSocket on /v1); /docs "
                          "describes every endpoint."), "notFound"
     else:
         message, code = str(exc.detail), "invalidRequest"
-    return http_error(request_error(code, message, exc.status_code, headers=exc.headers))
+    return _answer(request, request_error(code, message, exc.status_code, headers=exc.headers))
 
 
 async def _internal_error(request: Request, exc: Exception) -> wire.WireResponse:
     log.exception("unhandled error on %s", request.url.path)
-    return http_error(request_error("internalServerError", "Internal server error; the request was not completed.",
-                                    500))
+    return _answer(request, request_error("internalServerError",
+                                          "Internal server error; the request was not completed.", 500))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -45,7 +45,7 @@ def _leading_key(head: bytes) -> Any:
     return first.get("apiKey") if isinstance(first, dict) and first.get("taskType") == "authentication" else None
 
 
-async def _read_body(request: Request, app: Parts, trusted: bool) -> bytes:
+async def read_body(request: Request, app: Parts, trusted: bool) -> bytes:
     """The whole body, within the limits above (checked before and while reading), or a TaskError (413, 401)."""
     limit = app.config.max_body_bytes
     too_large = request_error("payloadTooLarge", f"Request body exceeds {limit} bytes.", 413)
@@ -87,7 +87,7 @@ def _parse_batch(body: bytes, max_tasks: int) -> list[Any]:
 async def post_tasks(request: Request) -> wire.WireResponse:
     app = parts(request)
     header_key = _bearer(request)
-    body = await _read_body(request, app, trusted=app.auth.open or app.auth.check(header_key))
+    body = await read_body(request, app, trusted=app.auth.open or app.auth.check(header_key))
     tasks = _parse_batch(body, app.config.max_tasks_per_request)
     # Either a Bearer header or an authentication task as the first element.
     auth_task = tasks[0] if isinstance(tasks[0], dict) and tasks[0].get("taskType") == "authentication" else None
