@@ -179,3 +179,63 @@ def test_editing_refused_when_no_editing_model(start_server):
         assert fetched == ["/ref.png"]
     finally:
         images.shutdown()
+
+
+# --- the shapes newer clients send (server/protocol/client_shapes.py) ------------------------------------------
+
+
+def test_the_clis_input_image_is_the_seed_image(img_server):
+    """The Runware CLI sends image-to-image as inputImage + strength: the same image as seedImage, not a
+    text-to-image that drops the input."""
+    seed_image = data_uri(encoded((512, 512)))
+    as_cli = one(img_server, inputImage=seed_image, strength=0.3)
+    as_page = one(img_server, seedImage=seed_image, strength=0.3)
+    assert np.array_equal(pixels_of(as_cli), pixels_of(as_page))
+    assert np.abs(pixels_of(as_cli) - pixels_of(one(img_server))).mean() > 0.1
+    err = error(img_server, inputImage=seed_image, seedImage=data_uri(encoded((64, 64))))
+    assert err["code"] == "conflictImageInputs" and err["parameter"] == "inputImage"
+
+
+def test_reference_image_objects_from_the_python_sdk(img_server):
+    """runware's IInputReference goes out as {"image", "role", "tag", "type"}: the same edit as the plain string;
+    a per-reference strength is refused by name, as is a key no client sends."""
+    from runware import IImageInference, IInputReference, IInputs
+    from test_sdk import run
+
+    blob = data_uri(encoded((256, 256)))
+    plain = one(img_server, seed=9, inputs={"referenceImages": [blob]})
+
+    async def body(rw):
+        return await rw.imageInference(requestImage=IImageInference(
+            model=task()["model"], positivePrompt=task()["positivePrompt"], steps=10, seed=9, outputType="base64Data",
+            outputFormat="PNG", inputs=IInputs(referenceImages=[IInputReference(image=blob, role="subject",
+                                                                                refType="style")])))
+
+    [image] = run(body, img_server, key="any")
+    assert base64.b64decode(image.imageBase64Data) == base64.b64decode(plain["imageBase64Data"])
+    err = error(img_server, inputs={"referenceImages": [{"image": blob, "strength": 0.5}]})
+    assert err["code"] == "unsupportedReferenceImages" and err["parameter"] == "inputs.referenceImages[0].strength"
+    err = error(img_server, referenceImages=[{"image": blob, "weight": 1}])
+    assert err["code"] == "invalidReferenceImages" and err["parameter"] == "referenceImages[0].weight"
+
+
+@pytest.mark.parametrize("fields, code, parameter", [
+    ({"controlNet": [{"model": "x", "guideImage": "y"}]}, "unsupportedControlNet", "controlNet"),
+    ({"advancedFeatures": {"hiresFix": True}}, "unsupportedAdvancedFeatures", "advancedFeatures.hiresFix"),
+    ({"inputs": {"images": ["y"]}}, "unsupportedInputs", "inputs.images"),
+    ({"promptWeighting": "compel"}, "unsupportedPromptWeighting", "promptWeighting"),
+])
+def test_features_of_other_models_are_refused_by_name(img_server, fields, code, parameter):
+    err = error(img_server, **fields)
+    assert err["code"] == code and err["parameter"] == parameter
+
+
+def test_fields_without_meaning_here_are_ignored_and_unknown_ones_logged_once(img_server):
+    one(img_server, routing={"region": "eu"}, providerSettings={"bfl": {}}, advancedFeatures={"layerDiffuse": False},
+        usePromptWeighting=False, acceleration="none", safety={"tolerance": True})
+    for _ in range(2):
+        one(img_server, someFieldNoClientSends=1, acceleratorOptions={"anotherOne": 2})
+    log = img_server.log()
+    assert log.count("'someFieldNoClientSends' is not known to this server") == 1
+    assert log.count("'acceleratorOptions.anotherOne' is not known") == 1
+    assert "routing" not in log and "providerSettings" not in log

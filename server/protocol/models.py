@@ -146,7 +146,8 @@ class Inputs(BaseModel):
 
 
 class ImageInferenceTask(BaseModel):
-    """An `imageInference` task as the model page defines it. Unknown fields are ignored."""
+    """An `imageInference` task as the model page defines it. Other fields: `client_shapes` (served, refused, or
+    ignored and logged)."""
 
     model_config = _Strict
 

@@ -16,6 +16,7 @@ from typing import Any
 from k5serve.accel import resolve_window
 from pydantic import BaseModel, ValidationError
 
+from . import client_shapes
 from .errors import ErrorItem, TaskError, error_code, task_error
 from .models import (
     ALLOWED_SIZES,
@@ -24,10 +25,18 @@ from .models import (
     SCHEDULER_NAMES,
     SDK_ACCELERATOR_ALIASES,
     TASK_MODELS,
+    AcceleratorOptions,
     ImageInferenceTask,
+    Inputs,
+    Safety,
     task_type_of,
 )
 from .wire import encodable
+
+# The names client_shapes.normalize takes as known (anything else is ignored and logged once).
+_KNOWN = set(ImageInferenceTask.model_fields)
+_KNOWN_NESTED = {"inputs": set(Inputs.model_fields), "safety": set(Safety.model_fields),
+                 "acceleratorOptions": set(AcceleratorOptions.model_fields) | set(SDK_ACCELERATOR_ALIASES)}
 
 # Nested objects whose leaf names are well known on their own (`invalidTeaCacheDistance`).
 _FLAT_PARENTS = {"acceleratorOptions", "inputs"}
@@ -199,6 +208,7 @@ def parse_image_inference(
     """Validate one raw `imageInference` task. `features` names the optional features this server serves."""
     raw = strip_nulls(raw)
     task_uuid = check_task_uuid(raw, "imageInference")
+    raw = client_shapes.normalize(raw, task_uuid, _KNOWN, _KNOWN_NESTED)
     raw = _sdk_aliases(raw, task_uuid)
     task = parse_task(ImageInferenceTask, raw, task_uuid)
 
@@ -449,7 +459,7 @@ _FIXED_CODES = (
 
 def error_codes() -> frozenset[str]:
     """Every error code this server can answer with: a closed set (metrics label outcomes with it)."""
-    codes = set(_FIXED_CODES)
+    codes = set(_FIXED_CODES) | client_shapes.unsupported_codes()
     codes |= {error_code("conflict", alias) for alias in SDK_ACCELERATOR_ALIASES}
     for model in TASK_MODELS:
         for names in _field_names(model):
