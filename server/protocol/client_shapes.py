@@ -83,18 +83,13 @@ def _refuse_features(raw: dict[str, Any], fail) -> None:
         if _asked(raw.get(name)):
             raise fail(error_code("unsupported", name), f"{name} is a feature of other models; this server "
                        "(Kandinsky 5.0 Image Lite) does not serve it. Leave it out.", name)
-    advanced = raw.get("advancedFeatures")
-    if isinstance(advanced, dict):
-        for name in UNSUPPORTED_ADVANCED:
-            if _asked(advanced.get(name)):
-                raise fail("unsupportedAdvancedFeatures", f"advancedFeatures.{name} is a feature of other models; "
-                           "this server does not serve it. Leave it out.", f"advancedFeatures.{name}")
-    inputs = raw.get("inputs")
-    if isinstance(inputs, dict):
-        for name in UNSUPPORTED_INPUTS:
-            if _asked(inputs.get(name)):
-                raise fail("unsupportedInputs", f"inputs.{name} is an input of other models; this model takes "
-                           "inputs.referenceImages (editing) or inputs.seedImage.", f"inputs.{name}")
+    for parent, names, kind in (("advancedFeatures", UNSUPPORTED_ADVANCED, "a feature"),
+                                ("inputs", UNSUPPORTED_INPUTS, "an input")):
+        holder = raw.get(parent)
+        for name in names if isinstance(holder, dict) else ():
+            if _asked(holder.get(name)):
+                raise fail(error_code("unsupported", parent), f"{parent}.{name} is {kind} of other models; this "
+                           "server (Kandinsky 5.0 Image Lite) does not serve it. Leave it out.", f"{parent}.{name}")
 
 
 def _references(holder: dict[str, Any], parameter: str, fail) -> dict[str, Any]:
