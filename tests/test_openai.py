@@ -133,6 +133,16 @@ def test_an_edit_runs_the_editing_model_at_the_inputs_aspect_ratio(server):
     assert any(entry.get("transport") == "openai" and entry.get("caller") == "ops" for entry in log)
 
 
+def test_an_edit_as_librechat_sends_it_image_brackets(server):
+    """LibreChat sends the file in image[] (one here), with size auto and quality auto."""
+    answer = httpx.post(server.url + "/v1/images/edits", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300,
+                        files={"image[]": ("in.png", _png_bytes((64, 96)), "image/png")},
+                        data={"prompt": "make it blue", "size": "auto", "quality": "low", "model": MODEL})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["size"] == "768x1280" and png(base64.b64decode(body["data"][0]["b64_json"])).size == (768, 1280)
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"mask": ("mask.png", _png_bytes(), "image/png")}, "mask"),
     ({"image": [("a.png", _png_bytes(), "image/png"), ("b.png", _png_bytes(), "image/png")]}, "image"),

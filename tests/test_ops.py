@@ -10,6 +10,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 import uvicorn
 from conftest import API_KEY, task
@@ -188,6 +189,9 @@ def test_readiness_follows_loading_and_the_queue(data_dir, tmp_path):
         loading = only_error(httpx.post(srv.url + "/v1", json=[task(lora=[{"model": "a:1@1", "weight": 1}])]), 503)
         assert loading["code"] == "modelNotReady"
         assert only_error(httpx.post(srv.url + "/v1", json=[task(steps=5)]), 400)["code"] == "invalidSteps"
+        with pytest.raises(openai.InternalServerError) as exc:  # the OpenAI Images API: the same, in its shape
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="any", max_retries=0).images.generate(prompt="a fox")
+        assert exc.value.status_code == 503 and exc.value.body["code"] == "modelNotReady"
         assert value(metrics(srv), "k5serve_ready") == 0
         release.set()
         deadline = time.monotonic() + 60
