@@ -168,6 +168,8 @@ def error_body(error: TaskError) -> dict[str, Any]:
     field = PARAMETERS.get(re.sub(r"\[\d+\]", "", param or ""))  # inputs.referenceImages[0] -> image
     if field is not None:
         message, param = message.replace(param, field), field
+    elif param == "apiKey":  # (Runware's authentication task); OpenAI's clients send the key in a header
+        param = None
     message = _RENAMED.sub(lambda m: PARAMETERS[m[1]], message)
     status = error.http_status
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")

@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ...protocol import wire
-from ...protocol.errors import MISSING_KEY, invalid_api_key
+from ...protocol.errors import invalid_api_key
 from ...protocol.models import MODEL_ID
 from ..auth import bearer, request_context
 from ..http import read_body
@@ -67,7 +67,7 @@ def _caller(request: Request, app: Parts):
     key = bearer(request.headers.get("authorization", ""))
     caller = app.auth.identify(key)
     if caller is None:
-        raise invalid_api_key() if key else invalid_api_key(MISSING_KEY)
+        raise invalid_api_key() if key else invalid_api_key("Missing API key: send Authorization: Bearer <key>.")
     return caller
 
 
@@ -85,7 +85,7 @@ async def generations(request: Request) -> wire.WireResponse:
     if not isinstance(raw, dict):
         raise invalid(None, "The body must be a JSON object.", "invalid_json")
     try:
-        parsed = ImageGenerationRequest.model_validate(raw)
+        parsed = ImageGenerationRequest.model_validate(raw, strict=True)  # JSON: its own types (n: true is no 1)
     except ValidationError as exc:
         raise from_validation(exc) from None
     return await _run(request, app, caller, parsed)
@@ -104,7 +104,7 @@ async def _form(request: Request, body: bytes):
         return await MultiPartParser(request.headers, once(), max_files=8, max_fields=MAX_FORM_FIELDS,
                                      max_part_size=MAX_FIELD_BYTES).parse()
     except MultiPartException as exc:
-        raise invalid(None, f"The multipart body cannot be read: {exc.message}.", "invalid_body") from None
+        raise invalid(None, f"The multipart body cannot be read: {exc.message.rstrip('.')}.", "invalid_body") from None
 
 
 def _number(value: str, kind: type) -> Any:
