@@ -251,3 +251,13 @@ def test_lint_clean():
     res = subprocess.run([sys.executable, "-m", "ruff", "check", "k5serve", "server", "pipelines", "accel",
                           "weights", "benchmarks", "tests"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_every_package_folder_is_installed():
+    """pyproject's explicit `packages` names every folder of the package (a new sub-package left out installs
+    without it: caught here at once rather than by the slow install test)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {name for name, path in package_modules().items() if path.name == "__init__.py"}
+    assert found == listed
