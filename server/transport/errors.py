@@ -44,8 +44,13 @@ def batch_response(results: list[tuple[list[dict], TaskError | None]], retry_aft
     status = 200 if data or not errors else max(e.http_status for e in errors)
     if status != 429:
         return wire.WireResponse(body, status_code=status)
-    wait = max((e.item.model_extra or {}).get("retryAfter", retry_after) for e in errors if e.http_status == 429)
-    return wire.WireResponse(body, status_code=status, headers={"Retry-After": str(wait)})
+    return wire.WireResponse(body, status_code=status, headers={"Retry-After": str(retry_wait(errors, retry_after))})
+
+
+def retry_wait(errors: list[TaskError], default: int) -> int:
+    """The seconds a Retry-After header says for these errors: the longest wait their 429 refusals name (a
+    tenant's minute), else `default` (--retry-after)."""
+    return max((e.item.model_extra or {}).get("retryAfter", default) for e in errors if e.http_status == 429)
 
 
 def _answer(request: Request, error: TaskError) -> wire.WireResponse:

@@ -15,9 +15,9 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ...protocol import wire
-from ...protocol.errors import invalid_api_key
 from ...protocol.models import MODEL_ID
-from ..auth import bearer, request_context
+from ..auth import bearer_caller, request_context
+from ..errors import retry_wait
 from ..http import read_body
 from ..parts import Parts, parts
 from . import serving
@@ -52,23 +52,12 @@ GENERATION_STATUSES = (400, 401, 413, 429, 500, 503)
 async def _run(request: Request, app: Parts, caller, parsed, image: str | None = None) -> wire.WireResponse:
     task = serving.to_task(parsed, image)
     ctx = request_context(request, caller, "openai", str(request.base_url))
-    results = await app.dispatcher.run([task], ctx)
-    error = serving.first_error(results)
+    [(items, error)] = await app.dispatcher.run([task], ctx)
     if error is not None:
         if error.http_status == 429 and "Retry-After" not in (error.headers or {}):
-            retry = (error.item.model_extra or {}).get("retryAfter", app.config.retry_after)
-            error.headers = (error.headers or {}) | {"Retry-After": str(retry)}
+            error.headers = (error.headers or {}) | {"Retry-After": str(retry_wait([error], app.config.retry_after))}
         raise error
-    [(items, _)] = results
     return wire.WireResponse(serving.answer(task, items, parsed), headers={TASK_HEADER: task["taskUUID"]})
-
-
-def _caller(request: Request, app: Parts):
-    key = bearer(request.headers.get("authorization", ""))
-    caller = app.auth.identify(key)
-    if caller is None:
-        raise invalid_api_key() if key else invalid_api_key("Missing API key: send Authorization: Bearer <key>.")
-    return caller
 
 
 @router.post("/v1/images/generations", openapi_extra=_body_schema(ImageGenerationRequest, "application/json"),
@@ -76,7 +65,7 @@ def _caller(request: Request, app: Parts):
              responses=responses(ImagesResponse, GENERATION_STATUSES))
 async def generations(request: Request) -> wire.WireResponse:
     app = parts(request)
-    caller = _caller(request, app)
+    caller = bearer_caller(request, app.auth)
     body = await read_body(request, app, trusted=True)
     try:
         raw = wire.parse(body)
@@ -119,7 +108,7 @@ def _number(value: str, kind: type) -> Any:
              responses=responses(ImagesResponse, GENERATION_STATUSES))
 async def edits(request: Request) -> wire.WireResponse:
     app = parts(request)
-    caller = _caller(request, app)
+    caller = bearer_caller(request, app.auth)
     form = await _form(request, await read_body(request, app, trusted=True))
     try:
         if form.getlist("mask"):
@@ -155,7 +144,7 @@ async def edits(request: Request) -> wire.WireResponse:
             responses=responses(ModelList, (401,)))
 async def models(request: Request) -> wire.WireResponse:
     app = parts(request)
-    _caller(request, app)
+    bearer_caller(request, app.auth)
     names = (MODEL_ID, *app.config.model_aliases)
     return wire.WireResponse({"object": "list", "data": [
         {"id": name, "object": "model", "created": int(app.started), "owned_by": "k5serve"} for name in names]})

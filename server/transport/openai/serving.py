@@ -11,7 +11,6 @@ import time
 import uuid
 from typing import Any
 
-from ...protocol.errors import TaskError
 from ...protocol.models import ALLOWED_SIZES, MODEL_ID
 from ...tasks.input_images import nearest_size
 from .protocol import FORMATS, SHORT_MODEL_NAMES, STEPS, ImageEditRequest, ImageGenerationRequest, invalid, parse_size
@@ -81,7 +80,3 @@ def answer(task: dict[str, Any], items: list[dict], request: ImageGenerationRequ
     if request.quality is not None:
         body["quality"] = request.quality
     return body
-
-
-def first_error(results: list[tuple[list[dict], TaskError | None]]) -> TaskError | None:
-    return next((error for _, error in results if error is not None), None)
