@@ -19,11 +19,12 @@ COPY server ./server
 COPY pipelines ./pipelines
 COPY accel ./accel
 COPY weights ./weights
-# The extras for several front-ends (PostgreSQL, S3) and for --quantize fp8 (torchao) are small; Ray is not
+# The extras for several front-ends (PostgreSQL, S3), for --quantize fp8 (torchao) and for the text encoder's
+# quantisation and the memory profiles (torchao, bitsandbytes) are small; Ray is not
 # included (pip install .[ray]).
 # The extras' versions are pinned in pyproject.toml, which hadolint does not read:
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[postgres,s3,fp8]"
+RUN pip install --no-cache-dir ".[postgres,s3,fp8,quant]"
 
 USER 1000:1000
 RUN mkdir -p /home/k5/.cache/huggingface /home/k5/data

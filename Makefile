@@ -47,15 +47,17 @@ $(PIP):
 	    "Ubuntu install the python3.X-venv package of that Python" >&2; exit 1; }
 	$(PIP) install --upgrade --quiet pip
 
-# The package and its core dependencies: what `k5serve serve` and `k5serve generate` need.
+# The package and its core dependencies: what `k5serve serve` and `k5serve generate` need, with the quantisation
+# libraries of the memory profiles (bitsandbytes, torchao: about 50 MB), so that a 24, 16 or 12 GB card serves.
 $(CORE): pyproject.toml | $(PIP)
 	$(if $(TORCH_INDEX_URL),$(PIP_INSTALL) $(TORCH_PINS) --index-url $(TORCH_INDEX_URL))
-	$(PIP_INSTALL) -e .
+	$(PIP_INSTALL) -e ".[quant]"
 	touch $@
 
-# The test tools and the optional extras the suite needs (Ray, PostgreSQL, S3), on top of the core install.
+# The test tools and the optional extras the suite needs (Ray, PostgreSQL, S3, the text encoder's quantisation
+# libraries), on top of the core install.
 $(TEST): $(CORE)
-	$(PIP_INSTALL) -e ".[test,ray,postgres,s3]"
+	$(PIP_INSTALL) -e ".[test,ray,postgres,s3,quant]"
 	touch $@
 
 install: $(CORE)

@@ -26,9 +26,19 @@ seconds, the cost per image at --price-per-gpu-hour, the speed-up against stock 
 difference from the engine's bf16 image (mean absolute error on 0-255 pixels and PSNR; with random weights this
 is a measure of numerical drift, not of quality). A row the device cannot do is listed with the reason.
 
+With --profiles it measures the memory profiles instead (`--memory-profile full, 24gb, 16gb, 12gb`, and the
+text encoder alone in nf4, int8 and fp8): the random weights are saved as a checkpoint folder once (--checkpoint,
+about 30 GB), then each row loads it through the server's own loader (`load_engine`: the memory plan, the
+quantised text encoder, group offloading) with the card's memory capped by
+`torch.cuda.set_per_process_memory_fraction` to what a card of the profile's size leaves free
+(`pipelines.memory.CARD_FREE`), and the table adds the plan's estimate of the peak beside the measured
+`torch.cuda.max_memory_allocated`. The image columns are then against the `full` profile's (bfloat16) image.
+
     python benchmarks/bench_gpu.py --out gpu-results             # on a CUDA GPU
     python benchmarks/bench_gpu.py --tiny --steps 4 --out /tmp/b  # the same script on the CPU, tiny weights
+    python benchmarks/bench_gpu.py --profiles --out gpu-profiles  # the memory profiles
     benchmarks/gpu/run.sh OUT                                     # a bare GPU machine, wheels carried
+    benchmarks/gpu/run.sh OUT --profiles
 
 Not a test: the figures depend on the machine. The suite runs `--tiny` as a smoke test.
 """
@@ -85,6 +95,10 @@ class Row:
     mae: float | None = None
     psnr: float | None = None
     image: np.ndarray | None = None
+    profile: str | None = None  # a memory profile row: loaded through load_engine with this profile
+    load: dict | None = None  # its LoadConfig fields beside the profile (e.g. a text encoder quantisation)
+    plan_gib: float | None = None  # the memory plan's estimate of the peak at this size, one image
+    budget_gib: float | None = None  # the memory the row was capped to
 
     @property
     def median(self) -> float | None:
@@ -146,6 +160,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--price-per-gpu-hour", type=float, default=2.5, help="USD, for the cost column")
     ap.add_argument("--budget-seconds", type=float, default=None,
                     help="start no new row after this many seconds (the rest are listed as not run)")
+    ap.add_argument("--profiles", action="store_true", help="measure the memory profiles (see above) instead")
+    ap.add_argument("--checkpoint", type=Path, help="--profiles: the folder the random weights are saved to and "
+                    "loaded from (default: a temporary folder, removed afterwards)")
     return ap.parse_args(argv)
 
 
@@ -191,6 +208,85 @@ def plan(attention: str, device: torch.device, dtype: torch.dtype) -> list[Row]:
         Row("fp8 storage", replace(base, fp8_storage=True)),
     ]
     return rows
+
+
+def profile_rows() -> list[Row]:
+    from k5serve.pipelines.config import MEMORY_PROFILES
+
+    rows = [Row(f"profile {name}", SpeedSettings(), profile=name) for name in MEMORY_PROFILES]
+    rows += [Row(f"text encoder {quant}", SpeedSettings(), profile="full",
+                 load={"text_encoder_quant": quant, "explicit": frozenset({"text_encoder_quant"})})
+             for quant in ("nf4", "int8", "fp8")]
+    return rows
+
+
+def measure_profile(row: Row, checkpoint: Path, spec: GenerationSpec, args, device, dtype) -> None:
+    """Load `checkpoint` through the server's loader with the row's memory profile, capped to its card, and time
+    the request; the plan's estimate of the peak beside the measured one."""
+    from k5serve.pipelines.config import EngineConfig, LoadConfig
+    from k5serve.pipelines.loader import load_engine
+    from k5serve.pipelines.memory import CARD_FREE
+
+    gc.collect()
+    cuda = device.type == "cuda"
+    budget = CARD_FREE.get(row.profile) if cuda else None
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    row.budget_gib = budget / 2**30 if budget else None
+    load = LoadConfig(checkpoint, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                      memory_profile=row.profile, memory_budget=budget, **(row.load or {}))
+    started = time.perf_counter()
+    try:
+        engine, info = load_engine(load, EngineConfig())
+    except ValueError as exc:  # the plan does not fit, or the device cannot run the profile: the reason is the row
+        row.skipped = str(exc)
+        return
+    try:
+        row.setup_seconds = time.perf_counter() - started
+        plan = info["memory_plan"]
+        row.plan_gib = max(plan["peaks"][f"{spec.width}x{spec.height} x1"].values()) / 2**30 \
+            if f"{spec.width}x{spec.height} x1" in plan["peaks"] else plan["peak_bytes"] / 2**30
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for index in range(args.warmup_runs):
+            seconds = _timed(lambda: engine.generate(spec), device)[1]
+            row.first_seconds = seconds if index == 0 else row.first_seconds
+        for _ in range(args.runs):
+            output, seconds = _timed(lambda: engine.generate(spec), device)
+            row.seconds.append(seconds)
+            row.image = np.asarray(output.images[0], dtype=np.uint8) if row.image is None else row.image
+        row.first_seconds = row.seconds[0] if row.first_seconds is None else row.first_seconds
+        if cuda:
+            row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    finally:
+        engine = None  # (the last reference: the weights go with it)
+        gc.collect()
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+            torch.cuda.empty_cache()
+
+
+def _timed(run, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    out = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - started
+
+
+def save_checkpoint(pipe, args) -> Path:
+    """The pipeline's random weights as a diffusers folder (the tiny one is already a folder)."""
+    import tempfile
+
+    folder = args.checkpoint or Path(tempfile.mkdtemp(prefix="k5-bench-checkpoint-"))
+    if not (folder / "model_index.json").exists():
+        started = time.perf_counter()
+        pipe.save_pretrained(folder)
+        print(f"saved the random weights to {folder} in {time.perf_counter() - started:.0f} s", flush=True)
+    return folder
 
 
 def cache_config(method: str | None, steps: int) -> StepCacheConfig | None:
@@ -340,6 +436,8 @@ def fmt(value, spec: str, none: str = "–") -> str:
 
 
 def table(rows: list[Row], args, device_name: str) -> str:
+    if args.profiles:
+        return profile_table(rows, args, device_name)
     stock = next((r.median for r in rows if r.speed is None and r.median), None)
     lines = [
         f"{device_name}; {args.size}, {args.steps} steps, CFG {args.cfg}; median of {args.runs} after "
@@ -363,10 +461,29 @@ def table(rows: list[Row], args, device_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_table(rows: list[Row], args, device_name: str) -> str:
+    lines = [
+        f"{device_name}; {args.size}, {args.steps} steps, CFG {args.cfg}, one image; median of {args.runs} after "
+        f"{args.warmup_runs} warm-up; memory capped to the card each profile is named for",
+        "",
+        "| configuration | card cap GiB | s/image | first s | load s | peak GiB | plan GiB | MAE vs full | PSNR dB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.skipped or not r.seconds:
+            lines.append(f"| {r.name} | {fmt(r.budget_gib, '.1f')} | not run: {r.skipped or 'no timed run'} |"
+                         + " |" * 6)
+            continue
+        lines.append(f"| {r.name} | {fmt(r.budget_gib, '.1f')} | {r.median:.3f} | {fmt(r.first_seconds, '.2f')} | "
+                     f"{r.setup_seconds:.1f} | {fmt(r.peak_gib, '.2f')} | {fmt(r.plan_gib, '.2f')} | "
+                     f"{fmt(r.mae, '.2f')} | {fmt(r.psnr, '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
 def write(rows: list[Row], args, device_name: str, facts: dict) -> str:
     """Compare each row with the engine's image and write `table.md` and `results.json` (after every row, so
     a run cut short or a crash keeps what it measured). -> the table."""
-    reference = next((r.image for r in rows if r.name == "engine"), None)
+    reference = next((r.image for r in rows if r.name in ("engine", "profile full")), None)
     for row in rows:
         compare(row, reference)
     text = table(rows, args, device_name)
@@ -375,7 +492,7 @@ def write(rows: list[Row], args, device_name: str, facts: dict) -> str:
     results = facts | {
         "device": device_name, "torch": torch.__version__, "size": args.size, "steps": args.steps,
         "cfg": args.cfg, "runs": args.runs, "warmup_runs": args.warmup_runs, "tiny": args.tiny,
-        "price_per_gpu_hour": args.price_per_gpu_hour,
+        "price_per_gpu_hour": args.price_per_gpu_hour, "profiles": args.profiles,
         "rows": [{k: v for k, v in asdict(r).items() if k != "image"} | {"median_seconds": r.median,
                  "speed": asdict(r.speed) if r.speed else None} for r in rows],
     }
@@ -392,7 +509,7 @@ def main(argv=None) -> int:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     width, height = map(int, args.size.lower().split("x"))
     attention = args.attention_backend or best_attention(device, dtype)
-    rows = plan(attention, device, dtype)
+    rows = profile_rows() if args.profiles else plan(attention, device, dtype)
     if args.list:
         print("\n".join(r.name for r in rows))
         return 0
@@ -401,7 +518,7 @@ def main(argv=None) -> int:
         unknown = set(wanted) - {r.name for r in rows}
         if unknown:
             raise SystemExit(f"error: unknown rows {sorted(unknown)}; see --list")
-        rows = [r for r in rows if r.name in wanted or r.name == "engine"]  # the engine row is the baseline
+        rows = [r for r in rows if r.name in wanted or r.name in ("engine", "profile full")]  # the baselines
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU ({torch.get_num_threads()} threads)")
     print(f"building the {'tiny' if args.tiny else 'full-size'} architecture on {device_name} ...", flush=True)
@@ -410,6 +527,8 @@ def main(argv=None) -> int:
     build_seconds = time.perf_counter() - started
     spec = GenerationSpec(PROMPT, NEGATIVE, width=width, height=height, seed=0, steps=args.steps,
                           guidance_scale=args.cfg)
+    if args.profiles:
+        return run_profiles(rows, pipe, spec, args, device, dtype, device_name, began, build_seconds)
     try:
         flops = count_flops(pipe, spec)
     except Exception as exc:  # noqa: BLE001 - the figures without TFLOP/s beat no figures
@@ -435,6 +554,43 @@ def main(argv=None) -> int:
         print(f"  {row.skipped or f'{row.median:.3f} s/image'}", flush=True)
         write(rows, args, device_name, facts)  # what was measured survives a crash in a later row
     print(write(rows, args, device_name, facts))  # (and the rows the budget skipped)
+    return 0
+
+
+def run_profiles(rows, pipe, spec, args, device, dtype, device_name, began, build_seconds) -> int:
+    """--profiles: save the weights, free the built pipeline, then load and measure each profile's row."""
+    import shutil
+
+    if args.tiny:
+        from k5serve.weights.tiny import ensure_tiny
+
+        checkpoint = ensure_tiny(args.out / "tiny-checkpoint", "t2i")
+    else:
+        checkpoint = save_checkpoint(pipe, args)
+    del pipe
+    gc.collect()
+    facts = {"build_seconds": round(build_seconds, 2), "checkpoint": str(checkpoint)}
+    try:
+        for row in rows:
+            if args.budget_seconds is not None and time.perf_counter() - began > args.budget_seconds:
+                row.skipped = f"time budget of {args.budget_seconds:g} s spent"
+                continue
+            print(f"{row.name} ...", flush=True)
+            try:
+                measure_profile(row, checkpoint, spec, args, device, dtype)
+            except torch.cuda.OutOfMemoryError as exc:
+                row.skipped = f"out of memory: {str(exc).splitlines()[0]}"
+                row.seconds.clear()
+            except Exception as exc:  # noqa: BLE001 - one row's failure must not lose the rest
+                traceback.print_exc()
+                row.skipped = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                row.seconds.clear()
+            print(f"  {row.skipped or f'{row.median:.3f} s/image'}", flush=True)
+            write(rows, args, device_name, facts)
+    finally:
+        if not args.tiny and args.checkpoint is None:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    print(write(rows, args, device_name, facts))
     return 0
 
 

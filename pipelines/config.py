@@ -15,7 +15,14 @@ class LoadConfig:
     path: Path
     device: str = "auto"  # "auto" = cuda when available, else cpu; or "cpu", "cuda", "cuda:1"
     dtype: str = "auto"  # "auto" = bfloat16 on cuda, float32 on cpu
-    offload: str = "none"  # "none", "model" or "sequential": diffusers' CPU offload (CUDA only)
+    offload: str = "none"  # a name of OFFLOAD: where the weights live between uses (CUDA only but "none")
+    text_encoder_quant: str = "none"  # a name of TEXT_ENCODER_QUANT: the Qwen2.5-VL encoder's weights
+    text_encoder_offload: bool = False  # the text encoders on the GPU only while they encode (CUDA only)
+    memory_profile: str = "auto"  # a name of MEMORY_PROFILES, or "auto": the fastest whose memory plan fits
+    memory_budget: int | None = None  # bytes the plan must fit; None = the device's free memory at start-up
+    # The PROFILE_FIELDS the operator gave (flag, environment, file), which no profile changes; None (a caller of
+    # the library): every field not at its default counts as given.
+    explicit: frozenset[str] | None = None
 
 
 # Our names -> diffusers' AttentionBackendName values, with what each needs.
@@ -30,6 +37,35 @@ ATTENTION_BACKENDS = {
     "sage": "sage",  # the sageattention package (INT8 QK, CUDA)
 }
 QUANTIZE = ("fp8",)
+# Where weights live between uses: resident on the device, diffusers' model or sequential CPU offload, or group
+# offloading of the transformer (its blocks streamed from pinned host memory; pipelines.device.place).
+OFFLOAD = ("none", "model", "sequential", "group")
+# The Qwen2.5-VL text encoder's weights: as loaded, torchao int8 or fp8 weight-only, bitsandbytes NF4
+# (pipelines.text_encoder_quant says which library does which and why).
+TEXT_ENCODER_QUANT = ("none", "int8", "fp8", "nf4")
+
+# The memory profiles, fastest first: each is a combination of the options above (docs/performance.md, "Which
+# card, which profile"). An option the operator gives explicitly overrides the profile's choice for it.
+MEMORY_PROFILES: dict[str, dict[str, object]] = {
+    # everything resident in the model dtype: about 30 GB of weights (40 GB cards and up)
+    "full": {"offload": "none", "text_encoder_quant": "none", "fp8_storage": False},
+    # the transformer resident in bfloat16, the text encoder resident in NF4 (16.6 -> 5.6 GB)
+    "24gb": {"offload": "none", "text_encoder_quant": "nf4", "fp8_storage": False},
+    # the transformer's weights stored in FP8 (13.3 -> 7.9 GB) and resident, the NF4 text encoder on the GPU only
+    # while it encodes, the prompt cache on (64 entries) so that a repeated prompt, above all the negative one,
+    # does not bring it back
+    "16gb": {"offload": "none", "text_encoder_quant": "nf4", "text_encoder_offload": True, "fp8_storage": True,
+             "prompt_cache": 64},
+    # the same with group offloading of the transformer: its blocks streamed from host memory as they run
+    "12gb": {"offload": "group", "text_encoder_quant": "nf4", "text_encoder_offload": True, "fp8_storage": True,
+             "prompt_cache": 64},
+}
+PROFILE_FIELDS = ("offload", "text_encoder_quant", "text_encoder_offload", "fp8_storage", "prompt_cache")
+
+
+def explicit_fields(given: set[str]) -> frozenset[str]:
+    """The profile fields among the options the operator gave (by their dests, which are the field names)."""
+    return frozenset(f for f in PROFILE_FIELDS if f in given)
 
 
 @dataclass(frozen=True)
@@ -54,6 +90,8 @@ class EngineConfig:
     safety_path: Path | None = None  # NSFW image classifier folder; None: safety checks are refused
     safety_threshold: float = 0.5  # an image is flagged when P(unsafe) >= this
     offload: str = "none"  # the T2I pipeline's CPU offload mode; the I2I pipeline follows it
+    text_encoder_offload: bool = False  # (the T2I pipeline's; the I2I pipeline shares its encoders)
+    text_encoder_quant: str = "none"  # (the I2I pipeline loads its own encoder so only when not shared)
     speed: SpeedSettings = SpeedSettings()  # compile, attention kernel, FP8, prompt cache
 
 

@@ -20,6 +20,7 @@ from .device import place
 from .k5 import K5I2IPipeline, K5T2IPipeline
 from .prompt_cache import PromptCache
 from .speed import apply_speed
+from .text_encoder_quant import pipeline_quantization
 from .worker import GenerationOutput, GenerationSpec, InvalidInput, ProgressCallback
 
 if TYPE_CHECKING:
@@ -60,16 +61,21 @@ class K5Engine:
                     raise RuntimeError("this engine has no image editing model")
                 # Reuse the T2I pipeline's encoders, tokenizers and VAE where the checkpoints agree.
                 t2i_root = Path(self.t2i.config._name_or_path)
-                # (Not under CPU offload: diffusers' offload hooks chain one pipeline's components, so
-                # the offloaded I2I pipeline keeps its own copies, in host memory.)
+                # (Not under model or sequential offload: diffusers' offload hooks chain one pipeline's
+                # components, so the offloaded I2I pipeline keeps its own copies, in host memory. Group offloading
+                # and --text-encoder-offload hook each module on its own, so those are shared.)
+                can_share = self.config.offload in ("none", "group")
                 shared = {name: getattr(self.t2i, name) for name in SHARED
-                          if self.config.offload == "none"
-                          and same_component(t2i_root / name, self.config.i2i_path / name)}
-                if len(shared) < len(SHARED) and self.config.offload == "none":
+                          if can_share and same_component(t2i_root / name, self.config.i2i_path / name)}
+                if len(shared) < len(SHARED) and can_share:
                     log.warning("I2I checkpoint differs in %s: loading its own copy", set(SHARED) - set(shared))
-                pipe = K5I2IPipeline.from_pretrained(self.config.i2i_path, dtype=self.t2i.transformer.dtype,
-                                                     **shared)
-                place(pipe, self.t2i._execution_device, self.config.offload)
+                dtype = self.t2i.transformer.dtype
+                quant = self.config.text_encoder_quant if "text_encoder" not in shared else "none"
+                pipe = K5I2IPipeline.from_pretrained(self.config.i2i_path, dtype=dtype,
+                                                     quantization_config=pipeline_quantization(quant, dtype), **shared)
+                pipe.text_encoder_quant = self.config.text_encoder_quant
+                place(pipe, self.t2i._execution_device, self.config.offload, self.config.text_encoder_offload)
+                pipe.vae.enable_slicing()
                 pipe.set_progress_bar_config(disable=True)
                 apply_speed(pipe.transformer, self.config.speed, device=self.t2i._execution_device,
                             dtype=self.t2i.transformer.dtype)

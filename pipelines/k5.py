@@ -31,6 +31,7 @@ from k5serve.accel.hooks import Recorder
 from k5serve.accel.session import StepCache
 from PIL import Image
 
+from .device import offload_text_encoders
 from .prompt_cache import PromptCache, image_digest
 from .schedulers import make_scheduler, scheduler_step
 from .worker import GenerationOutput, GenerationSpec, ProgressCallback
@@ -52,6 +53,7 @@ class _K5Loop:
     """The denoising loop and helpers shared by the T2I and I2I pipelines (a mixin over the stock classes)."""
 
     prompt_cache: PromptCache | None = None  # set by the engine; None: every prompt is encoded
+    text_encoder_quant: str = "none"  # set by the loader: how the Qwen encoder's weights are quantised
 
     def _encoded(self, prompt: str, counts: dict[str, int], image: Image.Image | None = None):
         """`encode_prompt` for one prompt, through the prompt cache, repeated for the spec's images per prompt.
@@ -67,7 +69,7 @@ class _K5Loop:
         if self.prompt_cache is None:
             counts["misses"] += 1
             return _repeat(encode(), counts["images"])
-        key = (type(self).__name__, prompt, str(device), str(dtype), image_digest(image))
+        key = (type(self).__name__, prompt, str(device), str(dtype), self.text_encoder_quant, image_digest(image))
         value, hit = self.prompt_cache.get(key, encode)
         counts["hits" if hit else "misses"] += 1
         return _repeat(value, counts["images"])
@@ -143,6 +145,7 @@ class _K5Loop:
         counts = {"images": spec.num_images, "hits": 0, "misses": 0}
         cond = self._encoded(spec.prompt, counts, image)
         uncond = self._encoded(spec.negative_prompt, counts, image) if spec.guidance_scale > 1.0 else None
+        offload_text_encoders(self)  # (--text-encoder-offload: off the GPU until the next prompt to encode)
         return cond, uncond, {"hits": counts["hits"], "misses": counts["misses"]}
 
     def _velocity(self, latents, timestep, text, visual_rope_pos) -> torch.Tensor:

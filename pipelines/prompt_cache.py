@@ -2,12 +2,13 @@
 is not encoded again by the 8-billion-parameter Qwen2.5-VL.
 
 The key is everything the output depends on: the pipeline kind (T2I and I2I wrap the prompt in different
-templates), the exact prompt text, the device and dtype, and for editing a digest of the reference image's
-pixels. An entry is one prompt's one-image encoding (the pipeline repeats it for `numberResults`): about 7 KB
-per Qwen token in bfloat16, so 256 entries of long prompts (512 tokens) hold at most about 1 GB of GPU memory.
-A hit calls no text encoder, so under `--offload model` the encoder stays in host memory. The cached tensors are
-the very ones `encode_prompt` returned (nothing downstream writes into them), so outputs are byte-identical with
-and without the cache.
+templates), the exact prompt text, the device and dtype, the text encoder's quantisation (`--text-encoder-quant`),
+and for editing a digest of the reference image's pixels. An entry is one prompt's one-image encoding (the pipeline
+repeats it for `numberResults`): about 7 KB per Qwen token in bfloat16, so 256 entries of long prompts (512 tokens)
+hold at most about 1 GB of GPU memory (the memory plan counts that most). A hit calls no text encoder, so under
+`--offload model` or `--text-encoder-offload` the encoder stays in host memory. The cached tensors are the very ones
+`encode_prompt` returned (nothing downstream writes into them), so outputs are byte-identical with and without the
+cache.
 
 Written here rather than with `functools.lru_cache`: the key needs the image digest and the counts must be
 read per request, and LRU order under a lock is a few lines of `OrderedDict`.

@@ -152,18 +152,23 @@ def quantize_fp8(transformer: torch.nn.Module) -> None:
     they are a small part of the FLOPs and the most sensitive to precision."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    keep = tuple(getattr(transformer, "_keep_in_fp32_modules", None) or ())
     blocks = _repeated_blocks(transformer)
 
     def wanted(module: torch.nn.Module, name: str) -> bool:
-        return (isinstance(module, torch.nn.Linear) and not any(part in keep for part in name.split("."))
-                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+        return fp8_wanted(transformer, module, name)
 
     # set_inductor_config=False: torchao would otherwise switch on inductor's coordinate-descent tuning for the
     # whole process (longer compiles for every model, compiled before or after, not only this one).
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
     for block in blocks:
         quantize_(block, config, filter_fn=wanted)
+
+
+def fp8_wanted(transformer: torch.nn.Module, module: torch.nn.Module, name: str) -> bool:
+    """Whether `quantize_fp8` converts `module` (named `name` inside a repeated block of `transformer`)."""
+    keep = tuple(getattr(transformer, "_keep_in_fp32_modules", None) or ())
+    return (isinstance(module, torch.nn.Linear) and not any(part in keep for part in name.split("."))
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
 def set_attention_backend(transformer: torch.nn.Module, backend: str, *, device: torch.device,

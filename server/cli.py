@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     tea.add_argument("--out", type=Path, default=Path("teacache.json"))
     tea.set_defaults(func=cmd_calibrate_teacache, options=opt.LOG_OPTIONS + opt.MODEL_OPTIONS)
 
+    _add_memory_plan(sub)
     weights = sub.add_parser("weights", help="build tiny weights or download the real ones")
     wsub = weights.add_subparsers(dest="weights_command", required=True)
     tiny = wsub.add_parser("tiny", help="build the tiny test checkpoint(s) into DIR")
@@ -160,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_memory_plan(sub) -> None:
+    plans = sub.add_parser(
+        "memory-plan", help="which memory profile fits which card: the plans for the published model, no weights "
+                            "or GPU needed",
+        description="The memory plan of each memory profile for Kandinsky 5.0 Image Lite (built from its "
+                    "configuration on the meta device: nothing is downloaded), against the memory a 24, 16 and 12 "
+                    "GB card leaves free, or against --memory-budget.")
+    plans.add_argument("--editing", action="store_true",
+                       help="with the editing model loaded beside (its own transformer; the rest is shared)")
+    plans.add_argument("--memory-budget", type=opt.byte_size, metavar="BYTES",
+                       help="compare against this (e.g. 20GB, 16GiB) instead of the three cards")
+    plans.add_argument("--profile", help="print this profile's whole plan (full, 24gb, 16gb, 12gb)")
+    plans.set_defaults(func=cmd_memory_plan, options=opt.LOG_OPTIONS)
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -167,11 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config_file = getattr(args, "config", None) or (os.environ.get("K5SERVE_CONFIG") if args.command == "serve"
                                                     else None)
+    given: set[str] = set()  # the options given by flag, environment or file (a memory profile leaves them be)
     try:
-        values = opt.resolve(args.options, args, os.environ, Path(config_file) if config_file else None)
+        values = opt.resolve(args.options, args, os.environ, Path(config_file) if config_file else None, given)
     except opt.ConfigError as exc:
         parser.exit(2, f"k5serve: error: {exc}\n")
     vars(args).update(values)
+    args.given_options = given
     # serve logs JSON lines for a program to read, and text at a terminal; the other commands log text.
     args.log_format = args.log_format or ("json" if args.command == "serve" and not sys.stderr.isatty() else "text")
     from .ops import logs
@@ -194,6 +212,9 @@ def _checkpoints(args: argparse.Namespace, *, i2i: bool = True, safety: bool = T
     from k5serve.pipelines.config import LoadConfig
     from k5serve.weights.checkpoints import CheckpointChoice, CheckpointError, resolve_checkpoints
 
+    from .ops.logs import adopt_library_loggers
+
+    adopt_library_loggers()  # (before the model's libraries load and warn: torchao, for one)
     load = opt.build(LoadConfig, args.options, vars(args), path=Path())
     try:
         found = resolve_checkpoints(opt.build(CheckpointChoice, args.options, vars(args)), args.data_dir / "tiny",
@@ -222,26 +243,31 @@ def _engine_config(args: argparse.Namespace, found):
                      safety_path=found and found.safety, accel=accel, speed=speed)
 
 
-def _check_speed(args: argparse.Namespace, found) -> None:
-    """Refuse a speed option this machine's device cannot do before the server starts (the replicas of a
-    remote Ray cluster check their own device when they start)."""
-    from k5serve.pipelines.device import pick_device, pick_dtype
-    from k5serve.pipelines.speed import SpeedOptionError, check_speed
+def _check_speed(args: argparse.Namespace, found) -> dict[str, Any]:
+    """Apply the memory profile, refuse an option this machine's device cannot do, and make the memory plan,
+    before the server starts (the replicas of a remote Ray cluster plan for their own device when they start).
+    The profile's choices are written back into `args`, so every later config (and each Ray replica) gets them.
+    -> the plan, for /health."""
+    from k5serve.pipelines.memory import resolve
 
     load = _load_config(args, found)
     try:
-        device = pick_device(load.device)
-        check_speed(_engine_config(args, found).speed, device, dtype=pick_dtype(load.dtype, device),
-                    offload=load.offload)
-    except (SpeedOptionError, RuntimeError, ValueError) as exc:
+        load, engine, plan = resolve(load, _engine_config(args, found))
+    except (RuntimeError, ValueError) as exc:  # (the checks' and the plan's errors are ValueErrors)
         raise SystemExit(f"error: {exc}") from None
+    for name, value in [("offload", load.offload), ("text_encoder_quant", load.text_encoder_quant),
+                        ("text_encoder_offload", load.text_encoder_offload), ("memory_profile", load.memory_profile),
+                        ("fp8_storage", engine.speed.fp8_storage), ("prompt_cache", engine.speed.prompt_cache)]:
+        setattr(args, name, value)
+    return plan.as_dict()  # (the loader logs it)
 
 
 def _load_config(args: argparse.Namespace, found):
     """Where and how the T2I checkpoint loads: the resolved folder, on the device the run really uses."""
-    from k5serve.pipelines.config import LoadConfig
+    from k5serve.pipelines.config import LoadConfig, explicit_fields
 
-    return opt.build(LoadConfig, args.options, vars(args) | {"device": found.device}, path=found.t2i)
+    return opt.build(LoadConfig, args.options, vars(args) | {"device": found.device}, path=found.t2i,
+                     explicit=explicit_fields(getattr(args, "given_options", set())))
 
 
 def _load_engine(args: argparse.Namespace, found, on_status=None):
@@ -289,8 +315,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "--workers ray")
     if workers.replicas and workers.autoscale:
         raise SystemExit("error: give --replicas or --autoscale, not both")
+    known: dict[str, Any] = {"tiny_weights": found.tiny}
     if workers.kind == "local" or workers.ray_address is None:  # generation runs on this machine's devices
-        _check_speed(args, found)
+        known["memory_plan"] = _check_speed(args, found)
 
     def load_worker():
         if workers.kind == "ray":
@@ -304,7 +331,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine, info = _load_engine(args, found, on_status=slot.note)
         return LocalWorker(engine, max_queue=config.max_queue, info=info, fault_prompt=args.inject_oom_prompt)
 
-    slot = ModelSlot(load_worker, known={"tiny_weights": found.tiny})  # on /ready and /health from the start
+    slot = ModelSlot(load_worker, known=known)  # on /ready and /health from the start
     try:
         app = create_app(config, slot)
     except ModuleNotFoundError as exc:
@@ -495,6 +522,38 @@ def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
     args.out.write_text(json.dumps(result, indent=2))
     print(f"{result['samples']} samples from {result['runs']} runs; fit RMSE {result['rmse']:.4g} "
           f"(identity {result['identity_rmse']:.4g}) -> {args.out}")
+    return 0
+
+
+def cmd_memory_plan(args: argparse.Namespace) -> int:
+    import torch
+    from k5serve.pipelines.config import MEMORY_PROFILES, EngineConfig, LoadConfig
+    from k5serve.pipelines.memory import CARD_FREE, human, plan, with_profile
+    from k5serve.weights.full import meta_components
+
+    if args.profile is not None and args.profile not in MEMORY_PROFILES:
+        raise SystemExit(f"error: --profile {args.profile}: choose from {', '.join(MEMORY_PROFILES)}")
+    components = meta_components(editing=args.editing)
+    budgets = {"budget": args.memory_budget} if args.memory_budget else {card: CARD_FREE[card] for card in CARD_FREE}
+    print(f"Kandinsky 5.0 Image Lite{' with the editing model' if args.editing else ''}, bfloat16, on a CUDA GPU; "
+          "weights exact, activations estimated (docs/performance.md)\n")
+    head = " | ".join(f"fits {name if name == 'budget' else name.upper().replace('GB', ' GB')}" for name in budgets)
+    print(f"| profile | weights on the GPU | host memory | peak, 1 image | peak, 4 images | {head} |")
+    print("|---" * (5 + len(budgets)) + "|")
+    for name in MEMORY_PROFILES:
+        load, engine = with_profile(LoadConfig(Path("published")), EngineConfig(), name)
+        fits = []
+        for budget in budgets.values():
+            p = plan(components, load, engine.speed, device=torch.device("cuda"), dtype=torch.bfloat16,
+                     budget=budget, budget_source="", profile=name)
+            fits.append(f"yes ({human(p.usable)} usable)" if p.fits else "no")
+        one = max(max(p.peaks[f"{w}x{h} x1"].values()) for w, h in ((1024, 1024), (1408, 640)))
+        print(f"| {name} | {human(p.device_weights)} | {human(sum(c.host for c in p.components.values()))} | "
+              f"{human(one)} | {human(p.peak)} | {' | '.join(fits)} |")
+        if name == args.profile:
+            detail = p.describe()
+    if args.profile is not None:
+        print("\n" + detail)
     return 0
 
 

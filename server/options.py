@@ -27,7 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from k5serve.accel import AccelSettings
-from k5serve.pipelines.config import ATTENTION_BACKENDS, QUANTIZE, EngineConfig, LoadConfig, SpeedSettings, WorkerConfig
+from k5serve.pipelines.config import (
+    ATTENTION_BACKENDS,
+    MEMORY_PROFILES,
+    OFFLOAD,
+    QUANTIZE,
+    TEXT_ENCODER_QUANT,
+    EngineConfig,
+    LoadConfig,
+    SpeedSettings,
+    WorkerConfig,
+)
 from k5serve.weights.checkpoints import CheckpointChoice
 
 from .config import ListenConfig, LogConfig, ServerConfig
@@ -175,6 +185,22 @@ def positive(text: str) -> int:
     return value
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """Bytes, with an optional unit: 16GB (10^9), 16GiB (2^30), 500MB, 12000000000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes, e.g. 16GB, 12GiB or 500MB")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return value
+
+
 def replica_range(text: str) -> tuple[int, int]:
     low, sep, high = text.partition(":")
     if not sep or not low.isdigit() or not high.isdigit() or not 0 <= int(low) <= int(high) or int(high) < 1:
@@ -219,9 +245,23 @@ MODEL_OPTIONS = (
            "calibrate teacache` (a JSON file; default: identity, uncalibrated)", type=coefficients),
     Option("dbcache-fn", AccelSettings, "dbcache_fn_blocks", "DBCache: first blocks always computed (default 8 "
            "on the full model)", type=int),
-    Option("offload", LoadConfig, "offload", "diffusers CPU offload (CUDA only): model = whole components move "
-           "to the GPU when used (fits a 24 GB card), sequential = layer by layer (least memory, slowest)",
-           choices=("none", "model", "sequential")),
+    Option("offload", LoadConfig, "offload", "where weights wait between uses (CUDA only): model = whole "
+           "components move to the GPU when used, sequential = layer by layer (least memory, slowest), group = the "
+           "transformer's blocks streamed from pinned host memory as they run (diffusers' group offloading, CUDA "
+           "streams)", choices=OFFLOAD),
+    Option("text-encoder-quant", LoadConfig, "text_encoder_quant", "the Qwen2.5-VL text encoder's weights: nf4 "
+           "(bitsandbytes, about 5.6 GB), int8 or fp8 (torchao weight-only, about 9.4 GB) instead of 16.6 GB in "
+           "bfloat16 (pip install 'k5serve[quant]')", choices=TEXT_ENCODER_QUANT),
+    Option("text-encoder-offload", LoadConfig, "text_encoder_offload", "keep the text encoders in host memory "
+           "and on the GPU only while they encode a prompt the prompt cache does not hold (CUDA only)",
+           kind="switch"),
+    Option("memory-profile", LoadConfig, "memory_profile", "a combination of the memory options for a card size "
+           "(full, 24gb, 16gb, 12gb; docs/performance.md), or auto: the fastest whose memory plan fits the "
+           "device's free memory; options given explicitly override the profile's", choices=("auto",
+                                                                                              *MEMORY_PROFILES)),
+    Option("memory-budget", LoadConfig, "memory_budget", "bytes the memory plan must fit (e.g. 16GB, 12GiB), "
+           "when less than the device's free memory; on a GPU the allocator is held to it too",
+           type=byte_size),
     Option("safety-model", CheckpointChoice, "safety_model", "NSFW image classifier for safety checks: repo id "
            "(in the cache) or folder; default: the Falconsai/nsfw_image_detection repo when downloaded; 'none' to "
            "disable"),
@@ -332,20 +372,24 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> N
 
 
 def resolve(options: Iterable[Option], given: argparse.Namespace, environ: Mapping[str, str] | None = None,
-            config_file: Path | None = None) -> dict[str, Any]:
-    """Every option's value by dest, from flag > environment > file > default."""
+            config_file: Path | None = None, explicit: set[str] | None = None) -> dict[str, Any]:
+    """Every option's value by dest, from flag > environment > file > default. `explicit`, when given, receives
+    the dests of the options given by any of the first three (not left at their default)."""
     options = list(options)
     environ = os.environ if environ is None else environ
     values = {o.dest: o.default for o in options}
+    found: dict[str, Any] = {}
     if config_file is not None:
-        values |= read_config_file(config_file, options)
+        found |= read_config_file(config_file, options)
     for option in options:
         # A flag wins without its variable being read (Kubernetes sets K5SERVE_PORT=tcp://... for a Service
         # named k5serve); an empty variable counts as unset.
         if not hasattr(given, option.dest) and environ.get(option.env, "").strip():
-            values[option.dest] = option.from_text(environ[option.env], f"environment variable {option.env}")
-    values |= {o.dest: getattr(given, o.dest) for o in options if hasattr(given, o.dest)}
-    return values
+            found[option.dest] = option.from_text(environ[option.env], f"environment variable {option.env}")
+    found |= {o.dest: getattr(given, o.dest) for o in options if hasattr(given, o.dest)}
+    if explicit is not None:
+        explicit.update(found)
+    return values | found
 
 
 def read_config_file(path: Path, options: Iterable[Option]) -> dict[str, Any]:

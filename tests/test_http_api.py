@@ -47,6 +47,12 @@ def b64_image(server, **fields) -> bytes:
 def test_health_reports_loaded_tiny_model(server):
     body = httpx.get(server.url + "/health").json()
     assert body["status"] == "ok" and body["tiny_weights"] is True and body["device"] == "cpu"
+    plan = body["memory_plan"]  # made before the weights loaded; the loaded model's weights agree with it
+    assert plan["profile"] == "full" and plan["fits"] is True and plan["device"] == "cpu"
+    assert plan["device_weights_bytes"] == body["weights_bytes"] + plan["components"]["safety"]["weights"] + \
+        plan["components"].get("transformer_i2i", {}).get("weights", 0)
+    assert 0 < plan["peak_bytes"] <= plan["usable_bytes"] < plan["budget_bytes"]
+    assert set(plan["peaks"]) == {"1024x1024 x1", "1024x1024 x4", "1408x640 x1", "1408x640 x4"}
 
 
 def test_url_output_is_served_with_its_content_type(server):

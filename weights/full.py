@@ -78,14 +78,11 @@ def build_transformer(device, dtype, *, seed: int = 0, config: dict[str, Any] | 
     return model.eval()
 
 
-def build_pipeline(cls, device, dtype, *, seed: int = 0, transformer=None):
-    """A `cls` pipeline (`Kandinsky5T2IPipeline` or a subclass) of the full-size architecture with random weights
-    on `device`."""
-    import torch
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _configs():
+    """The Qwen2.5-VL and CLIP configurations, with the tiny tokenizers' special-token ids."""
+    from transformers import CLIPTextConfig, Qwen2_5_VLConfig
 
-    from .tiny import QWEN_SPECIAL_TOKENS, make_clip_tokenizer, make_qwen_processor, make_qwen_tokenizer, make_scheduler
+    from .tiny import QWEN_SPECIAL_TOKENS, make_clip_tokenizer, make_qwen_tokenizer
 
     qwen_tok, clip_tok = make_qwen_tokenizer(), make_clip_tokenizer()
     ids = {t: qwen_tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
@@ -97,6 +94,37 @@ def build_pipeline(cls, device, dtype, *, seed: int = 0, transformer=None):
         tie_word_embeddings=False)
     clip_config = CLIPTextConfig(**CLIP_TEXT, bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
                                  pad_token_id=clip_tok.pad_token_id)
+    return qwen_tok, clip_tok, qwen_config, clip_config
+
+
+def meta_components(editing: bool = False) -> dict:
+    """The full-size models on the meta device (no memory), in float32: what the memory plan of the published
+    checkpoint is computed from (`pipelines.memory.plan`), without the checkpoint. `editing`: with the I2I
+    model's transformer too (33 input channels: noise, image latents, mask), which shares the rest."""
+    import torch
+    from diffusers import AutoencoderKL, Kandinsky5Transformer3DModel
+    from transformers import CLIPTextModel, Qwen2_5_VLForConditionalGeneration
+
+    _, _, qwen_config, clip_config = _configs()
+    with torch.device("meta"):
+        components = {"transformer": Kandinsky5Transformer3DModel(**TRANSFORMER),
+                      "text_encoder": Qwen2_5_VLForConditionalGeneration(qwen_config),
+                      "text_encoder_2": CLIPTextModel(clip_config), "vae": AutoencoderKL(**VAE)}
+        if editing:
+            components["transformer_i2i"] = Kandinsky5Transformer3DModel(**dict(TRANSFORMER, visual_cond=True))
+        return components
+
+
+def build_pipeline(cls, device, dtype, *, seed: int = 0, transformer=None):
+    """A `cls` pipeline (`Kandinsky5T2IPipeline` or a subclass) of the full-size architecture with random weights
+    on `device`."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, Qwen2_5_VLForConditionalGeneration
+
+    from .tiny import make_qwen_processor, make_scheduler
+
+    qwen_tok, clip_tok, qwen_config, clip_config = _configs()
     torch.manual_seed(seed + 1)
     qwen = _on(device, dtype, lambda: Qwen2_5_VLForConditionalGeneration(qwen_config)).eval()
     clip = _on(device, dtype, lambda: CLIPTextModel(clip_config)).eval()

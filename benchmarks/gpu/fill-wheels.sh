@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fill benchmarks/gpu/wheels/ with what run.sh installs on a GPU machine that has Python 3.12, torch and
-# transformers but no diffusers, cache-dit or torchao, and no network. Run it where PyPI is reachable:
+# transformers but no diffusers, cache-dit, torchao or bitsandbytes, and no network. Run it where PyPI is reachable:
 #
 #   benchmarks/gpu/fill-wheels.sh [PYTHON_VERSION]      (default 3.12; the folder is ignored by git)
 #
@@ -15,8 +15,8 @@ py=${PYTHON:-python3}
 mapfile -t pins < <("$py" - "$root/pyproject.toml" <<'PY'
 import re, sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-pins = project["dependencies"] + project["optional-dependencies"]["fp8"]
-wanted = {"diffusers", "cache-dit", "torchao"}
+pins = project["dependencies"] + project["optional-dependencies"]["quant"]
+wanted = {"diffusers", "cache-dit", "torchao", "bitsandbytes"}
 for pin in pins:
     name = re.split(r"[=<>\[ ]", pin, maxsplit=1)[0]
     if name in wanted:

@@ -124,3 +124,20 @@ def configure(level: str = "info", fmt: str = "json", secrets: tuple[str, ...] =
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+
+
+def adopt_library_loggers() -> None:
+    """Route torch's, diffusers' and transformers' loggers through the handler `configure` installed: each gives
+    its library's root logger a handler of its own, in its own format, and stops its records from reaching the
+    root (torchao, for one, warns through torch's when diffusers imports it). Called before the model loads;
+    it imports torch and diffusers' and transformers' logging modules (the model needs them anyway)."""
+    import torch  # noqa: F401 - its import installs the handler taken away here
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    logger = logging.getLogger("torch")
+    logger.handlers.clear()
+    logger.propagate = True
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
