@@ -235,3 +235,23 @@ def test_memory_plan_command_tells_which_profile_fits_which_card():
     assert fits() == {"full": ["no", "no", "no"], "24gb": ["yes", "no", "no"], "16gb": ["yes", "yes", "no"],
                       "12gb": ["yes", "yes", "yes"]}
     assert fits("--editing")["24gb"] == ["no", "no", "no"] and fits("--editing")["12gb"] == ["yes", "yes", "yes"]
+
+
+def test_the_benchmark_measures_the_profiles_through_the_loader(tmp_path):
+    """benchmarks/bench_gpu.py --profiles --tiny: each profile row loads through load_engine (the CPU can run
+    full, 24gb and the text encoder rows; 16gb and 12gb say why not), with the plan's peak beside it."""
+    import json
+    import os
+
+    out = tmp_path / "profiles"
+    rows = "profile full,profile 24gb,profile 12gb,text encoder int8"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_gpu.py"), "--tiny", "--profiles", "--steps",
+                           "10", "--runs", "1", "--warmup-runs", "0", "--rows", rows, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = {row["name"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert results["profile full"]["psnr"] in (float("inf"), "inf") and results["profile full"]["plan_gib"] > 0
+    assert 40 < results["profile 24gb"]["psnr"] < float("inf")  # the NF4 text encoder's drift
+    assert results["text encoder int8"]["median_seconds"] > 0
+    assert "--offload group needs a CUDA device" in results["profile 12gb"]["skipped"]
+    assert "| profile 24gb |" in (out / "table.md").read_text()
