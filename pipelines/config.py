@@ -49,7 +49,7 @@ TEXT_ENCODER_QUANT = ("none", "int8", "fp8", "nf4")
 MEMORY_PROFILES: dict[str, dict[str, object]] = {
     # everything resident in the model dtype: about 30 GB of weights (40 GB cards and up)
     "full": {"offload": "none", "text_encoder_quant": "none", "fp8_storage": False},
-    # the transformer resident in bfloat16, the text encoder resident in NF4 (16.6 -> 5.6 GB)
+    # the transformer resident in bfloat16, the text encoder resident in NF4 (16.6 -> 5.9 GB)
     "24gb": {"offload": "none", "text_encoder_quant": "nf4", "fp8_storage": False},
     # the transformer's weights stored in FP8 (13.3 -> 7.9 GB) and resident, the NF4 text encoder on the GPU only
     # while it encodes, the prompt cache on (64 entries) so that a repeated prompt, above all the negative one,

@@ -52,6 +52,13 @@ def place(pipe, device: torch.device, offload: str, text_encoder_offload: bool =
         pipe.to(device)
         return
     kept = set(TEXT_ENCODERS) if text_encoder_offload else set()
+    if text_encoder_offload:  # first: a quantised encoder may have loaded onto the device; make room
+        from accelerate import cpu_offload_with_hook
+
+        for name in TEXT_ENCODERS:
+            module = getattr(pipe, name)
+            if getattr(module, "_k5_offload_hook", None) is None:  # (shared with the T2I pipeline: hooked once)
+                _, module._k5_offload_hook = cpu_offload_with_hook(module.to("cpu"), execution_device=device)
     if offload == "group":
         stream = device.type == "cuda"
         pipe.transformer.enable_group_offload(
@@ -61,13 +68,6 @@ def place(pipe, device: torch.device, offload: str, text_encoder_offload: bool =
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module) and name not in kept:
             component.to(device)
-    if text_encoder_offload:
-        from accelerate import cpu_offload_with_hook
-
-        for name in TEXT_ENCODERS:
-            module = getattr(pipe, name)
-            if getattr(module, "_k5_offload_hook", None) is None:  # (shared with the T2I pipeline: hooked once)
-                _, module._k5_offload_hook = cpu_offload_with_hook(module.to("cpu"), execution_device=device)
 
 
 def offload_text_encoders(pipe) -> None:

@@ -7,19 +7,20 @@ editing request, as the operator chooses.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from k5serve.weights.hub import same_component
 
 from .config import EngineConfig, engine_features
-from .device import place
 from .k5 import K5I2IPipeline, K5T2IPipeline
 from .prompt_cache import PromptCache
-from .speed import apply_speed
+from .speed import place_with_speed
 from .text_encoder_quant import pipeline_quantization
 from .worker import GenerationOutput, GenerationSpec, InvalidInput, ProgressCallback
 
@@ -71,14 +72,16 @@ class K5Engine:
                     log.warning("I2I checkpoint differs in %s: loading its own copy", set(SHARED) - set(shared))
                 dtype = self.t2i.transformer.dtype
                 quant = self.config.text_encoder_quant if "text_encoder" not in shared else "none"
-                pipe = K5I2IPipeline.from_pretrained(self.config.i2i_path, dtype=dtype,
-                                                     quantization_config=pipeline_quantization(quant, dtype), **shared)
+                device = self.t2i._execution_device
+                with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                    pipe = K5I2IPipeline.from_pretrained(
+                        self.config.i2i_path, dtype=dtype, quantization_config=pipeline_quantization(quant, dtype),
+                        **shared)
                 pipe.text_encoder_quant = self.config.text_encoder_quant
-                place(pipe, self.t2i._execution_device, self.config.offload, self.config.text_encoder_offload)
+                place_with_speed(pipe, self.config.speed, device=device, dtype=dtype,
+                                 offload=self.config.offload, text_encoder_offload=self.config.text_encoder_offload)
                 pipe.vae.enable_slicing()
                 pipe.set_progress_bar_config(disable=True)
-                apply_speed(pipe.transformer, self.config.speed, device=self.t2i._execution_device,
-                            dtype=self.t2i.transformer.dtype)
                 pipe.prompt_cache = self.prompt_cache
                 self._i2i = pipe
                 log.info("loaded the I2I editing transformer from %s (shared encoders and VAE)",
@@ -119,8 +122,6 @@ class K5Engine:
         device = self.t2i._execution_device
         if device.type != "cuda":
             return {}
-        import torch
-
         return {"allocated": torch.cuda.memory_allocated(device),
                 "peak_allocated": torch.cuda.max_memory_allocated(device),
                 "reserved": torch.cuda.memory_reserved(device)}

@@ -143,9 +143,11 @@ class _K5Loop:
     def _prompts(self, spec: GenerationSpec, image: Image.Image | None = None):
         """-> (cond, uncond or None without CFG, {"hits", "misses"} of the prompt cache for this request)."""
         counts = {"images": spec.num_images, "hits": 0, "misses": 0}
-        cond = self._encoded(spec.prompt, counts, image)
-        uncond = self._encoded(spec.negative_prompt, counts, image) if spec.guidance_scale > 1.0 else None
-        offload_text_encoders(self)  # (--text-encoder-offload: off the GPU until the next prompt to encode)
+        try:
+            cond = self._encoded(spec.prompt, counts, image)
+            uncond = self._encoded(spec.negative_prompt, counts, image) if spec.guidance_scale > 1.0 else None
+        finally:
+            offload_text_encoders(self)  # (--text-encoder-offload: off the GPU until the next prompt to encode)
         return cond, uncond, {"hits": counts["hits"], "misses": counts["misses"]}
 
     def _velocity(self, latents, timestep, text, visual_rope_pos) -> torch.Tensor:

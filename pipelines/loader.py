@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -10,11 +11,11 @@ from dataclasses import replace
 import torch
 
 from .config import EngineConfig, LoadConfig, SpeedSettings
-from .device import pick_device, pick_dtype, place
+from .device import pick_device, pick_dtype
 from .engine import K5Engine
 from .k5 import K5T2IPipeline
 from .memory import human, module_bytes, resolve, why_not
-from .speed import apply_speed, warm_up
+from .speed import place_with_speed, warm_up
 from .text_encoder_quant import pipeline_quantization
 
 log = logging.getLogger("k5serve.loader")
@@ -32,13 +33,15 @@ def load_t2i(config: LoadConfig, speed: SpeedSettings = SpeedSettings()) -> tupl
     reason = why_not(config, speed, device, dtype)  # before minutes of loading
     if reason is not None:
         raise ValueError(reason)
-    pipe = K5T2IPipeline.from_pretrained(config.path, dtype=dtype,
-                                         quantization_config=pipeline_quantization(config.text_encoder_quant, dtype))
+    # (on CUDA, bitsandbytes loads the NF4 encoder straight onto the current device: make that the chosen one)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        pipe = K5T2IPipeline.from_pretrained(
+            config.path, dtype=dtype, quantization_config=pipeline_quantization(config.text_encoder_quant, dtype))
     pipe.text_encoder_quant = config.text_encoder_quant
-    place(pipe, device, config.offload, config.text_encoder_offload)
+    speed_seconds = place_with_speed(pipe, speed, device=device, dtype=dtype, offload=config.offload,
+                                     text_encoder_offload=config.text_encoder_offload)
     pipe.vae.enable_slicing()  # numberResults images decoded one at a time: the plan's decode peak is one image's
     pipe.set_progress_bar_config(disable=True)
-    speed_seconds = apply_speed(pipe.transformer, speed, device=device, dtype=dtype)
     weights = {name: module_bytes(module) for name, module in pipe.components.items()
                if isinstance(module, torch.nn.Module)}
     info = {

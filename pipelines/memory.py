@@ -51,6 +51,9 @@ GB = 10**9
 SIZES = ((1024, 1024), (1408, 640))  # the largest size and the widest, of the model page's seven
 IMAGES = (1, 4)  # numberResults
 T2I_TOKENS = 40 + 512  # the T2I template's 40 tokens, then the prompt at the pipeline's max_sequence_length
+# I2I: its template's 54 tokens, the instruction at its max_sequence_length (1024), and the reference image's
+# tokens (Qwen-VL sees it at half size: a 1024x1024 image is 512x512, 14-pixel patches merged 2x2, about 340)
+I2I_TOKENS = 54 + 1024 + 400
 RESERVE = 0.05  # of the budget kept free: the allocator's rounding and fragmentation, library workspaces
 NF4_BLOCK, NF4_BLOCK2 = 64, 256  # bitsandbytes' 4-bit blocks, and the blocks of its double quantisation
 # What a card of each profile's size leaves one process: its memory (GiB) less the CUDA context and the driver's
@@ -87,6 +90,7 @@ class MemoryPlan:
     budget: int | None
     budget_source: str
     notes: list[str] = field(default_factory=list)
+    host_budget: int | None = None  # host memory available (offloaded weights live there); None: not checked
 
     @property
     def peak(self) -> int:
@@ -101,8 +105,16 @@ class MemoryPlan:
         return None if self.budget is None else int(self.budget * (1 - RESERVE))
 
     @property
+    def host(self) -> int:
+        return sum(c.host for c in self.components.values())
+
+    @property
+    def host_fits(self) -> bool:
+        return self.host_budget is None or self.host <= self.host_budget
+
+    @property
     def fits(self) -> bool:
-        return self.usable is None or self.peak <= self.usable
+        return (self.usable is None or self.peak <= self.usable) and self.host_fits
 
     @property
     def device_weights(self) -> int:
@@ -113,7 +125,7 @@ class MemoryPlan:
                 "components": {name: c.as_dict() for name, c in self.components.items()},
                 "peaks": self.peaks, "peak_bytes": self.peak, "peak_case": self.worst,
                 "device_weights_bytes": self.device_weights,
-                "host_bytes": sum(c.host for c in self.components.values()),
+                "host_bytes": self.host, "host_available_bytes": self.host_budget,
                 "budget_bytes": self.budget, "usable_bytes": self.usable, "budget_source": self.budget_source,
                 "fits": self.fits, "estimate": "weights exact; activations estimated", "notes": self.notes}
 
@@ -128,7 +140,10 @@ class MemoryPlan:
             lines.append(f"  peak {case:12} " + ", ".join(f"{stage} {human(value)}" for stage, value in stages.items()))
         budget = "no budget" if self.budget is None else \
             f"{human(self.usable)} usable of {human(self.budget)} ({self.budget_source})"
-        lines.append(f"  peak {human(self.peak)} ({self.worst}); {budget}: {'fits' if self.fits else 'does NOT fit'}")
+        host = "" if self.host_budget is None else \
+            f"; host memory {human(self.host)} of {human(self.host_budget)} available"
+        lines.append(f"  peak {human(self.peak)} ({self.worst}); {budget}{host}: "
+                     f"{'fits' if self.fits else 'does NOT fit'}")
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
 
@@ -329,7 +344,7 @@ def text_encoder_activation(config: Any, size: int, tokens: int = T2I_TOKENS) ->
 
 def plan(components: Mapping[str, torch.nn.Module], load: LoadConfig, speed: SpeedSettings, *,
          device: torch.device, dtype: torch.dtype, budget: int | None = None, budget_source: str = "",
-         profile: str = "custom") -> MemoryPlan:
+         profile: str = "custom", host_budget: int | None = None) -> MemoryPlan:
     """The plan for `components` (from `meta_components`) loaded as `load` and `speed` say, on `device`."""
     offload, quant = load.offload, load.text_encoder_quant
     size = torch.tensor([], dtype=dtype).element_size()
@@ -370,19 +385,22 @@ def plan(components: Mapping[str, torch.nn.Module], load: LoadConfig, speed: Spe
     vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     qwen_config = components["text_encoder"].config
     hidden = getattr(qwen_config, "text_config", qwen_config).hidden_size
-    cache = speed.prompt_cache * T2I_TOKENS * hidden * size  # the prompt cache's entries at their largest
+    # An entry holds the last hidden state of the whole sequence (the pipeline's embedding is a view into it); with
+    # an editing model, entries may be editing prompts, with the image's tokens.
+    tokens = I2I_TOKENS if "transformer_i2i" in components else T2I_TOKENS
+    cache = speed.prompt_cache * tokens * hidden * size  # the prompt cache's entries at their largest
     resident = sum(p.device for p in parts.values()) + cache
+    # (under model offload too: the chain starts at the Qwen encoder, which nothing offloads before CLIP runs,
+    # and the negative prompt brings Qwen back while CLIP is still on the device)
     encoders = sum(parts[n].while_used for n in ("text_encoder", "text_encoder_2"))
-    if offload == "model":  # one component at a time
-        encoders = max(parts[n].while_used for n in ("text_encoder", "text_encoder_2"))
     transformer = max(p.while_used for n, p in parts.items() if n.startswith("transformer"))
     peaks = {}
     for width, height in SIZES:
         for images in IMAGES:
             peaks[f"{width}x{height} x{images}"] = {
-                "encode": resident + encoders + text_encoder_activation(qwen_config, size),
+                "encode": resident + encoders + text_encoder_activation(qwen_config, size, tokens),
                 "denoise": resident + transformer + transformer_activation(
-                    components["transformer"].config, width, height, images, size, vae_scale, T2I_TOKENS - 40),
+                    components["transformer"].config, width, height, images, size, vae_scale, tokens),
                 "decode": resident + parts["vae"].while_used + vae_activation(vae_config, width, height, size),
             }
     notes = ["LoRA adapters are not in the plan: each loaded one adds its own size"]
@@ -391,7 +409,8 @@ def plan(components: Mapping[str, torch.nn.Module], load: LoadConfig, speed: Spe
     options = {"offload": offload, "text_encoder_quant": quant, "text_encoder_offload": load.text_encoder_offload,
                "fp8_storage": speed.fp8_storage,
                "quantize": speed.quantize, "prompt_cache": speed.prompt_cache}
-    return MemoryPlan(profile, str(device), dtype_name, options, parts, peaks, budget, budget_source, notes)
+    return MemoryPlan(profile, str(device), dtype_name, options, parts, peaks, budget, budget_source, notes,
+                      host_budget)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,17 +435,27 @@ def device_budget(device: torch.device, limit: int | None = None) -> tuple[int |
 
 
 def _available_host_memory() -> int | None:
+    """The host memory this process may still take: the kernel's MemAvailable, or less where a cgroup (a
+    container's memory limit) leaves less."""
+    available = None
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            pass
+    try:  # cgroup v2
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = left if available is None else min(available, left)
+    except (OSError, ValueError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
+    return available
 
 
 def with_profile(load: LoadConfig, engine: EngineConfig, profile: str) -> tuple[LoadConfig, EngineConfig]:
@@ -440,6 +469,10 @@ def with_profile(load: LoadConfig, engine: EngineConfig, profile: str) -> tuple[
     choices = {k: v for k, v in MEMORY_PROFILES[profile].items() if k not in explicit}
     if engine.speed.quantize == "fp8":  # FP8 products already store the weights in FP8
         choices.pop("fp8_storage", None)
+    if "offload" in explicit and load.offload in ("model", "sequential"):  # these offload the encoders already
+        choices.pop("text_encoder_offload", None)
+        if load.offload == "sequential":  # (whose per-parameter hooks do not move quantised weights)
+            choices.pop("text_encoder_quant", None)
     load = replace(load, memory_profile=profile, **{k: v for k, v in choices.items() if hasattr(load, k)})
     speed = replace(engine.speed, **{k: v for k, v in choices.items() if hasattr(engine.speed, k)})
     return load, replace(engine, speed=speed, offload=load.offload)
@@ -461,6 +494,9 @@ def why_not(load: LoadConfig, speed: SpeedSettings, device: torch.device, dtype:
         check_speed(speed, device, dtype=dtype, offload=load.offload)
     except (QuantOptionError, SpeedOptionError) as exc:
         return str(exc)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # (the probes' tensors: not to be counted against the budget)
     return None
 
 
@@ -473,8 +509,13 @@ def resolve(load: LoadConfig, engine: EngineConfig, *, components: Mapping[str, 
     device = _pick_device(load.device)
     dtype = _pick_dtype(load.dtype, device)
     if components is None:
-        components = meta_components(load.path, i2i_path=engine.i2i_path, safety_path=engine.safety_path)
+        try:
+            components = meta_components(load.path, i2i_path=engine.i2i_path, safety_path=engine.safety_path)
+        except (OSError, KeyError, ValueError, ImportError, AttributeError) as exc:
+            raise MemoryPlanError(f"cannot plan the memory of {load.path}: its model configuration does not read: "
+                                  f"{type(exc).__name__}: {exc}") from None
     budget, source = device_budget(device, load.memory_budget)
+    host_budget = _available_host_memory() if device.type == "cuda" else None  # (on the CPU: the budget itself)
     reason = why_not(load, engine.speed, device, dtype)  # what the operator gave, before any profile
     if reason is not None:
         raise MemoryPlanError(reason)
@@ -485,7 +526,8 @@ def resolve(load: LoadConfig, engine: EngineConfig, *, components: Mapping[str, 
         if reason is not None:
             return profile_load, profile_engine, reason
         return profile_load, profile_engine, plan(components, profile_load, profile_engine.speed, device=device,
-                                                  dtype=dtype, budget=budget, budget_source=source, profile=name)
+                                                  dtype=dtype, budget=budget, budget_source=source, profile=name,
+                                                  host_budget=host_budget)
 
     if load.memory_profile != "auto":
         chosen_load, chosen_engine, chosen = planned(load.memory_profile)
@@ -506,7 +548,9 @@ def resolve(load: LoadConfig, engine: EngineConfig, *, components: Mapping[str, 
                 log.info("--memory-profile auto: %s (%s)", name, "; ".join(tried))
             return chosen_load, chosen_engine, chosen
         tried.append(f"{name}: {chosen}" if isinstance(chosen, str) else
-                     f"{name} needs {human(chosen.peak)} ({chosen.worst}, {_stage(chosen)})")
+                     f"{name} needs {human(chosen.peak)} ({chosen.worst}, {_stage(chosen)})"
+                     + ("" if chosen.host_fits else f" and {human(chosen.host)} of host memory, over the "
+                                                    f"{human(chosen.host_budget)} available"))
     raise MemoryPlanError(f"no memory profile fits {device} ({_usable(budget, source)}): " + "; ".join(tried))
 
 
@@ -520,6 +564,9 @@ def _usable(budget: int | None, source: str) -> str:
 
 
 def _over(plan: MemoryPlan) -> str:
+    if not plan.host_fits:
+        return (f"the memory plan of --memory-profile {plan.profile} keeps {human(plan.host)} of weights in host "
+                f"memory, over the {human(plan.host_budget)} available")
     return (f"the memory plan of --memory-profile {plan.profile} needs {human(plan.peak)} at its peak "
             f"({plan.worst}, {_stage(plan)}) on {plan.device}, over the {_usable(plan.budget, plan.budget_source)}")
 

@@ -124,18 +124,38 @@ def check_speed(settings: SpeedSettings, device: torch.device, *, dtype: torch.d
                  "allocator warm)")
 
 
+def place_with_speed(pipe, settings: SpeedSettings, *, device: torch.device, dtype: torch.dtype, offload: str,
+                     text_encoder_offload: bool = False) -> dict[str, float]:
+    """Place a loaded pipeline (`device.place`) and change its transformer as `settings` asks, in the order the
+    offload mode needs: FP8 storage before placing (the transformer reaches the device at half its size), and under
+    group offloading FP8 quantisation too, because group offloading keeps its own pinned host copy of every weight
+    as it is when it is applied; otherwise the pipeline is placed first (FP8 quantisation is done on the device).
+    -> seconds each change took."""
+    from .device import place
+
+    weights_first = offload == "group" or (settings.fp8_storage and settings.quantize is None)
+    seconds = apply_speed(pipe.transformer, settings, device=device, dtype=dtype, stages=("weights",)) \
+        if weights_first else {}
+    place(pipe, device, offload, text_encoder_offload)
+    return seconds | apply_speed(pipe.transformer, settings, device=device, dtype=dtype,
+                                 stages=("kernels",) if weights_first else ("weights", "kernels"))
+
+
 def apply_speed(transformer: torch.nn.Module, settings: SpeedSettings, *, device: torch.device,
-                dtype: torch.dtype) -> dict[str, float]:
+                dtype: torch.dtype, stages: tuple[str, ...] = ("weights", "kernels")) -> dict[str, float]:
     """Change a loaded transformer as `settings` asks (after `check_speed`); `device` is where it computes
-    (under offload its weights may be elsewhere), `dtype` its compute dtype. -> seconds each change took."""
+    (under offload its weights may be elsewhere), `dtype` its compute dtype. `stages`: "weights" (FP8
+    quantisation or storage), "kernels" (the attention backend, compilation). -> seconds each change took."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    if settings.quantize == "fp8":
+    if "weights" in stages and settings.quantize == "fp8":
         quantize_fp8(transformer)
         seconds["quantize"] = time.perf_counter() - started
-    elif settings.fp8_storage:
+    elif "weights" in stages and settings.fp8_storage:
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
         seconds["fp8_storage"] = time.perf_counter() - started
+    if "kernels" not in stages:
+        return seconds
     if settings.attention_backend != "native":
         started = time.perf_counter()
         set_attention_backend(transformer, settings.attention_backend, device=device, dtype=dtype)

@@ -2,7 +2,7 @@
 through the quantisation configs `from_pretrained` already takes (diffusers' `PipelineQuantizationConfig` over
 transformers' configs), one library per mode:
 
-* `nf4`: bitsandbytes 4-bit NormalFloat with double quantisation (about 5.6 GB): the only maintained NF4, and what
+* `nf4`: bitsandbytes 4-bit NormalFloat with double quantisation (about 5.9 GB): the only maintained NF4, and what
   the official Kandinsky code offers (`--qwen_quantization`); its matrix products dequantise block by block.
 * `int8`: torchao int8 weight-only, a scale per output row (about 9.4 GB): plain per-row int8 computed in the
   model dtype, where bitsandbytes' LLM.int8 splits out outliers (slower), and torchao's tensors move between

@@ -244,22 +244,16 @@ def _engine_config(args: argparse.Namespace, found):
 
 
 def _check_speed(args: argparse.Namespace, found) -> dict[str, Any]:
-    """Apply the memory profile, refuse an option this machine's device cannot do, and make the memory plan,
-    before the server starts (the replicas of a remote Ray cluster plan for their own device when they start).
-    The profile's choices are written back into `args`, so every later config (and each Ray replica) gets them.
-    -> the plan, for /health."""
+    """Refuse an option this machine's device cannot do, and a memory plan over budget, before the server starts;
+    -> the plan, for /health until the model has loaded. The loader (each Ray replica on its own device) applies
+    the profile and plans again when it loads, against the memory free then."""
     from k5serve.pipelines.memory import resolve
 
-    load = _load_config(args, found)
     try:
-        load, engine, plan = resolve(load, _engine_config(args, found))
+        _, _, plan = resolve(_load_config(args, found), _engine_config(args, found))
     except (RuntimeError, ValueError) as exc:  # (the checks' and the plan's errors are ValueErrors)
         raise SystemExit(f"error: {exc}") from None
-    for name, value in [("offload", load.offload), ("text_encoder_quant", load.text_encoder_quant),
-                        ("text_encoder_offload", load.text_encoder_offload), ("memory_profile", load.memory_profile),
-                        ("fp8_storage", engine.speed.fp8_storage), ("prompt_cache", engine.speed.prompt_cache)]:
-        setattr(args, name, value)
-    return plan.as_dict()  # (the loader logs it)
+    return plan.as_dict()
 
 
 def _load_config(args: argparse.Namespace, found):

@@ -79,8 +79,8 @@ class Option:
         shown = "" if self.default in (None, False, ()) else f"default: {self.default}; "
         kw: dict[str, Any] = {"dest": self.dest, "default": argparse.SUPPRESS,
                               "help": f"{self.help} [{shown}env {self.env}]"}
-        if self.kind == "switch":
-            kw["action"] = "store_true"
+        if self.kind == "switch":  # --x, and --no-x to turn off what a file, the environment or a profile set
+            kw["action"] = argparse.BooleanOptionalAction
         else:
             kw |= {"type": self.type, "choices": self.choices, "action": "append" if self.kind == "list" else "store"}
         parser.add_argument(f"--{self.name}", **kw)
@@ -209,7 +209,8 @@ def replica_range(text: str) -> tuple[int, int]:
 
 
 # Types whose values a config file may give as TOML numbers (checked as a flag's text would be).
-_NUMERIC = {int: (int,), float: (int, float), positive: (int,), non_negative: (int,), positive_float: (int, float)}
+_NUMERIC = {int: (int,), float: (int, float), positive: (int,), non_negative: (int,), positive_float: (int, float),
+            byte_size: (int,)}
 
 
 def coefficients(path: str) -> tuple[float, ...]:
@@ -250,7 +251,7 @@ MODEL_OPTIONS = (
            "transformer's blocks streamed from pinned host memory as they run (diffusers' group offloading, CUDA "
            "streams)", choices=OFFLOAD),
     Option("text-encoder-quant", LoadConfig, "text_encoder_quant", "the Qwen2.5-VL text encoder's weights: nf4 "
-           "(bitsandbytes, about 5.6 GB), int8 or fp8 (torchao weight-only, about 9.4 GB) instead of 16.6 GB in "
+           "(bitsandbytes, about 5.9 GB), int8 or fp8 (torchao weight-only, about 9.4 GB) instead of 16.6 GB in "
            "bfloat16 (pip install 'k5serve[quant]')", choices=TEXT_ENCODER_QUANT),
     Option("text-encoder-offload", LoadConfig, "text_encoder_offload", "keep the text encoders in host memory "
            "and on the GPU only while they encode a prompt the prompt cache does not hold (CUDA only)",

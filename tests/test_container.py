@@ -40,7 +40,7 @@ def test_every_package_is_copied_and_installed():
         assert f"COPY {folder} ./{folder}" in "COPY " + " COPY ".join(instructions("COPY")), folder
     assert "pyproject.toml" in copies and "README.md" in copies  # the build reads both
     installs = [a for a in instructions("RUN") if a.startswith("pip install")]
-    assert any(a.rstrip().endswith((" .", ' ".[postgres,s3,fp8]"')) for a in installs), installs
+    assert any(a.rstrip().endswith((" .", ' ".[postgres,s3,fp8,quant]"')) for a in installs), installs
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert all(extra in extras for a in installs for extra in a.partition("[")[2].partition("]")[0].split(",") if extra)
 

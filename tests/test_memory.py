@@ -255,3 +255,35 @@ def test_the_benchmark_measures_the_profiles_through_the_loader(tmp_path):
     assert results["text encoder int8"]["median_seconds"] > 0
     assert "--offload group needs a CUDA device" in results["profile 12gb"]["skipped"]
     assert "| profile 24gb |" in (out / "table.md").read_text()
+
+
+def test_an_explicit_option_wins_and_drops_the_profile_choices_it_conflicts_with(tiny):
+    engine = EngineConfig()
+    # --offload model already offloads the text encoders; --offload sequential cannot move quantised weights
+    load, _ = memory.with_profile(LoadConfig(tiny, offload="model", explicit=frozenset({"offload"})), engine, "16gb")
+    assert (load.offload, load.text_encoder_offload, load.text_encoder_quant) == ("model", False, "nf4")
+    load, _ = memory.with_profile(LoadConfig(tiny, offload="sequential", explicit=frozenset({"offload"})), engine,
+                                  "12gb")
+    assert (load.offload, load.text_encoder_offload, load.text_encoder_quant) == ("sequential", False, "none")
+    # explicitly off beats a profile's on (--no-fp8-storage, K5SERVE_FP8_STORAGE=0, fp8-storage = false)
+    load, tuned = memory.with_profile(LoadConfig(tiny, explicit=frozenset({"fp8_storage"})), engine, "16gb")
+    assert tuned.speed.fp8_storage is False and tuned.speed.prompt_cache == 64 and load.text_encoder_offload
+    # a library caller's non-default settings count as given
+    _, tuned = memory.with_profile(LoadConfig(tiny), EngineConfig(speed=SpeedSettings(prompt_cache=0)), "12gb")
+    assert tuned.speed.prompt_cache == 0 and tuned.speed.fp8_storage is True
+
+
+def test_memory_options_from_flags_environment_and_file(tmp_path):
+    from k5serve.server import options as opt
+    from k5serve.server.cli import build_parser
+
+    config = tmp_path / "k5serve.toml"
+    config.write_text('memory-budget = 12000000000\nmemory-profile = "16gb"\n')
+    args = build_parser().parse_args(["serve", "--no-fp8-storage", "--text-encoder-offload"])
+    given: set[str] = set()
+    values = opt.resolve(args.options, args, {"K5SERVE_TEXT_ENCODER_QUANT": "int8"}, config, given)
+    assert values["memory_budget"] == 12 * 10**9 and values["memory_profile"] == "16gb"
+    assert values["fp8_storage"] is False and values["text_encoder_offload"] is True
+    assert values["text_encoder_quant"] == "int8"
+    assert {"fp8_storage", "text_encoder_offload", "text_encoder_quant", "memory_budget"} <= given
+    assert "offload" not in given and "prompt_cache" not in given
