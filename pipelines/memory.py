@@ -41,9 +41,7 @@ from typing import Any
 import torch
 
 from .config import MEMORY_PROFILES, PROFILE_FIELDS, EngineConfig, LoadConfig, SpeedSettings
-from .device import BLOCKS_PER_GROUP
-from .device import pick_device as _pick_device
-from .device import pick_dtype as _pick_dtype
+from .device import BLOCKS_PER_GROUP, pick_device, pick_dtype
 
 log = logging.getLogger("k5serve.memory")
 
@@ -506,8 +504,8 @@ def resolve(load: LoadConfig, engine: EngineConfig, *, components: Mapping[str, 
     -> (the load and engine configs as the profile sets them, the plan). MemoryPlanError when the plan does not
     fit the budget (naming a profile that would), or when no profile fits; the checks' own errors when an
     explicit profile asks for what the device cannot do."""
-    device = _pick_device(load.device)
-    dtype = _pick_dtype(load.dtype, device)
+    device = pick_device(load.device)
+    dtype = pick_dtype(load.dtype, device)
     if components is None:
         try:
             components = meta_components(load.path, i2i_path=engine.i2i_path, safety_path=engine.safety_path)
