@@ -528,7 +528,12 @@ def main(argv=None) -> int:
     spec = GenerationSpec(PROMPT, NEGATIVE, width=width, height=height, seed=0, steps=args.steps,
                           guidance_scale=args.cfg)
     if args.profiles:
-        return run_profiles(rows, pipe, spec, args, device, dtype, device_name, began, build_seconds)
+        checkpoint = profile_checkpoint(pipe, args)
+        pipe = fresh = None  # (the last references: the built weights leave the GPU before the first row)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return run_profiles(rows, checkpoint, spec, args, device, dtype, device_name, began, build_seconds)
     try:
         flops = count_flops(pipe, spec)
     except Exception as exc:  # noqa: BLE001 - the figures without TFLOP/s beat no figures
@@ -538,59 +543,54 @@ def main(argv=None) -> int:
           f"{flops / 1e12 if flops else float('nan'):.2f} TFLOP", flush=True)
     facts = {"build_seconds": round(build_seconds, 2), "tflop_per_pass": flops / 1e12 if flops else None,
              "attention_backend": attention}
+    run_rows(rows, lambda row: measure(pipe, fresh, row, spec, args, device, dtype, flops), args, device_name, facts,
+             began)
+    return 0
+
+
+def run_rows(rows: list[Row], measure_one, args, device_name: str, facts: dict, began: float) -> None:
+    """Measure each row (`measure_one(row)`) until the time budget is spent; one row's failure is listed and the
+    rest still run; the table is rewritten after every row, so a crash in a later one keeps what was measured."""
     for row in rows:
         if args.budget_seconds is not None and time.perf_counter() - began > args.budget_seconds:
             row.skipped = f"time budget of {args.budget_seconds:g} s spent"
             continue
         print(f"{row.name} ...", flush=True)
         try:
-            measure(pipe, fresh, row, spec, args, device, dtype, flops)
+            measure_one(row)
         except torch.cuda.OutOfMemoryError as exc:
             row.skipped = f"out of memory: {str(exc).splitlines()[0]}"
+            row.seconds.clear()
         except Exception as exc:  # noqa: BLE001 - one row's failure (a kernel, a compile) must not lose the rest
             traceback.print_exc()
             row.skipped = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             row.seconds.clear()
         print(f"  {row.skipped or f'{row.median:.3f} s/image'}", flush=True)
-        write(rows, args, device_name, facts)  # what was measured survives a crash in a later row
+        write(rows, args, device_name, facts)
     print(write(rows, args, device_name, facts))  # (and the rows the budget skipped)
-    return 0
 
 
-def run_profiles(rows, pipe, spec, args, device, dtype, device_name, began, build_seconds) -> int:
-    """--profiles: save the weights, free the built pipeline, then load and measure each profile's row."""
-    import shutil
-
+def profile_checkpoint(pipe, args) -> Path:
+    """--profiles: the folder the rows load (the tiny checkpoint, or the built random weights saved once)."""
     if args.tiny:
         from k5serve.weights.tiny import ensure_tiny
 
-        checkpoint = ensure_tiny(args.out / "tiny-checkpoint", "t2i")
-    else:
-        checkpoint = save_checkpoint(pipe, args)
-    del pipe
-    gc.collect()
+        return ensure_tiny(args.out / "tiny-checkpoint", "t2i")
+    return save_checkpoint(pipe, args)
+
+
+def run_profiles(rows, checkpoint: Path, spec, args, device, dtype, device_name, began, build_seconds) -> int:
+    """--profiles: load and measure each profile's row from `checkpoint` (removed afterwards if it was made
+    here)."""
+    import shutil
+
     facts = {"build_seconds": round(build_seconds, 2), "checkpoint": str(checkpoint)}
     try:
-        for row in rows:
-            if args.budget_seconds is not None and time.perf_counter() - began > args.budget_seconds:
-                row.skipped = f"time budget of {args.budget_seconds:g} s spent"
-                continue
-            print(f"{row.name} ...", flush=True)
-            try:
-                measure_profile(row, checkpoint, spec, args, device, dtype)
-            except torch.cuda.OutOfMemoryError as exc:
-                row.skipped = f"out of memory: {str(exc).splitlines()[0]}"
-                row.seconds.clear()
-            except Exception as exc:  # noqa: BLE001 - one row's failure must not lose the rest
-                traceback.print_exc()
-                row.skipped = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                row.seconds.clear()
-            print(f"  {row.skipped or f'{row.median:.3f} s/image'}", flush=True)
-            write(rows, args, device_name, facts)
+        run_rows(rows, lambda row: measure_profile(row, checkpoint, spec, args, device, dtype), args, device_name,
+                 facts, began)
     finally:
         if not args.tiny and args.checkpoint is None:
             shutil.rmtree(checkpoint, ignore_errors=True)
-    print(write(rows, args, device_name, facts))
     return 0
 
 
