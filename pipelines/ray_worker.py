@@ -232,6 +232,8 @@ class RayWorker(Worker):
             rows.append({"id": replica["replica_id"], "state": state, "node": replica.get("node_ip"),
                          "nodeId": replica.get("node_id"), "pid": replica.get("pid"),
                          "device": report.get("device"), "threads": report.get("threads"),
+                         "memoryProfile": report.get("memoryProfile"),
+                         "memoryPeakBytes": report.get("memoryPeakBytes"),  # its plan's, on its own device
                          "tasksDone": done.get(replica["replica_id"], 0)})
         live = {row["id"] for row in rows}
         failures = [{"id": name, "error": error} for name, error in _load_errors(reports) if name not in live][-5:]

@@ -45,8 +45,10 @@ class K5Replica:
         device = self._info.get("device", "?")
         if device.startswith("cuda"):
             device += f" ({torch.cuda.get_device_name()}, Ray GPU {','.join(map(str, ray.get_gpu_ids()))})"
+        plan = self._info.get("memory_plan") or {}
         self._report(state="loaded", device=device, threads=torch.get_num_threads(),
-                     loadSeconds=self._info.get("load_seconds"))
+                     loadSeconds=self._info.get("load_seconds"), memoryProfile=plan.get("profile"),
+                     memoryPeakBytes=plan.get("peak_bytes"))
         log.info("replica %s loaded %s on %s", self.name, load.path, device)
 
     def _report(self, *, wait: bool = False, **row: Any) -> None:

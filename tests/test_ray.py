@@ -59,6 +59,9 @@ def test_health_describes_the_replicas(ray_server):
     assert len({r["id"] for r in rows}) == 2 and len({r["pid"] for r in rows}) == 2
     assert all(r["state"] == "RUNNING" and r["device"] == "cpu" and r["threads"] == body["threads_per_replica"]
                and r["nodeId"] and r["tasksDone"] >= 0 for r in rows)
+    # each replica planned its memory on its own device; the front-end's plan is the one made before it started
+    assert all(r["memoryProfile"] == "full" and r["memoryPeakBytes"] > 0 for r in rows)
+    assert body["memory_plan"]["profile"] == "full"
     ready = httpx.get(ray_server.url + "/ready")
     assert ready.status_code == 200 and ready.json()["ready"] is True
 
