@@ -61,6 +61,7 @@ class Option:
     kind: str = "value"  # "value", "switch" (a flag without a value) or "list" (a repeatable flag)
     choices: tuple[str, ...] | None = None
     env_name: str | None = None  # default: K5SERVE_<NAME>
+    negatable: bool = False  # a switch a memory profile may turn on: --no-<name> turns it off
 
     @property
     def dest(self) -> str:
@@ -79,8 +80,8 @@ class Option:
         shown = "" if self.default in (None, False, ()) else f"default: {self.default}; "
         kw: dict[str, Any] = {"dest": self.dest, "default": argparse.SUPPRESS,
                               "help": f"{self.help} [{shown}env {self.env}]"}
-        if self.kind == "switch":  # --x, and --no-x to turn off what a file, the environment or a profile set
-            kw["action"] = argparse.BooleanOptionalAction
+        if self.kind == "switch":  # (--no-x turns off what a file, the environment or a memory profile set)
+            kw["action"] = argparse.BooleanOptionalAction if self.negatable else "store_true"
         else:
             kw |= {"type": self.type, "choices": self.choices, "action": "append" if self.kind == "list" else "store"}
         parser.add_argument(f"--{self.name}", **kw)
@@ -255,7 +256,7 @@ MODEL_OPTIONS = (
            "bfloat16 (pip install 'k5serve[quant]')", choices=TEXT_ENCODER_QUANT),
     Option("text-encoder-offload", LoadConfig, "text_encoder_offload", "keep the text encoders in host memory "
            "and on the GPU only while they encode a prompt the prompt cache does not hold (CUDA only)",
-           kind="switch"),
+           kind="switch", negatable=True),
     Option("memory-profile", LoadConfig, "memory_profile", "a combination of the memory options for a card size "
            "(full, 24gb, 16gb, 12gb; docs/performance.md), or auto: the fastest whose memory plan fits the "
            "device's free memory; options given explicitly override the profile's", choices=("auto",
@@ -278,7 +279,7 @@ MODEL_OPTIONS = (
     Option("quantize", SpeedSettings, "quantize", "fp8: FP8 matrix products in the transformer blocks' linear "
            "layers (torchao; GPUs of compute capability 8.9+; pip install 'k5serve[fp8]')", choices=QUANTIZE),
     Option("fp8-storage", SpeedSettings, "fp8_storage", "store the transformer's weights in FP8 and compute in "
-           "the model dtype (about half its memory, a little slower; any device)", kind="switch"),
+           "the model dtype (about half its memory, a little slower; any device)", kind="switch", negatable=True),
     Option("prompt-cache", SpeedSettings, "prompt_cache", "text-encoder outputs kept for repeated prompts "
            "(LRU entries; 0 = off)", type=non_negative),
 )
