@@ -225,7 +225,7 @@ def measure_profile(row: Row, checkpoint: Path, spec: GenerationSpec, args, devi
     the request; the plan's estimate of the peak beside the measured one."""
     from k5serve.pipelines.config import EngineConfig, LoadConfig
     from k5serve.pipelines.loader import load_engine
-    from k5serve.pipelines.memory import CARD_FREE
+    from k5serve.pipelines.memory import CARD_FREE, case_name
 
     gc.collect()
     cuda = device.type == "cuda"
@@ -245,8 +245,8 @@ def measure_profile(row: Row, checkpoint: Path, spec: GenerationSpec, args, devi
     try:
         row.setup_seconds = time.perf_counter() - started
         plan = info["memory_plan"]
-        row.plan_gib = max(plan["peaks"][f"{spec.width}x{spec.height} x1"].values()) / 2**30 \
-            if f"{spec.width}x{spec.height} x1" in plan["peaks"] else plan["peak_bytes"] / 2**30
+        stages = plan["peaks"].get(case_name(spec.width, spec.height, 1))  # (a size the plan covers, or its peak)
+        row.plan_gib = (max(stages.values()) if stages else plan["peak_bytes"]) / 2**30
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for index in range(args.warmup_runs):
@@ -320,22 +320,14 @@ def build(args, device, dtype):
 def run_once(pipe, row: Row, spec: GenerationSpec, device) -> tuple[np.ndarray, float, dict | None]:
     from diffusers import Kandinsky5T2IPipeline
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    stats = None
     if row.speed is None:
-        out = Kandinsky5T2IPipeline.__call__(
+        out, seconds = _timed(lambda: Kandinsky5T2IPipeline.__call__(
             pipe, prompt=spec.prompt, negative_prompt=spec.negative_prompt, height=spec.height, width=spec.width,
             num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(spec.seed))
-        image = out.image[0]
-    else:
-        out = pipe.generate(spec, accel=AccelSettings())
-        image, stats = out.images[0], out.cache_stats
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return np.asarray(image, dtype=np.uint8), time.perf_counter() - started, stats
+            generator=torch.Generator("cpu").manual_seed(spec.seed)), device)
+        return np.asarray(out.image[0], dtype=np.uint8), seconds, None
+    out, seconds = _timed(lambda: pipe.generate(spec, accel=AccelSettings()), device)
+    return np.asarray(out.images[0], dtype=np.uint8), seconds, out.cache_stats
 
 
 def count_flops(pipe, spec: GenerationSpec) -> float:

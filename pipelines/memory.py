@@ -94,6 +94,10 @@ class MemoryPlan:
     def peak(self) -> int:
         return max(max(stages.values()) for stages in self.peaks.values())
 
+    def peak_of(self, images: int, size: tuple[int, int] | None = None) -> int:
+        """The peak of a generation of `images` images at `size` (width, height), or at the largest of SIZES."""
+        return max(max(self.peaks[case_name(*wh, images)].values()) for wh in ([size] if size else SIZES))
+
     @property
     def worst(self) -> str:
         return max(self.peaks, key=lambda case: max(self.peaks[case].values()))
@@ -143,6 +147,11 @@ class MemoryPlan:
         lines.append(f"  peak {human(self.peak)} ({self.worst}); {budget}{host}: "
                      f"{'fits' if self.fits else 'does NOT fit'}")
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
+
+
+def case_name(width: int, height: int, images: int) -> str:
+    """A generation's key in `MemoryPlan.peaks`, e.g. "1024x1024 x4"."""
+    return f"{width}x{height} x{images}"
 
 
 def human(size: int | None) -> str:
@@ -224,12 +233,7 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 def module_bytes(module: torch.nn.Module) -> int:
     """The bytes of a module's parameters and buffers (shared ones once)."""
-    seen, total = set(), 0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor_bytes(tensor)
-    return total
+    return sized(module, {id(t): tensor_bytes(t) for t in _tensors(module)})
 
 
 def quantised_bytes(weight_shape: tuple[int, int], mode: str) -> int:
@@ -269,8 +273,9 @@ def loaded_sizes(name: str, module: torch.nn.Module, dtype: torch.dtype, load: L
       `speed.quantize_fp8` converts;
     * the text encoder with `--text-encoder-quant`: the storage format of that mode in each linear layer
       transformers' quantisers convert."""
-    if name == "safety":
-        return module.float(), {id(t): tensor_bytes(t) for t in _tensors(module)}  # (loaded without a dtype)
+    if name == "safety":  # (loaded without a dtype)
+        module = module.float()
+        return module, {id(t): tensor_bytes(t) for t in _tensors(module)}
     module = as_loaded(module, dtype)
     quantised: dict[int, int] = {}
     if name.startswith("transformer"):
@@ -395,7 +400,7 @@ def plan(components: Mapping[str, torch.nn.Module], load: LoadConfig, speed: Spe
     peaks = {}
     for width, height in SIZES:
         for images in IMAGES:
-            peaks[f"{width}x{height} x{images}"] = {
+            peaks[case_name(width, height, images)] = {
                 "encode": resident + encoders + text_encoder_activation(qwen_config, size, tokens),
                 "denoise": resident + transformer + transformer_activation(
                     components["transformer"].config, width, height, images, size, vae_scale, tokens),

@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from k5serve.pipelines.config import MEMORY_PROFILES
+
 from . import options as opt
 
 log = logging.getLogger("k5serve")
@@ -172,7 +174,7 @@ def _add_memory_plan(sub) -> None:
                        help="with the editing model loaded beside (its own transformer; the rest is shared)")
     plans.add_argument("--memory-budget", type=opt.byte_size, metavar="BYTES",
                        help="compare against this (e.g. 20GB, 16GiB) instead of the three cards")
-    plans.add_argument("--profile", help="print this profile's whole plan (full, 24gb, 16gb, 12gb)")
+    plans.add_argument("--profile", choices=MEMORY_PROFILES, help="print this profile's whole plan")
     plans.set_defaults(func=cmd_memory_plan, options=opt.LOG_OPTIONS)
 
 
@@ -243,7 +245,7 @@ def _engine_config(args: argparse.Namespace, found):
                      safety_path=found and found.safety, accel=accel, speed=speed)
 
 
-def _check_speed(args: argparse.Namespace, found) -> dict[str, Any]:
+def _check_options(args: argparse.Namespace, found) -> dict[str, Any]:
     """Refuse an option this machine's device cannot do, and a memory plan over budget, before the server starts;
     -> the plan, for /health until the model has loaded. The loader (each Ray replica on its own device) applies
     the profile and plans again when it loads, against the memory free then."""
@@ -265,7 +267,7 @@ def _load_config(args: argparse.Namespace, found):
 
 
 def _load_engine(args: argparse.Namespace, found, on_status=None):
-    """(The caller has run `_check_speed` on the main thread: this may run on the server's loading thread.)"""
+    """(The caller has run `_check_options` on the main thread: this may run on the server's loading thread.)"""
     from k5serve.pipelines.loader import load_engine
 
     return load_engine(_load_config(args, found), _engine_config(args, found), on_status=on_status)
@@ -311,7 +313,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("error: give --replicas or --autoscale, not both")
     known: dict[str, Any] = {"tiny_weights": found.tiny}
     if workers.kind == "local" or workers.ray_address is None:  # generation runs on this machine's devices
-        known["memory_plan"] = _check_speed(args, found)
+        known["memory_plan"] = _check_options(args, found)
 
     def load_worker():
         if workers.kind == "ray":
@@ -443,7 +445,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     data: list[dict] = []
     stats: list[dict] = []
     if parsed:
-        _check_speed(args, found)
+        _check_options(args, found)
         engine, _ = _load_engine(args, found)
         args.out.mkdir(parents=True, exist_ok=True)
         for _, task in tqdm(parsed, desc="tasks", unit="task"):
@@ -504,7 +506,7 @@ def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: unknown scheduler {args.scheduler!r}; use one of {', '.join(SCHEDULER_NAMES)}")
     sizes = args.size or [(1024, 1024)]
     found = _checkpoints(args, i2i=False, safety=False)
-    _check_speed(args, found)
+    _check_options(args, found)
     engine, info = _load_engine(args, found)
     specs = [GenerationSpec(prompt, "", width=w, height=h, seed=args.seed + i, steps=args.steps,
                             guidance_scale=args.cfg_scale, scheduler=args.scheduler)
@@ -520,15 +522,15 @@ def cmd_calibrate_teacache(args: argparse.Namespace) -> int:
 
 
 def cmd_memory_plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     import torch
-    from k5serve.pipelines.config import MEMORY_PROFILES, EngineConfig, LoadConfig
+    from k5serve.pipelines.config import EngineConfig, LoadConfig
     from k5serve.pipelines.memory import CARD_FREE, human, plan, with_profile
     from k5serve.weights.full import meta_components
 
-    if args.profile is not None and args.profile not in MEMORY_PROFILES:
-        raise SystemExit(f"error: --profile {args.profile}: choose from {', '.join(MEMORY_PROFILES)}")
     components = meta_components(editing=args.editing)
-    budgets = {"budget": args.memory_budget} if args.memory_budget else {card: CARD_FREE[card] for card in CARD_FREE}
+    budgets = {"budget": args.memory_budget} if args.memory_budget else dict(CARD_FREE)
     print(f"Kandinsky 5.0 Image Lite{' with the editing model' if args.editing else ''}, bfloat16, on a CUDA GPU; "
           "weights exact, activations estimated (docs/performance.md)\n")
     head = " | ".join(f"fits {name if name == 'budget' else name.upper().replace('GB', ' GB')}" for name in budgets)
@@ -536,14 +538,11 @@ def cmd_memory_plan(args: argparse.Namespace) -> int:
     print("|---" * (5 + len(budgets)) + "|")
     for name in MEMORY_PROFILES:
         load, engine = with_profile(LoadConfig(Path("published")), EngineConfig(), name)
-        fits = []
-        for budget in budgets.values():
-            p = plan(components, load, engine.speed, device=torch.device("cuda"), dtype=torch.bfloat16,
-                     budget=budget, budget_source="", profile=name)
-            fits.append(f"yes ({human(p.usable)} usable)" if p.fits else "no")
-        one = max(max(p.peaks[f"{w}x{h} x1"].values()) for w, h in ((1024, 1024), (1408, 640)))
-        print(f"| {name} | {human(p.device_weights)} | {human(sum(c.host for c in p.components.values()))} | "
-              f"{human(one)} | {human(p.peak)} | {' | '.join(fits)} |")
+        p = plan(components, load, engine.speed, device=torch.device("cuda"), dtype=torch.bfloat16, profile=name)
+        fits = [f"yes ({human(q.usable)} usable)" if q.fits else "no"
+                for q in (replace(p, budget=budget) for budget in budgets.values())]
+        print(f"| {name} | {human(p.device_weights)} | {human(p.host)} | {human(p.peak_of(1))} | {human(p.peak)} | "
+              f"{' | '.join(fits)} |")
         if name == args.profile:
             detail = p.describe()
     if args.profile is not None:
